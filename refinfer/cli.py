@@ -1,0 +1,66 @@
+"""`python -m refinfer COMMAND ...`: one module per command under refinfer/commands/.
+
+Each command module defines HELP (one line), add_arguments(parser) and run(args) -> int.
+Errors derived from RefinferError print `error: ...` and `hint: ...` and exit 2; --debug
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import RefinferError
+
+COMMANDS = ["generate", "inspect", "quantize"]
+
+
+def _load(name):
+    return importlib.import_module(f"refinfer.commands.{name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    p = argparse.ArgumentParser(prog="python -m refinfer", description="refinfer: reference LLM inference")
+    p.add_argument("--version", action="version", version=f"refinfer {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            mod = _load(name)
+        except ImportError as e:  # a command whose optional dependency is missing
+            if f"refinfer.commands.{name}" in str(e) or getattr(e, "name", None) == f"refinfer.commands.{name}":
+                continue
+            raise
+        sp = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+        mod.add_arguments(sp)
+        sp.set_defaults(_run=mod.run)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except RefinferError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        if e.hint:
+            print(f"hint: {e.hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

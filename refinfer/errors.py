@@ -1,0 +1,43 @@
+"""One error hierarchy for everything a user can get wrong.
+
+Every message names what was being read (file, tensor or key), where (byte offset), what was
+found and what was expected. The CLI prints `error: <message>` and, when present, `hint: <hint>`.
+"""
+
+from __future__ import annotations
+
+
+class RefinferError(Exception):
+    """Base class: an error caused by input, not by a bug in refinfer."""
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+class FormatError(RefinferError):
+    """A file is malformed: truncated, bad magic, out-of-range offsets, inconsistent sizes."""
+
+    def __init__(self, message: str, *, file=None, tensor=None, offset=None, hint=None):
+        where = []
+        if file is not None:
+            where.append(f"file {str(file)!r}")
+        if tensor is not None:
+            where.append(f"tensor {tensor!r}")
+        if offset is not None:
+            where.append(f"offset {offset}")
+        full = f"{', '.join(where)}: {message}" if where else message
+        super().__init__(full, hint=hint)
+        self.file, self.tensor, self.offset = file, tensor, offset
+
+
+class UnsupportedError(RefinferError):
+    """A valid input that refinfer does not implement (a block type, an architecture)."""
+
+
+class ShapeError(RefinferError):
+    """An array or tensor has a shape that does not fit (e.g. row length not a multiple of the block size)."""
+
+
+class NonFiniteError(RefinferError):
+    """Quantization input contains NaN or infinity."""

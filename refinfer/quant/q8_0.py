@@ -1,0 +1,45 @@
+"""q8_0: 32 weights -> fp16 scale and 32 int8 codes (34 bytes, 8.5 bits/weight).
+
+    byte 0..1   d       fp16 scale
+    byte 2..33  qs[32]  int8 codes, element order
+
+    w = q * d.
+
+Quantize (ggml `quantize_row_q8_0_ref`): d = max|x| / 127; q = roundf(x / d), where roundf
+rounds half AWAY from zero (not NumPy's half-to-even). Also the activation type of the
+q4_0/q5_0/q8_0 dot products in llama.cpp's CPU backend.
+"""
+
+import numpy as np
+
+from ._common import (F32, BlockType, as_blocks, blocks_to_bytes, f32_to_fp16_bits, fp16_to_f32,
+                      new_blocks, roundf, safe_reciprocal)
+
+QK8_0 = 32
+block_q8_0 = np.dtype([("d", "<u2"), ("qs", "i1", (QK8_0,))])
+assert block_q8_0.itemsize == 2 + QK8_0
+
+
+def dequantize_blocks(raw):  # uint8[n, 34] -> float32[n, 32]
+    b = as_blocks(raw, block_q8_0)
+    return b["qs"].astype(np.float32) * fp16_to_f32(b["d"])[:, None]
+
+
+def scale_and_codes(x):
+    """(d float32[n], codes int32[n, 32]) shared by q8_0 and q8_1."""
+    amax = np.max(np.abs(x), axis=-1)
+    d = amax / F32(127)
+    codes = roundf(x * safe_reciprocal(d)[:, None]).astype(np.int32)
+    return d, codes
+
+
+def quantize_blocks(x):  # float32[n, 32] -> uint8[n, 34]
+    d, codes = scale_and_codes(x)
+    b = new_blocks(len(x), block_q8_0)
+    b["d"] = f32_to_fp16_bits(d)
+    b["qs"] = codes
+    return blocks_to_bytes(b)
+
+
+BLOCK = BlockType("q8_0", 8, QK8_0, block_q8_0, dequantize_blocks, quantize_blocks,
+                  ggml_quantize="quantize_row_q8_0_ref")

@@ -1,0 +1,106 @@
+"""The C oracle: ggml's own quantize/dequantize, loaded from the libggml-base that
+llama-cpp-python builds, through ctypes. Tests only; the engine never imports this."""
+
+from __future__ import annotations
+
+import ctypes
+import pathlib
+
+import numpy as np
+import pytest
+
+GGML_TYPE_IDS = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8,
+                 "q8_1": 9, "q2_K": 10, "q3_K": 11, "q4_K": 12, "q5_K": 13, "q6_K": 14,
+                 "q8_K": 15, "bf16": 30}
+
+
+class _TypeTraits(ctypes.Structure):  # struct ggml_type_traits (ggml.h)
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                ("from_float_ref", ctypes.c_void_p)]
+
+
+_ROW_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+def _lib_dir() -> pathlib.Path:
+    import importlib.util
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("llama_cpp is not installed")
+    return pathlib.Path(list(spec.submodule_search_locations)[0]) / "lib"
+
+
+class Ggml:
+    def __init__(self):
+        libdir = _lib_dir()
+        cands = sorted(libdir.glob("libggml-base.*")) or sorted(libdir.glob("libggml.*"))
+        if not cands:
+            raise ImportError(f"no libggml-base in {libdir}")
+        self.lib = ctypes.CDLL(str(cands[0]))
+        L = self.lib
+        L.ggml_quantize_chunk.restype = ctypes.c_size_t
+        L.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                          ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        L.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+        L.ggml_get_type_traits.argtypes = [ctypes.c_int]
+        L.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+        L.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+
+    def traits(self, name):
+        return self.lib.ggml_get_type_traits(GGML_TYPE_IDS[name]).contents
+
+    def quantize(self, x: np.ndarray, name: str) -> np.ndarray:
+        """ggml_quantize_chunk (no imatrix) over rows of x: float32[nrows, n] -> uint8[nrows, bytes]."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim == 1:
+            x = x[None]
+        nrows, n = x.shape
+        t = self.traits(name)
+        out = np.zeros((nrows, n // t.blck_size * t.type_size), dtype=np.uint8)
+        self.lib.ggml_quantize_chunk(GGML_TYPE_IDS[name], x.ctypes.data, out.ctypes.data, 0, nrows, n, None)
+        return out
+
+    def quantize_row_ref(self, x: np.ndarray, name: str) -> np.ndarray:
+        """The type's from_float_ref (e.g. quantize_row_q8_1_ref) on a flat array."""
+        x = np.ascontiguousarray(x, dtype=np.float32).ravel()
+        t = self.traits(name)
+        if name == "q8_1":  # q8_1 has no from_float_ref in the traits table; call it by name
+            fn = self.lib.quantize_row_q8_1_ref
+            fn.restype, fn.argtypes = None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        elif name == "q8_K":
+            fn = self.lib.quantize_row_q8_K_ref
+            fn.restype, fn.argtypes = None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        else:
+            if not t.from_float_ref:
+                raise ValueError(f"{name} has no from_float_ref")
+            fn = _ROW_FN(t.from_float_ref)
+        out = np.zeros(x.size // t.blck_size * t.type_size, dtype=np.uint8)
+        fn(x.ctypes.data, out.ctypes.data, x.size)
+        return out
+
+    def dequantize(self, raw: np.ndarray, name: str) -> np.ndarray:
+        """The type's to_float on a flat byte array."""
+        raw = np.ascontiguousarray(raw, dtype=np.uint8).ravel()
+        t = self.traits(name)
+        if not t.to_float:
+            raise ValueError(f"{name} has no to_float in ggml")
+        n = raw.size // t.type_size * t.blck_size
+        out = np.zeros(n, dtype=np.float32)
+        _ROW_FN(t.to_float)(raw.ctypes.data, out.ctypes.data, n)
+        return out
+
+
+_GGML = None
+
+
+def ggml() -> Ggml:
+    """The oracle, or a pytest skip with the reason when llama-cpp-python cannot be loaded."""
+    global _GGML
+    if _GGML is None:
+        try:
+            _GGML = Ggml()
+        except (ImportError, OSError) as e:
+            pytest.skip(f"libggml oracle unavailable (install llama-cpp-python): {e}")
+    return _GGML
