@@ -148,3 +148,22 @@ def new_blocks(n: int, layout: np.dtype) -> np.ndarray:
 
 def blocks_to_bytes(blocks: np.ndarray) -> np.ndarray:
     return blocks.view(np.uint8).reshape(len(blocks), blocks.dtype.itemsize)
+
+
+def nearest_int_c(x: np.ndarray) -> np.ndarray:
+    """ggml's nearest_int (ggml-quants.c) exactly as it runs: add 1.5 * 2**23 in float32 and
+    read the low mantissa bits back. For |x| <= 4194303 that is round half to even (the same as
+    nearest_int above); beyond that range, and for NaN/inf (which degenerate fp16 scales can
+    produce inside the K-quant searches), it returns the same wrapped value the C code does.
+    Returns int32."""
+    v = (np.asarray(x, dtype=np.float32) + F32(12582912.0)).view(np.int32)
+    return (v & 0x007FFFFF) - 0x00400000
+
+
+def map_chunks(fn, x: np.ndarray, type_size: int, chunk: int = 4096) -> np.ndarray:
+    """fn over float32[n, block_size] in row chunks -> uint8[n, type_size]; bounds the
+    temporaries of the vectorized K-quant searches (each holds a few arrays per chunk row)."""
+    out = np.empty((len(x), type_size), dtype=np.uint8)
+    for start in range(0, len(x), chunk):
+        out[start:start + chunk] = fn(np.asarray(x[start:start + chunk], dtype=np.float32))
+    return out
