@@ -52,3 +52,19 @@ def vocab_dir() -> pathlib.Path:
 def ggml():
     from oracle import ggml as _ggml
     return _ggml()
+
+
+# Tiny generated Llama models (tests/models.py), built once per session.
+
+@pytest.fixture(scope="session")
+def tiny_llama_f32(tmp_path_factory, vocab_dir) -> pathlib.Path:
+    from models import make_tiny_llama_gguf
+    path = tmp_path_factory.mktemp("tiny_llama") / "tiny-llama-f32.gguf"
+    return make_tiny_llama_gguf(path, vocab_gguf=vocab_dir / "ggml-vocab-llama-spm.gguf", dtype="f32")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_f16(tmp_path_factory, vocab_dir) -> pathlib.Path:
+    from models import make_tiny_llama_gguf
+    path = tmp_path_factory.mktemp("tiny_llama") / "tiny-llama-f16.gguf"
+    return make_tiny_llama_gguf(path, vocab_gguf=vocab_dir / "ggml-vocab-llama-spm.gguf", dtype="f16")

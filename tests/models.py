@@ -1,0 +1,138 @@
+"""Tiny Llama-architecture GGUF models with seeded random weights, for tests.
+
+No model hub is reachable from CI, so tests that need a whole model (loading, quantizing,
+comparing logits with llama.cpp) build one here: llama.cpp's tensor names and shapes, its
+required `llama.*` hyperparameters, and a real tokenizer copied from one of llama.cpp's vocab
+test files. The weights are random but scaled like a trained model's, so activations stay
+O(1) through the layers and the logits have a useful spread:
+
+    token_embd  ~ N(0, 1)                 rows are looked up, then RMS-normalized anyway
+    output      ~ N(0, 2/sqrt(dim))       logits with std ~2 (tied: token_embd gets this scale)
+    2-D weights ~ N(0, 1/sqrt(fan_in))    a matmul then keeps the activation scale
+    norms       ~ 1 + N(0, 0.1)           near identity, but not exactly 1
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import gguf
+import numpy as np
+
+DTYPES = {
+    # dtype: (GGML tensor type, general.file_type (llama_ftype))
+    "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+}
+
+
+@functools.lru_cache(maxsize=8)
+def tokenizer_fields(vocab_gguf) -> tuple:
+    """Every tokenizer.* key of vocab_gguf as (key, value, type, array item type), in file order.
+
+    Types matter: llama.cpp reads token_type as an int32 array and scores as float32; letting
+    GGUFWriter guess from Python values would write int64/float64 arrays it rejects. Strings
+    are kept as raw bytes, so tokens that are not valid UTF-8 survive. Cached because parsing
+    a vocabulary with GGUFReader takes about a second and tests build many models."""
+    reader = gguf.GGUFReader(vocab_gguf)
+    fields = []
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype, sub = field.types[0], None
+        if vtype == gguf.GGUFValueType.ARRAY:
+            if len(field.types) != 2:
+                raise ValueError(f"{vocab_gguf}: nested array {key} is not supported")
+            sub = field.types[1]
+            if sub == gguf.GGUFValueType.STRING:
+                val = [bytes(field.parts[i]) for i in field.data]
+            else:
+                val = [field.parts[i].tolist()[0] for i in field.data]
+        elif vtype == gguf.GGUFValueType.STRING:
+            val = bytes(field.parts[-1])
+        else:
+            val = field.parts[-1].tolist()[0]
+        fields.append((key, val, vtype, sub))
+    if not any(f[0] == "tokenizer.ggml.tokens" for f in fields):
+        raise ValueError(f"{vocab_gguf}: no tokenizer.ggml.tokens array")
+    return tuple(fields)
+
+
+def copy_tokenizer_fields(writer: gguf.GGUFWriter, vocab_gguf) -> int:
+    """Copy the tokenizer.* keys of vocab_gguf into writer; returns the vocabulary size."""
+    n_vocab = 0
+    for key, val, vtype, sub in tokenizer_fields(os.fspath(vocab_gguf)):
+        writer.add_key_value(key, val, vtype, sub_type=sub)
+        if key == "tokenizer.ggml.tokens":
+            n_vocab = len(val)
+    return n_vocab
+
+
+def make_tiny_llama_gguf(path, *, vocab_gguf, seed=0, dim=64, hidden_dim=160, n_layers=2,
+                         n_heads=4, n_kv_heads=2, ctx=256, dtype="f32", tie_embeddings=False,
+                         rope_theta=10000.0, norm_eps=1e-5):
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dim % n_heads or n_heads % n_kv_heads:
+        raise ValueError(f"dim {dim} must divide into n_heads {n_heads}, and n_heads into n_kv_heads {n_kv_heads}")
+    head_dim = dim // n_heads
+    kv_dim = n_kv_heads * head_dim
+    ggml_type, file_type = DTYPES[dtype]
+    rng = np.random.default_rng(seed)
+
+    writer = gguf.GGUFWriter(os.fspath(path), "llama")
+    writer.add_string("general.name", f"tiny-llama-d{dim}-l{n_layers}-s{seed}")
+    writer.add_uint32("general.file_type", int(file_type))
+    writer.add_uint32("llama.context_length", ctx)
+    writer.add_uint32("llama.embedding_length", dim)
+    writer.add_uint32("llama.block_count", n_layers)
+    writer.add_uint32("llama.feed_forward_length", hidden_dim)
+    writer.add_uint32("llama.attention.head_count", n_heads)
+    writer.add_uint32("llama.attention.head_count_kv", n_kv_heads)
+    writer.add_uint32("llama.rope.dimension_count", head_dim)
+    writer.add_float32("llama.attention.layer_norm_rms_epsilon", norm_eps)
+    writer.add_float32("llama.rope.freq_base", rope_theta)
+    n_vocab = copy_tokenizer_fields(writer, vocab_gguf)
+    writer.add_uint32("llama.vocab_size", n_vocab)
+
+    def weight(name, out_features, in_features, std=None):  # HF/numpy order (out, in) = ggml ne [in, out]
+        std = 1.0 / np.sqrt(in_features) if std is None else std
+        w = (rng.standard_normal((out_features, in_features)) * std).astype(np.float32)
+        if ggml_type == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, w)
+        elif ggml_type == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(name, w.astype(np.float16))
+        else:  # bf16: round to nearest even on the top 16 bits (random normals have no NaN)
+            u = w.view(np.uint32).astype(np.uint64)
+            bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+            writer.add_tensor(name, bits, raw_shape=w.shape, raw_dtype=ggml_type)
+
+    def norm(name, n):  # 1-D norms stay float32 in every variant, as llama.cpp's converter writes them
+        writer.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
+    # std 2/sqrt(dim) for the output projection: logits with std ~2 make top tokens distinct.
+    # Tied, token_embd is that projection, so it gets the same scale; the small embeddings then
+    # no longer dominate the residual stream (else every position predicts its own token).
+    out_std = 2.0 / np.sqrt(dim)
+    weight("token_embd.weight", n_vocab, dim, std=out_std if tie_embeddings else 1.0)
+    for i in range(n_layers):
+        norm(f"blk.{i}.attn_norm.weight", dim)
+        weight(f"blk.{i}.attn_q.weight", dim, dim)
+        weight(f"blk.{i}.attn_k.weight", kv_dim, dim)
+        weight(f"blk.{i}.attn_v.weight", kv_dim, dim)
+        weight(f"blk.{i}.attn_output.weight", dim, dim)
+        norm(f"blk.{i}.ffn_norm.weight", dim)
+        weight(f"blk.{i}.ffn_gate.weight", hidden_dim, dim)
+        weight(f"blk.{i}.ffn_up.weight", hidden_dim, dim)
+        weight(f"blk.{i}.ffn_down.weight", dim, hidden_dim)
+    norm("output_norm.weight", dim)
+    if not tie_embeddings:
+        weight("output.weight", n_vocab, dim, std=out_std)
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
