@@ -1,0 +1,85 @@
+"""q2_K: 256 weights -> 16 sub-blocks of 16, each with a 4-bit scale and a 4-bit min, and 256
+unsigned 2-bit codes (84 bytes, 2.625 bits/weight).
+
+    byte 0..15   scales[16]  sub-block j: scale sc[j] = scales[j] & 15, min m[j] = scales[j] >> 4
+    byte 16..79  qs[64]      element 128h + 32s + r (h < 2, s < 4, r < 32) is bits 2s..2s+1 of
+                             qs[32h + r]
+    byte 80..81  d           fp16 super-block scale of the scales
+    byte 82..83  dmin        fp16 super-block scale of the mins
+
+    sub-block j = element // 16:  w = (d * sc[j]) * q - (dmin * m[j]),  q in 0..3
+
+(ggml `dequantize_row_q2_K`: dl = d*sc, ml = min*m, y = dl*q - ml, each rounded to float32).
+
+Quantize (ggml `quantize_row_q2_K_ref`): per sub-block make_qkx2_quants(nmax=3, weights |x|,
+rmin=-0.5, rdelta=0.1, nstep=15, mean absolute error); the 16 scales and mins are quantized
+to 4 bits against their maxima (d = max_scale/15, dmin = max_min/15) and the codes recomputed
+from the stored values: q = clamp(nearest_int((x + dmin*m) / (d*sc)), 0, 3).
+"""
+
+import numpy as np
+
+from ._common import (F32, BlockType, as_blocks, blocks_to_bytes, f32_to_fp16_bits, fp16_to_f32,
+                      map_chunks, nearest_int_c, new_blocks)
+from .q4_K import make_qkx2_quants, positive_max
+
+QK_K = 256
+block_q2_K = np.dtype([("scales", "u1", (QK_K // 16,)), ("qs", "u1", (QK_K // 4,)),
+                       ("d", "<u2"), ("dmin", "<u2")])
+assert block_q2_K.itemsize == 16 + 64 + 2 + 2
+
+
+def unpack_crumbs(qs):  # uint8[n, 64] -> uint8[n, 256]
+    """2-bit codes in q2_K/q3_K order: element 128h + 32s + r = (qs[32h + r] >> 2s) & 3."""
+    q = qs.reshape(len(qs), 2, 1, 32)
+    return ((q >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]) & 3).reshape(len(qs), 256)
+
+
+def pack_crumbs(L):  # uint8[n, 256] (0..3) -> uint8[n, 64]
+    L = L.astype(np.uint8).reshape(len(L), 2, 4, 32)
+    shifted = L << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
+    return np.bitwise_or.reduce(shifted, axis=2).reshape(len(L), 64)
+
+
+def dequantize_blocks(raw):  # uint8[n, 84] -> float32[n, 256]
+    b = as_blocks(raw, block_q2_K)
+    n = len(b)
+    d = fp16_to_f32(b["d"])[:, None]
+    dmin = fp16_to_f32(b["dmin"])[:, None]
+    q = unpack_crumbs(b["qs"]).reshape(n, 16, 16).astype(np.float32)
+    with np.errstate(all="ignore"):  # random bytes: inf/NaN scales propagate as in C
+        dl = d * (b["scales"] & 0xF).astype(np.float32)  # [n, 16]
+        ml = dmin * (b["scales"] >> 4).astype(np.float32)
+        y = dl[:, :, None] * q - ml[:, :, None]
+    return y.reshape(n, QK_K)
+
+
+def _quantize(x):  # float32[n, 256] -> uint8[n, 84]
+    n = len(x)
+    xs = x.reshape(n * 16, 16)
+    scales, mins, L = make_qkx2_quants(xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
+    scales, mins = scales.reshape(n, 16), mins.reshape(n, 16)
+    max_scale, max_min = positive_max(scales), positive_max(mins)
+    with np.errstate(all="ignore"):
+        # C: y.scales[j] = l (a uint8_t: low byte), then |= l << 4 for the mins
+        ls = np.where((max_scale > 0)[:, None],
+                      nearest_int_c((F32(15) / max_scale)[:, None] * scales) & 0xFF, 0)
+        lm = np.where((max_min > 0)[:, None], nearest_int_c((F32(15) / max_min)[:, None] * mins), 0)
+        packed = ((ls | (lm << 4)) & 0xFF).astype(np.uint8)
+        d16 = np.where(max_scale > 0, f32_to_fp16_bits(max_scale / F32(15)), 0).astype(np.uint16)
+        dmin16 = np.where(max_min > 0, f32_to_fp16_bits(max_min / F32(15)), 0).astype(np.uint16)
+        d = fp16_to_f32(d16)[:, None] * (packed & 0xF).astype(np.float32)  # [n, 16]
+        dm = fp16_to_f32(dmin16)[:, None] * (packed >> 4).astype(np.float32)
+        q = np.clip(nearest_int_c((x.reshape(n, 16, 16) + dm[:, :, None]) / d[:, :, None]), 0, 3)
+    L = np.where((d != 0)[:, :, None], q, L.reshape(n, 16, 16)).reshape(n, QK_K)
+    b = new_blocks(n, block_q2_K)
+    b["scales"], b["qs"], b["d"], b["dmin"] = packed, pack_crumbs(L), d16, dmin16
+    return blocks_to_bytes(b)
+
+
+def quantize_blocks(x):  # float32[n, 256] -> uint8[n, 84]
+    return map_chunks(_quantize, x, block_q2_K.itemsize)
+
+
+BLOCK = BlockType("q2_K", 10, QK_K, block_q2_K, dequantize_blocks, quantize_blocks,
+                  ggml_quantize="quantize_row_q2_K_ref")
