@@ -1,0 +1,21 @@
+"""Backends: the ops the forward pass calls, each with an output-first signature.
+
+`numpy` is the reference and defines every op; accelerated backends implement what they can
+and inherit the reference (with one visible warning) for the rest.
+"""
+
+from __future__ import annotations
+
+from ..errors import RefinferError
+
+BACKENDS = ("numpy",)
+MODES = ("ideal", "ggml")
+
+
+def get_backend(name: str = "numpy", mode: str = "ideal", **kw):
+    if mode not in MODES:
+        raise RefinferError(f"unknown numeric mode {mode!r}; choose one of {', '.join(MODES)}")
+    if name == "numpy":
+        from .numpy_backend import NumpyBackend
+        return NumpyBackend(mode=mode, **kw)
+    raise RefinferError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")

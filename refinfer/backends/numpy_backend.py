@@ -1,0 +1,197 @@
+"""The reference backend, in NumPy. Two numeric modes:
+
+ideal  the mathematically intended model: weights dequantized exactly, activations in float32
+       (or float64 with dtype=np.float64), reductions accumulated in float64.
+ggml   llama.cpp's CPU arithmetic where it differs from ideal (sources in ggml/src/ggml-cpu):
+       - quantized matmuls first quantize the activation rows to the weight's vec_dot type
+         (q8_0 for q4_0/q5_0/q8_0, q8_1 for q4_1/q5_1) with the x86 quantizer (id = 127/amax,
+         round half to even: quantize_row_q8_0 / _q8_1 in arch/x86/quants.c), then take exact
+         integer block dots and sum d_w * d_x * sumi (+ m_w * s_x for q4_1/q5_1);
+       - F16 weights: activations rounded to F16 (the F16 vec_dot type), products summed in f32;
+       - the KV cache is F16 (llama.cpp's default type_k/type_v), and K.Q and V.softmax are
+         F16 matmuls, so Q and the softmax probabilities are rounded to F16 too;
+       - RMSNorm sums squares in double, then scale = 1/sqrtf(mean + eps) in float
+         (ggml_compute_forward_rms_norm_f32); softmax sums exp in double (ggml_vec_soft_max_f32);
+       - RoPE angles: theta_i = pos * theta_scale^i built by repeated float multiplication,
+         theta_scale = powf(base, -2/n_dims) (ggml_rope_cache_init).
+       Not emulated: ggml's SIMD expf in SiLU/softmax (<= 2 ulp) and its SIMD summation order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import quant
+from ..quant import q8_0 as _q8_0
+from ..quant._common import F32, f32_to_fp16_bits, fp16_to_f32
+
+# vec_dot type of each weight type in llama.cpp's CPU backend (type_traits_cpu[...].vec_dot_type)
+VEC_DOT_TYPE = {"q4_0": "q8_0", "q5_0": "q8_0", "q8_0": "q8_0", "q4_1": "q8_1", "q5_1": "q8_1",
+                "f16": "f16", "bf16": "bf16", "f32": "f32"}
+
+
+def round_f16(x: np.ndarray) -> np.ndarray:
+    return fp16_to_f32(f32_to_fp16_bits(x))
+
+
+def quantize_act_q8(x: np.ndarray):
+    """Activation rows float32[T, n] -> (d float32[T, nb], s float32[T, nb], codes float32[T, nb, 32])
+    as the x86 quantize_row_q8_0 / quantize_row_q8_1: d = amax/127 stored fp16, codes =
+    rint(x * (127/amax)) half to even, s = fp16(d * sum(codes)). d and s are returned as the
+    float32 values of their fp16 bit patterns, which is what the dot products read."""
+    T, n = x.shape
+    xb = x.reshape(T, n // 32, 32).astype(np.float32)
+    amax = np.max(np.abs(xb), axis=-1)
+    d = amax / F32(127)
+    with np.errstate(divide="ignore"):
+        idv = np.where(amax != 0, F32(127) / np.where(amax != 0, amax, F32(1)), F32(0)).astype(np.float32)
+    codes = np.rint(xb * idv[..., None]).astype(np.float32)
+    s = d * codes.sum(axis=-1, dtype=np.float32)
+    return round_f16(d), round_f16(s), codes
+
+
+class NumpyBackend:
+    name = "numpy"
+
+    def __init__(self, mode="ideal", dtype=np.float32):
+        self.mode = mode
+        self.dtype = np.dtype(dtype) if mode == "ideal" else np.dtype(np.float32)
+        self._dense = {}   # id(QTensor) -> dequantized weights (ideal) or integer decomposition (ggml)
+
+    # ---- weights -------------------------------------------------------------------------
+    def _dequantized(self, w):  # -> dtype[rows, cols]
+        key = ("dense", id(w))
+        if key not in self._dense:
+            self._dense[key] = w.dequantize().astype(self.dtype, copy=False)
+        return self._dense[key]
+
+    def _q8_parts(self, w):
+        """Integer decomposition of a q4_0/q4_1/q5_0/q5_1/q8_0 matrix: w = d * q + m, with
+        q float32[nb, rows, 32] integer codes (offset removed), d and m float32[nb, rows]."""
+        key = ("q8", id(w))
+        if key not in self._dense:
+            t = w.qtype
+            rows = w.shape[0]
+            blocks = np.ascontiguousarray(w.raw).reshape(-1, t.type_size)
+            b = blocks.view(t.layout)[:, 0]
+            d = fp16_to_f32(b["d"])
+            m = fp16_to_f32(b["m"]) if "m" in t.layout.names else np.zeros_like(d)
+            unit = quant.dequantize(self._unit_scale(blocks, t), t)  # codes: d := 1, m := 0
+            q = unit.reshape(rows, -1, 32).transpose(1, 0, 2).astype(np.float32)
+            self._dense[key] = (q, d.reshape(rows, -1).T.copy(), m.reshape(rows, -1).T.copy())
+        return self._dense[key]
+
+    @staticmethod
+    def _unit_scale(blocks, t):
+        """The same blocks with d = 1.0 and m = 0.0, so that dequantizing yields the signed codes."""
+        b = blocks.copy().view(t.layout)[:, 0]
+        b["d"] = 0x3C00  # fp16 1.0
+        if "m" in t.layout.names:
+            b["m"] = 0
+        return b.view(np.uint8).reshape(blocks.shape)
+
+    # ---- ops (output first) ----------------------------------------------------------------
+    def embed(self, out, w, ids):
+        """out[T, dim] = W[ids] (ggml_get_rows: dequantize the selected rows)."""
+        out[...] = w.dequantize(rows=np.asarray(ids))
+
+    def matmul(self, out, x, w):
+        """out[T, rows] = x[T, cols] @ W(rows, cols).T"""
+        if self.mode == "ideal":
+            out[...] = x.astype(self.dtype) @ self._dequantized(w).T
+            return
+        vd = VEC_DOT_TYPE.get(w.qtype.name)
+        if vd in ("q8_0", "q8_1"):
+            q, d, m = self._q8_parts(w)                    # [nb, rows, 32], [nb, rows], [nb, rows]
+            dx, sx, qx = quantize_act_q8(x)                # [T, nb], [T, nb], [T, nb, 32]
+            sumi = np.matmul(qx.transpose(1, 0, 2), q.transpose(0, 2, 1))  # [nb, T, rows], exact integers
+            dd = (d[:, None, :] * dx.T[:, :, None]).astype(np.float32)     # fp32(d_w) * fp32(d_x)
+            acc = np.einsum("btr,btr->tr", dd.astype(np.float64), sumi.astype(np.float64))
+            if vd == "q8_1":
+                acc += np.einsum("br,tb->tr", m.astype(np.float64), sx.astype(np.float64))
+            out[...] = acc.astype(np.float32)
+        elif vd == "f16":
+            out[...] = (round_f16(x).astype(np.float64) @ self._dequantized(w).T.astype(np.float64)).astype(np.float32)
+        else:  # f32, bf16 (bf16 vec_dot type is bf16: round the activations the same way)
+            xx = x if vd == "f32" else quant.dequantize(quant.quantize(x, "bf16"), "bf16")
+            out[...] = (xx.astype(np.float64) @ self._dequantized(w).T.astype(np.float64)).astype(np.float32)
+
+    def rmsnorm(self, out, x, weight, eps):
+        """out = x / sqrt(mean(x^2) + eps) * weight, per row."""
+        if self.mode == "ideal":
+            ms = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
+            out[...] = (x / np.sqrt(ms + eps)).astype(self.dtype) * weight
+        else:
+            sq = np.square(x.astype(np.float32))                     # x*x rounded to float
+            mean = (sq.astype(np.float64).sum(axis=-1, keepdims=True) / x.shape[-1]).astype(np.float32)
+            scale = F32(1.0) / np.sqrt(mean + F32(eps))
+            out[...] = (x * scale) * weight
+
+    def rope_cos_sin(self, positions, cfg, freq_factors):
+        """cos, sin float[T, rope_dim // 2] of theta_i = pos * freq_scale * base^(-2i/rope_dim) / ff_i."""
+        half = cfg.rope_dim // 2
+        pos = np.asarray(positions, dtype=np.float64)[:, None]
+        ff = np.ones(half) if freq_factors is None else freq_factors.astype(np.float64)
+        if self.mode == "ideal":
+            theta = pos * cfg.rope_freq_scale * cfg.rope_theta ** (-2.0 * np.arange(half) / cfg.rope_dim) / ff
+            return np.cos(theta).astype(self.dtype), np.sin(theta).astype(self.dtype)
+        theta_scale = F32(math.pow(F32(cfg.rope_theta), F32(-2.0) / F32(cfg.rope_dim)))  # powf in float
+        theta = np.empty((len(pos), half), dtype=np.float32)
+        t = pos[:, 0].astype(np.float32)
+        for i in range(half):  # theta *= theta_scale, sequentially, as ggml_rope_cache_init
+            theta[:, i] = t
+            t = (t * theta_scale).astype(np.float32)
+        theta = (F32(cfg.rope_freq_scale) * (theta / ff.astype(np.float32))).astype(np.float32)
+        return np.cos(theta.astype(np.float64)).astype(np.float32), np.sin(theta.astype(np.float64)).astype(np.float32)
+
+    def rope(self, x, cos, sin, neox):
+        """Rotate x[T, heads, head_dim] in place by the angles of each position (first rope_dim
+        dims). neox=False: pairs (2i, 2i+1); neox=True: pairs (i, i + rope_dim/2)."""
+        n = cos.shape[-1] * 2
+        c, s = cos[:, None, :], sin[:, None, :]
+        if neox:
+            x0, x1 = x[..., : n // 2].copy(), x[..., n // 2: n].copy()
+            x[..., : n // 2] = x0 * c - x1 * s
+            x[..., n // 2: n] = x0 * s + x1 * c
+        else:
+            x0, x1 = x[..., 0:n:2].copy(), x[..., 1:n:2].copy()
+            x[..., 0:n:2] = x0 * c - x1 * s
+            x[..., 1:n:2] = x0 * s + x1 * c
+
+    def store_kv(self, cache, pos0, x):
+        """cache[pos0 : pos0 + T] = x (F16 cache in ggml mode: the value read back is rounded)."""
+        cache[pos0: pos0 + len(x)] = x if self.mode == "ideal" else round_f16(x)
+
+    def attention(self, out, q, k, v, pos0):
+        """Causal GQA attention. q[T, n_heads, hd] at positions pos0.., k/v[S, n_kv, hd] with
+        S = pos0 + T cached positions -> out[T, n_heads, hd]."""
+        T, n_heads, hd = q.shape
+        S, n_kv, _ = k.shape
+        group = n_heads // n_kv
+        kh = np.repeat(k, group, axis=1).transpose(1, 2, 0)          # [n_heads, hd, S]
+        vh = np.repeat(v, group, axis=1).transpose(1, 0, 2)          # [n_heads, S, hd]
+        mask = np.arange(S)[None, :] > (pos0 + np.arange(T))[:, None]  # [T, S] future positions
+        scale = 1.0 / math.sqrt(hd)
+        if self.mode == "ideal":
+            scores = np.matmul(q.transpose(1, 0, 2).astype(np.float64), kh) * scale  # [n_heads, T, S]
+            scores[:, mask] = -np.inf
+            scores -= scores.max(axis=-1, keepdims=True)
+            p = np.exp(scores)
+            p /= p.sum(axis=-1, keepdims=True)
+            out[...] = np.matmul(p, vh).transpose(1, 0, 2).astype(self.dtype)
+        else:
+            qh = round_f16(q).transpose(1, 0, 2).astype(np.float64)
+            kq = np.matmul(qh, kh.astype(np.float64)).astype(np.float32)            # F16 x F16 -> f32
+            kq = (kq * F32(scale)).astype(np.float32)
+            kq[:, mask] = -np.inf
+            e = np.exp((kq - kq.max(axis=-1, keepdims=True)).astype(np.float32))
+            p = (e * (1.0 / e.sum(axis=-1, dtype=np.float64, keepdims=True)).astype(np.float32)).astype(np.float32)
+            p = round_f16(p)                                                         # F16 V x f32 probs: probs -> F16
+            out[...] = np.matmul(p.astype(np.float64), vh.astype(np.float64)).transpose(1, 0, 2).astype(np.float32)
+
+    def swiglu(self, out, gate, up):
+        """out = silu(gate) * up, silu(g) = g / (1 + exp(-g))."""
+        g = gate.astype(np.float64) if self.mode == "ideal" else gate
+        out[...] = (g / (1.0 + np.exp(-g))).astype(out.dtype) * up

@@ -1,0 +1,56 @@
+"""python -m refinfer generate [PROMPT] ..."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+HELP = "generate text from a prompt (default model: SmolLM2-135M-Instruct Q4_1, fetched on first use)"
+
+
+def add_arguments(p):
+    p.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read standard input)")
+    p.add_argument("-m", "--model", default=None, help="GGUF file or HF safetensors directory (default: SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("-n", "--n-predict", type=int, default=128, help="maximum number of tokens to generate (default 128)")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0 disables (default 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 disables (default 0.95)")
+    p.add_argument("--min-p", type=float, default=0.05, help="drop tokens below min-p x the top probability (default 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty over the last 64 tokens (default 1.0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--backend", default="numpy", help="compute backend (default numpy)")
+    p.add_argument("--mode", default="ideal", choices=["ideal", "ggml"],
+                   help="numerics: ideal (exact float) or ggml (llama.cpp's CPU roundings)")
+
+
+def run(args) -> int:
+    from ..errors import RefinferError
+    from ..model import load
+
+    if args.n_predict < 0:
+        raise RefinferError(f"-n must be >= 0, got {args.n_predict}")
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise RefinferError("no prompt given", hint='python -m refinfer generate "Once upon a time"')
+        prompt = sys.stdin.read()
+    t0 = time.perf_counter()
+    model = load(args.model, backend=args.backend, mode=args.mode)
+    load_s = time.perf_counter() - t0
+    stats = {}
+    if not args.chat:
+        sys.stdout.write(prompt)
+    for piece in model.generate(prompt, max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
+                                top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                                seed=args.seed, stream=True, stop=args.stop, chat=args.chat, stats=stats):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    n = stats.get("generated_tokens", 0)
+    dec = stats.get("decode_s", 0.0)
+    print(f"[{stats.get('prompt_tokens', 0)} prompt tokens in {stats.get('prefill_s', 0.0):.2f} s, "
+          f"{n} generated tokens at {n / dec if dec > 0 else 0.0:.1f} tokens/s; "
+          f"load {load_s:.1f} s; backend {args.backend}, mode {args.mode}]", file=sys.stderr)
+    return 0

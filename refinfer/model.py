@@ -1,0 +1,134 @@
+"""`refinfer.load(path) -> Model`: the public face of the engine."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from .backends import get_backend
+from .errors import RefinferError
+from .forward import KVCache, forward
+from .loader import load as load_checkpoint
+from .sampling import Sampler, SamplerConfig
+
+
+class Model:
+    def __init__(self, cfg, weights, meta, tokenizer, backend, path):
+        self.config = cfg
+        self.weights = weights
+        self.metadata = meta
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.path = path
+
+    @property
+    def mode(self):
+        return self.backend.mode
+
+    def new_cache(self, max_len=None) -> KVCache:
+        n = self.config.max_seq_len if max_len is None else min(int(max_len), self.config.max_seq_len)
+        return KVCache(self.config, n, dtype=self.backend.dtype)
+
+    # ---- text <-> tokens ------------------------------------------------------------------
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise RefinferError(f"{self.path}: no tokenizer found for this model",
+                                hint="GGUF files carry tokenizer.ggml.*; HF directories need tokenizer.json or tokenizer.model")
+        return self.tokenizer
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list:
+        return self._need_tokenizer().encode(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, ids) -> str:
+        return self._need_tokenizer().decode(list(ids))
+
+    def apply_chat_template(self, messages, add_generation_prompt=True) -> str:
+        return self._need_tokenizer().apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    # ---- logits ---------------------------------------------------------------------------
+    def logits(self, tokens, tap=None) -> np.ndarray:
+        """Teacher-forced logits float32[len(tokens), vocab]: row i predicts token i + 1."""
+        tokens = list(tokens)
+        cache = self.new_cache(len(tokens))
+        if len(tokens) > cache.max_len:
+            raise RefinferError(f"{len(tokens)} tokens exceed the context length {cache.max_len}")
+        kw = {"tap": tap} if tap is not None else {}
+        return forward(self.config, self.weights, self.backend, tokens, cache, **kw)
+
+    # ---- generation -----------------------------------------------------------------------
+    def generate(self, prompt, max_tokens=128, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
+                 repeat_penalty=1.0, seed=None, stream=False, stop=(), chat=False, add_special=True,
+                 stats=None):
+        """Generate up to max_tokens after prompt (text, or a list of token ids). Returns the text,
+        or with stream=True an iterator of text pieces. Stops at an end-of-generation token or a
+        stop string. `stats`, if a dict, receives prompt_tokens, generated_tokens, timings."""
+        it = self._generate(prompt, max_tokens, SamplerConfig(temperature, top_k, top_p, min_p, repeat_penalty,
+                                                              seed=seed), stop, chat, add_special, stats)
+        return it if stream else "".join(it)
+
+    def _generate(self, prompt, max_tokens, sampler_cfg, stop, chat, add_special, stats):
+        sample = Sampler(sampler_cfg)
+        tok = self._need_tokenizer()
+        if isinstance(prompt, str):
+            if chat:
+                prompt = self.apply_chat_template([{"role": "user", "content": prompt}])
+                ids = tok.encode(prompt, add_special=add_special, parse_special=True)
+            else:
+                ids = tok.encode(prompt, add_special=add_special)
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise RefinferError("the prompt is empty after tokenization")
+        cache = self.new_cache()
+        if len(ids) + max_tokens > cache.max_len:
+            max_tokens = cache.max_len - len(ids)
+            if max_tokens <= 0:
+                raise RefinferError(f"prompt of {len(ids)} tokens fills the context length {cache.max_len}")
+        stops = [s for s in (stop or ()) if s]
+        t0 = time.perf_counter()
+        logits = forward(self.config, self.weights, self.backend, ids, cache, all_logits=False)[-1]
+        t1 = time.perf_counter()
+        history, out_ids, text_done = list(ids), [], ""
+        for _ in range(max_tokens):
+            nxt = sample(logits, history)
+            if tok.is_eog(nxt):
+                break
+            history.append(nxt)
+            out_ids.append(nxt)
+            text = tok.decode(out_ids)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                piece = ""
+            else:
+                piece, text_done = text[len(text_done):], text
+            hit = next((s for s in stops if s in text_done), None)
+            if hit is not None:
+                cut = text_done.index(hit)
+                yield piece[: max(0, len(piece) - (len(text_done) - cut))]
+                break
+            if piece:
+                yield piece
+            if len(out_ids) == max_tokens:
+                break
+            logits = forward(self.config, self.weights, self.backend, [nxt], cache, all_logits=False)[-1]
+        t2 = time.perf_counter()
+        if isinstance(stats, dict):
+            stats.update(prompt_tokens=len(ids), generated_tokens=len(out_ids), prefill_s=t1 - t0, decode_s=t2 - t1)
+
+
+def _tokenizer_for(meta, path):
+    if "tokenizer.ggml.model" in meta:
+        from .tokenizer import Tokenizer
+        return Tokenizer.from_gguf_metadata(meta)
+    return None
+
+
+def load(path=None, backend="numpy", mode="ideal", dtype=np.float32) -> Model:
+    """Load a GGUF file or HF safetensors directory (None: the default model, fetched on first use)."""
+    if path is None:
+        from .fetch import default_model_path
+        path = default_model_path()
+    be = get_backend(backend, mode, dtype=dtype)
+    cfg, weights, meta = load_checkpoint(path)
+    return Model(cfg, weights, meta, _tokenizer_for(meta, path), be, str(path))
