@@ -401,15 +401,17 @@ def _infer_type(value) -> GGUFValueType:
 
 def _infer_array_type(values) -> GGUFValueType:
     kinds = {_infer_type(v) for v in values}
+    ints = [GGUFValueType.INT32, GGUFValueType.INT64, GGUFValueType.UINT64]
+    if not kinds:
+        return GGUFValueType.INT32
     if GGUFValueType.ARRAY in kinds:
         raise TypeError("arrays of arrays cannot be stored (gguf.cpp rejects them)")
-    if kinds <= {GGUFValueType.INT32, GGUFValueType.INT64, GGUFValueType.UINT64}:
-        return max(kinds, key=lambda k: [GGUFValueType.INT32, GGUFValueType.INT64, GGUFValueType.UINT64].index(k)) \
-            if kinds else GGUFValueType.INT32
     if len(kinds) == 1:
         return kinds.pop()
+    if kinds <= set(ints):
+        return max(kinds, key=ints.index)  # the narrowest type that holds every element
     if kinds <= {GGUFValueType.INT32, GGUFValueType.INT64, GGUFValueType.FLOAT32}:
-        return GGUFValueType.FLOAT32
+        return GGUFValueType.FLOAT32  # e.g. [0, 0.5]
     raise TypeError(f"array mixes element types {sorted(k.name for k in kinds)}")
 
 
