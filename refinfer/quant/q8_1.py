@@ -30,8 +30,9 @@ def quantize_blocks(x):  # float32[n, 32] -> uint8[n, 36]
     d, codes = scale_and_codes(x)
     b = new_blocks(len(x), block_q8_1)
     b["d"] = f32_to_fp16_bits(d)
-    b["s"] = f32_to_fp16_bits(codes.sum(axis=-1).astype(np.float32) * d)
     b["qs"] = codes
+    # C sums the stored int8 codes; they differ from `codes` when 1/d overflowed (amax < ~4e-37)
+    b["s"] = f32_to_fp16_bits(b["qs"].astype(np.int32).sum(axis=-1).astype(np.float32) * d)
     return blocks_to_bytes(b)
 
 
