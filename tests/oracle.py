@@ -104,3 +104,67 @@ def ggml() -> Ggml:
         except (ImportError, OSError) as e:
             pytest.skip(f"libggml oracle unavailable (install llama-cpp-python): {e}")
     return _GGML
+
+
+class _CpuTraits(ctypes.Structure):  # struct ggml_type_traits_cpu (ggml-cpu.h)
+    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p),
+                ("vec_dot_type", ctypes.c_int), ("nrows", ctypes.c_int64)]
+
+
+_VEC_DOT = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+                            ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+class GgmlCpu:
+    """ggml's CPU matmul building blocks: the activation quantizer (from_float of the weight's
+    vec_dot_type) and the row dot product (vec_dot), exactly as MUL_MAT calls them."""
+
+    def __init__(self, base: Ggml):
+        self.base = base
+        libdir = _lib_dir()
+        cands = sorted(libdir.glob("libggml-cpu.*"))
+        if not cands:
+            raise ImportError(f"no libggml-cpu in {libdir}")
+        self.lib = ctypes.CDLL(str(cands[0]))
+        self.lib.ggml_cpu_init.restype = None
+        self.lib.ggml_cpu_init()
+        self.lib.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_CpuTraits)
+        self.lib.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+
+    def matmul(self, x: np.ndarray, w_raw: np.ndarray, name: str) -> np.ndarray:
+        """x float32[T, n] @ W.T where W is uint8[rows, row_bytes] of type name -> float32[T, rows]."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        w_raw = np.ascontiguousarray(w_raw, dtype=np.uint8)
+        T, n = x.shape
+        tw = self.lib.ggml_get_type_traits_cpu(GGML_TYPE_IDS[name]).contents
+        vd = tw.vec_dot_type
+        vd_traits = self.base.lib.ggml_get_type_traits(vd).contents
+        row_bytes_x = n // vd_traits.blck_size * vd_traits.type_size
+        xq = np.zeros((T, row_bytes_x), dtype=np.uint8)
+        if vd == GGML_TYPE_IDS["f32"]:
+            xq = x.view(np.uint8).copy()
+        else:
+            from_float = _ROW_FN(self.lib.ggml_get_type_traits_cpu(vd).contents.from_float)
+            for t in range(T):
+                from_float(x[t].ctypes.data, xq[t].ctypes.data, n)
+        dot = _VEC_DOT(tw.vec_dot)
+        out = np.zeros((T, w_raw.shape[0]), dtype=np.float32)
+        s = ctypes.c_float()
+        for t in range(T):
+            for r in range(w_raw.shape[0]):
+                dot(n, ctypes.byref(s), 0, w_raw[r].ctypes.data, 0, xq[t].ctypes.data, 0, 1)
+                out[t, r] = s.value
+        return out
+
+
+_CPU = None
+
+
+def ggml_cpu() -> GgmlCpu:
+    global _CPU
+    if _CPU is None:
+        try:
+            _CPU = GgmlCpu(ggml())
+        except (ImportError, OSError) as e:
+            pytest.skip(f"libggml-cpu oracle unavailable (install llama-cpp-python): {e}")
+    return _CPU

@@ -29,6 +29,7 @@ from ..quant._common import F32, f32_to_fp16_bits, fp16_to_f32
 
 # vec_dot type of each weight type in llama.cpp's CPU backend (type_traits_cpu[...].vec_dot_type)
 VEC_DOT_TYPE = {"q4_0": "q8_0", "q5_0": "q8_0", "q8_0": "q8_0", "q4_1": "q8_1", "q5_1": "q8_1",
+                "q2_K": "q8_K", "q3_K": "q8_K", "q4_K": "q8_K", "q5_K": "q8_K", "q6_K": "q8_K",
                 "f16": "f16", "bf16": "bf16", "f32": "f32"}
 
 
@@ -61,10 +62,10 @@ class NumpyBackend:
         self._dense = {}   # id(QTensor) -> dequantized weights (ideal) or integer decomposition (ggml)
 
     # ---- weights -------------------------------------------------------------------------
-    def _dequantized(self, w):  # -> dtype[rows, cols]
+    def _dequantized(self, w):  # -> float[rows, cols]: self.dtype (ideal) or float64 (ggml float dots)
         key = ("dense", id(w))
         if key not in self._dense:
-            self._dense[key] = w.dequantize().astype(self.dtype, copy=False)
+            self._dense[key] = w.dequantize().astype(self.dtype if self.mode == "ideal" else np.float64)
         return self._dense[key]
 
     def _q8_parts(self, w):
@@ -112,11 +113,17 @@ class NumpyBackend:
             if vd == "q8_1":
                 acc += np.einsum("br,tb->tr", m.astype(np.float64), sx.astype(np.float64))
             out[...] = acc.astype(np.float32)
+        elif vd == "q8_K":
+            # x86 quantize_row_q8_K is quantize_row_q8_K_ref. ggml's K-quant dots sum exact
+            # integer sub-block dots times fp32(d_w * d_x); float64 over the dequantized weights
+            # differs from that only by the rounding of those scale products (~6e-8 relative).
+            xq = quant.dequantize(quant.quantize(x, "q8_K"), "q8_K").astype(np.float64)
+            out[...] = (xq @ self._dequantized(w).T).astype(np.float32)
         elif vd == "f16":
-            out[...] = (round_f16(x).astype(np.float64) @ self._dequantized(w).T.astype(np.float64)).astype(np.float32)
+            out[...] = (round_f16(x).astype(np.float64) @ self._dequantized(w).T).astype(np.float32)
         else:  # f32, bf16 (bf16 vec_dot type is bf16: round the activations the same way)
             xx = x if vd == "f32" else quant.dequantize(quant.quantize(x, "bf16"), "bf16")
-            out[...] = (xx.astype(np.float64) @ self._dequantized(w).T.astype(np.float64)).astype(np.float32)
+            out[...] = (xx.astype(np.float64) @ self._dequantized(w).T).astype(np.float32)
 
     def rmsnorm(self, out, x, weight, eps):
         """out = x / sqrt(mean(x^2) + eps) * weight, per row."""
