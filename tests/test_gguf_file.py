@@ -475,3 +475,38 @@ def test_fuzz_integer_fields(field, value):
     data = bytearray(VALID)
     struct.pack_into(fmt, data, offset, value % (1 << (8 * struct.calcsize(fmt))))
     parse_bounded(bytes(data))
+
+
+# --- writer type inference and refusals ----------------------------------------------------
+
+def test_writer_infers_types(tmp_path):
+    path = tmp_path / "w.gguf"
+    write_gguf(path, "llama", {"n": 3, "big": 2**40, "x": 0.5, "s": "a", "ints": [1, 2], "mixed": [0, 0.5],
+                               "flags": [True]}, None, [("t", np.zeros(32, np.float32), "f32", (32,))])
+    r = GGUFReader(path)  # the types as an independent reader sees them
+    assert r.fields["n"].types == [V.INT32] and r.fields["big"].types == [V.INT64]
+    assert r.fields["x"].types == [V.FLOAT32] and r.fields["s"].types == [V.STRING]
+    assert r.fields["ints"].types == [V.ARRAY, V.INT32] and r.fields["mixed"].types == [V.ARRAY, V.FLOAT32]
+    assert r.fields["flags"].types == [V.ARRAY, V.BOOL]
+    assert r.fields["general.architecture"].contents() == "llama"
+
+
+@pytest.mark.parametrize("metadata,types,match", [
+    ({"k": 300}, {"k": V.UINT8}, "does not fit UINT8"),
+    ({"k": -1}, {"k": V.UINT32}, "does not fit UINT32"),
+    ({"k": 1.5}, {"k": V.INT32}, "does not fit INT32"),
+    ({"k": [1, "a"]}, None, "mixes element types"),
+    ({"k": [[1]]}, None, "arrays of arrays"),
+    ({"general.alignment": 48}, {"general.alignment": V.UINT32}, "power of two"),
+])
+def test_writer_refuses_bad_metadata(tmp_path, metadata, types, match):
+    with pytest.raises(FormatError, match=match):
+        write_gguf(tmp_path / "w.gguf", "llama", metadata, types, [])
+
+
+def test_writer_refuses_bad_tensor(tmp_path):
+    from refinfer.errors import ShapeError
+    with pytest.raises(ShapeError, match="'t'.*q4_0"):
+        write_gguf(tmp_path / "w.gguf", "llama", {}, None, [("t", np.zeros(48, np.float32), "q4_0", (48,))])
+    with pytest.raises(ShapeError, match="'t': 10 bytes given"):
+        write_gguf(tmp_path / "w.gguf", "llama", {}, None, [("t", np.zeros(10, np.uint8), "q4_0", (32,))])
