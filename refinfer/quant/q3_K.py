@@ -61,7 +61,8 @@ def make_q3_quants(x, nmax):
     m, n = x.shape
     max_, amax = signed_absmax(x)
     zero = amax < GROUP_MAX_EPS  # C: all codes 0 (not nmax) and scale 0
-    w = x * x
+    with np.errstate(over="ignore"):
+        w = x * x  # the rmse weights; inf for |x| > 1.8e19, as in C
     with np.errstate(all="ignore"):
         iscale = F32(-nmax) / max_
         L = np.clip(nearest_int_c(iscale[:, None] * x), -nmax, nmax - 1).astype(np.float32)

@@ -50,7 +50,8 @@ def make_qx_quants(x, nmax):
     m, n = x.shape
     max_, amax = signed_absmax(x)
     zero = amax < GROUP_MAX_EPS  # C: all codes 0 (not nmax) and scale 0
-    w = x * x
+    with np.errstate(over="ignore"):
+        w = x * x  # the rmse weights; inf for |x| > 1.8e19, as in C
 
     def fit(iscale):  # float32[m] -> (l float32[m, n] signed, sumlx, suml2)
         l = np.clip(nearest_int_c(iscale[:, None] * x), -nmax, nmax - 1).astype(np.float32)
