@@ -55,7 +55,7 @@ REGEXES = {
     "qwen2": [QWEN2_PATTERN],
     "qwen35": [QWEN35_PATTERN],
     "starcoder": [r"\p{N}", GPT2_PATTERN],
-    "falcon": [_PUNCT_RUN, GPT2_PATTERN, "[0-9][0-9][0-9]"],
+    "falcon": [r"[\p{P}\$\+<=>\^~\|`]+", GPT2_PATTERN, "[0-9][0-9][0-9]"],
     "deepseek-coder": ["[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}"],
     "deepseek-llm": ["[\r\n]", _DEEPSEEK_LLM_LETTERS,
                      "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
