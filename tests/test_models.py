@@ -7,7 +7,7 @@ import gguf
 import numpy as np
 import pytest
 
-from models import make_tiny_llama_gguf
+from models import load_llama, make_tiny_llama_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -15,7 +15,7 @@ PROMPT = b"Hello world, this is a test"
 
 
 def llama_logits(path, prompt=PROMPT):
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, logits_all=True)
+    llm = load_llama(path, n_ctx=64, verbose=False, logits_all=True)
     toks = llm.tokenize(prompt, add_bos=True)
     llm.eval(toks)
     return llm, np.array(llm.scores[:len(toks)], dtype=np.float32)  # [n_tokens, n_vocab]

@@ -1,0 +1,179 @@
+"""`refinfer quantize` against llama.cpp's own quantizer (llama_model_quantize, pure mode):
+same tensors, same types, same bytes, same metadata, and llama.cpp loads the result."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from models import load_llama, make_tiny_llama_gguf
+from refinfer.cli import main as cli_main
+from refinfer.gguf_file import GGUFFile, write_gguf
+from refinfer.quantize_model import FTYPES, quantize_gguf
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+
+def llama_quantize(src, dst, qtype):
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[qtype]  # LLAMA_FTYPE_MOSTLY_*
+    params.pure = True
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    assert rc == 0, f"llama_model_quantize returned {rc}"
+    return dst
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "refinfer", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_same_as_llama_cpp(ours, ref):
+    a, b = GGUFFile(ours), GGUFFile(ref)
+    # tensors: same order, types, shapes, bytes, and offsets in the data section
+    assert list(a.tensors) == list(b.tensors)
+    for name, tb in b.tensors.items():
+        ta = a.tensors[name]
+        assert ta.qtype.name == tb.qtype.name, (name, ta.qtype.name, tb.qtype.name)
+        assert ta.ne == tb.ne, name
+        xa, xb = a.raw(name), b.raw(name)
+        if not np.array_equal(xa, xb):
+            row = int(np.argmax((xa != xb).any(axis=-1)))
+            pytest.fail(f"{name} ({tb.qtype.name}): row {row} differs from llama.cpp's")
+        assert ta.offset - a.data_offset == tb.offset - b.data_offset, name
+    assert a.alignment == b.alignment
+    # metadata: same keys in the same order, with the same types and values
+    assert list(a.metadata) == list(b.metadata)
+    for k in b.metadata:
+        assert a.metadata_types[k] == b.metadata_types[k], k
+        assert a.array_types.get(k) == b.array_types.get(k), k
+        assert a.metadata[k] == b.metadata[k], k
+
+
+def llama_logits(path):
+    llm = load_llama(path, n_ctx=64, verbose=False, logits_all=True)
+    toks = llm.tokenize(b"The quick brown fox jumps over the lazy dog", add_bos=True)
+    llm.eval(toks)
+    return np.array(llm.scores[:len(toks)], dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def f32_logits(tiny_llama_f32):
+    return llama_logits(tiny_llama_f32)
+
+
+# q4_0 from f32 and q8_0 from f16 go through the command line in a subprocess; the rest call
+# the Python function behind it.
+VIA_CLI = {("f32", "q4_0"), ("f16", "q8_0")}
+
+
+@pytest.mark.parametrize("qtype", list(FTYPES))
+@pytest.mark.parametrize("src", ["f32", "f16"])
+def test_matches_llama_model_quantize(src, qtype, tiny_llama_f32, tiny_llama_f16, f32_logits, tmp_path):
+    model = {"f32": tiny_llama_f32, "f16": tiny_llama_f16}[src]
+    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    if (src, qtype) in VIA_CLI:
+        r = run_cli("quantize", model, ours, "--type", qtype.upper())
+        assert r.returncode == 0, r.stderr
+        assert f"16 tensors {qtype}, 5 copied" in r.stdout
+    else:
+        report = quantize_gguf(model, ours, qtype)
+        assert (report.n_quantized, report.n_copied, report.f16_fallback) == (16, 5, [])
+    llama_quantize(model, ref, qtype)
+    assert_same_as_llama_cpp(ours, ref)
+    # and with the same layout (header, key order, padding) the whole files are identical
+    assert ours.read_bytes() == ref.read_bytes()
+
+    md = GGUFFile(ours).metadata
+    assert md["general.file_type"] == FTYPES[qtype] and md["general.quantization_version"] == 2
+    logits = llama_logits(ours)
+    assert np.isfinite(logits).all()
+    # the quantized model still computes the f32 model's function, roughly
+    nmse = float(((logits - f32_logits) ** 2).sum() / (f32_logits ** 2).sum())
+    assert nmse < (0.01 if qtype == "q8_0" else 0.2), nmse
+
+
+def test_bf16_input_odd_row_length_and_tied_embeddings(vocab_dir, tmp_path):
+    # ffn_down has rows of 176 elements, not a multiple of 32: llama.cpp writes it as F16
+    # (converted from bf16 through f32); tied embeddings mean no output.weight
+    model = make_tiny_llama_gguf(tmp_path / "bf16.gguf", vocab_gguf=vocab_dir / "ggml-vocab-llama-spm.gguf",
+                                 dtype="bf16", hidden_dim=176, tie_embeddings=True, seed=5)
+    for qtype in ("q4_1", "q5_0"):
+        ours, ref = tmp_path / f"ours-{qtype}.gguf", tmp_path / f"ref-{qtype}.gguf"
+        report = quantize_gguf(model, ours, qtype)
+        assert report.f16_fallback == ["blk.0.ffn_down.weight", "blk.1.ffn_down.weight"]
+        assert_same_as_llama_cpp(ours, llama_quantize(model, ref, qtype))
+        types = {t.name: t.qtype.name for t in GGUFFile(ours).tensors.values()}
+        assert types["blk.1.ffn_down.weight"] == "f16" and types["token_embd.weight"] == qtype
+        assert np.isfinite(llama_logits(ours)).all()
+
+
+def test_f16_input_with_odd_rows_copies_them(vocab_dir, tmp_path):
+    model = make_tiny_llama_gguf(tmp_path / "f16.gguf", vocab_gguf=vocab_dir / "ggml-vocab-llama-spm.gguf",
+                                 dtype="f16", hidden_dim=176, n_layers=1, seed=6)
+    ours = tmp_path / "ours.gguf"
+    quantize_gguf(model, ours, "q5_1")
+    assert_same_as_llama_cpp(ours, llama_quantize(model, tmp_path / "ref.gguf", "q5_1"))
+    name = "blk.0.ffn_down.weight"
+    assert GGUFFile(ours).tensors[name].qtype.name == "f16"
+    assert np.array_equal(GGUFFile(ours).raw(name), GGUFFile(model).raw(name))
+
+
+# --- errors: exit code 2, "error:" and a hint, no traceback, no output file ---------------
+
+def check_error(capsys, argv, *fragments):
+    rc = cli_main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("error:") and "Traceback" not in err, err
+    for frag in fragments:
+        assert frag in err, err
+    return err
+
+
+def test_error_unsupported_type(tiny_llama_f32, tmp_path, capsys):
+    check_error(capsys, ["quantize", str(tiny_llama_f32), str(tmp_path / "o.gguf"), "--type", "q4_K_M"],
+                "'q4_K_M'", "hint:", "q4_0, q4_1, q5_0, q5_1, q8_0")
+    check_error(capsys, ["quantize", str(tiny_llama_f32), str(tmp_path / "o.gguf"), "--type", "f16"], "'f16'")
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_error_missing_input_and_output_dir(tiny_llama_f32, tmp_path, capsys):
+    check_error(capsys, ["quantize", str(tmp_path / "nope.gguf"), str(tmp_path / "o.gguf"), "--type", "q4_0"],
+                "nope.gguf", "does not exist")
+    check_error(capsys, ["quantize", str(tiny_llama_f32), str(tmp_path / "no" / "o.gguf"), "--type", "q4_0"],
+                "does not exist")
+
+
+def test_error_output_is_input(tiny_llama_f32, tmp_path, capsys):
+    link = tmp_path / "same.gguf"
+    os.symlink(tiny_llama_f32, link)
+    before = tiny_llama_f32.read_bytes()
+    check_error(capsys, ["quantize", str(tiny_llama_f32), str(link), "--type", "q8_0"], "is the input", "hint:")
+    assert tiny_llama_f32.read_bytes() == before
+
+
+def test_error_already_quantized_input(tiny_llama_f32, tmp_path):
+    q = llama_quantize(tiny_llama_f32, tmp_path / "q4_0.gguf", "q4_0")
+    r = run_cli("quantize", q, tmp_path / "again.gguf", "--type", "q8_0")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr, r.stderr
+    assert "already quantized" in r.stderr and "q4_0" in r.stderr and "hint:" in r.stderr
+    assert not (tmp_path / "again.gguf").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".part")]
+
+
+def test_error_not_gguf_and_nonfinite(tmp_path, capsys):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a model at all, just some text" * 4)
+    check_error(capsys, ["quantize", str(junk), str(tmp_path / "o.gguf"), "--type", "q4_0"], "junk.gguf", "magic")
+    w = np.ones((4, 64), np.float32)
+    w[2, 33] = np.nan
+    bad = tmp_path / "nan.gguf"
+    write_gguf(bad, "llama", {}, {}, [("blk.0.attn_q.weight", w.view(np.uint8), "f32", w.shape)])
+    check_error(capsys, ["quantize", str(bad), str(tmp_path / "o.gguf"), "--type", "q4_0"],
+                "blk.0.attn_q.weight", "non-finite")
+    assert not (tmp_path / "o.gguf").exists()
