@@ -12,8 +12,9 @@
 
     sub-block j = element // 32:  w = (d * sc[j]) * q - (dmin * m[j]),  q in 0..15
 
-with each product rounded to float32 before the subtraction, in that order
-(ggml `dequantize_row_q4_K`: d1 = d*sc, m1 = min*m, y = d1*q - m1).
+in float32, in that order (ggml `dequantize_row_q4_K`: d1 = d*sc, m1 = min*m, y = d1*q - m1).
+The products are exact (an 11-bit fp16 significand times 6-bit and 4-bit integers fits in
+float32), so the subtraction is the only rounding; inf/NaN in d or dmin propagate as in C.
 
 Quantize (ggml `quantize_row_q4_K_ref`, what `ggml_quantize_chunk` runs without an imatrix):
 per sub-block, weights w_i = sqrt(mean(x^2)) + |x_i| and make_qkx2_quants(nmax=15,
@@ -65,7 +66,6 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad):
     operation at a time, so the result is bit-identical; rows are independent sub-blocks.
     """
     m, n = x.shape
-    L = np.zeros((m, n), dtype=np.float32)  # codes kept as exact small floats
     with np.errstate(all="ignore"):
         mn, mx = x[:, 0].copy(), x[:, 0].copy()
         sum_w = weights[:, 0].copy()
@@ -77,9 +77,10 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad):
             sum_w = sum_w + wi
             sum_x = sum_x + wi * xi
         mn = np.where(mn > 0, F32(0), mn)
-        flat = mx == mn  # C returns scale 0, all codes 0, the_min = -min here
+        flat, flat_min = mx == mn, mn  # C returns scale 0, all codes 0, the_min = -min here
 
         def codes(iscale):  # float32[m] -> float32[m, n]: clamp(nearest_int(iscale*(x - min)))
+            # kept as float32 (exact small integers) because they enter float32 sums
             return np.clip(nearest_int_c(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(np.float32)
 
         def error(scale, min_, Lc):  # sum_i w_i * |scale*L_i + min - x_i|^p, sequential
@@ -109,7 +110,7 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad):
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            clamp = this_min > 0  # a positive min would add to the weights: refit with min = 0
+            clamp = this_min > 0  # the format can only subtract a min: refit the scale alone
             this_min = np.where(clamp, F32(0), this_min)
             this_scale = np.where(clamp, sum_xl / sum_l2, this_scale)
             cur_error = error(this_scale, this_min, Laux)
@@ -119,6 +120,7 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad):
             scale = np.where(better, this_scale, scale)
             mn = np.where(better, this_min, mn)
         scale = np.where(flat, F32(0), scale)
+        mn = np.where(flat, flat_min, mn)
         L = np.where(flat[:, None], F32(0), L)
     return scale, -mn, L.astype(np.uint8)
 
