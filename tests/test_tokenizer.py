@@ -1,0 +1,255 @@
+"""Tokenizer parity with llama.cpp.
+
+Three independent references: llama.cpp's own test vectors (models/ggml-vocab-*.gguf.inp/.out,
+the expected ids of tests/test-tokenizer-0, which tokenizes without BOS and without parsing
+special tokens), llama.cpp itself through llama-cpp-python on hypothesis-generated text, and a
+ChatML conversation written out by hand for the SmolLM2 chat template.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import pathlib
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from refinfer.errors import UnsupportedError
+from refinfer.gguf_file import GGUFFile
+from refinfer.tokenizer import Tokenizer
+from refinfer.tokenizer.chat import ChatTemplate
+
+# Every vocabulary shipped with llama.cpp's tokenizer tests. The ones whose tokenizer.ggml.model
+# refinfer does not implement (bert: WordPiece, t5: Unigram) are skipped with the reason.
+VOCABS = ["aquila", "baichuan", "bert-bge", "command-r", "deepseek-coder", "deepseek-llm", "falcon",
+          "gemma-4", "gpt-2", "gpt-neox", "llama-bpe", "llama-spm", "mpt", "nomic-bert-moe", "phi-3",
+          "qwen2", "qwen35", "refact", "starcoder"]
+
+SEPARATOR = "\n__ggml_vocab_test__\n"
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path: str):
+    metadata = GGUFFile(path).metadata
+    try:
+        return Tokenizer.from_gguf_metadata(metadata), metadata
+    except UnsupportedError as e:
+        return None, str(e)
+
+
+def _tokenizer(path: pathlib.Path) -> Tokenizer:
+    if not path.exists():
+        pytest.skip(f"{path.name} is not in this llama.cpp release")
+    tok, why = _load(str(path))
+    if tok is None:
+        pytest.skip(f"{path.name}: {why}")
+    return tok
+
+
+_LLAMAS: dict = {}
+
+
+def _llama(path: str):
+    if path not in _LLAMAS:
+        llama_cpp = pytest.importorskip("llama_cpp")
+        try:
+            _LLAMAS[path] = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+        except Exception as e:  # the oracle is unusable, not our bug
+            pytest.skip(f"llama.cpp cannot load {path}: {e}")
+    return _LLAMAS[path]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_llamas():
+    # Free the oracle models here: at interpreter exit llama-cpp-python's finalizers fail noisily.
+    yield
+    for llama in _LLAMAS.values():
+        llama.close()
+    _LLAMAS.clear()
+
+
+def _read_vectors(inp: pathlib.Path, out: pathlib.Path) -> list[tuple[str, list[int]]]:
+    # test-tokenizer-0's read_tests: inputs split at the separator (a trailing one ends the list),
+    # one line of space-separated ids per input.
+    raw = inp.read_bytes().decode("utf-8")
+    cases, pos = [], 0
+    while pos < len(raw):
+        nxt = raw.find(SEPARATOR, pos)
+        if nxt < 0:
+            cases.append(raw[pos:])
+            break
+        cases.append(raw[pos:nxt])
+        pos = nxt + len(SEPARATOR)
+    lines = out.read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    assert len(cases) == len(lines), f"{inp.name}: {len(cases)} inputs but {len(lines)} expected outputs"
+    return [(text, [int(t) for t in line.split()]) for text, line in zip(cases, lines)]
+
+
+@pytest.mark.parametrize("name", VOCABS)
+def test_llama_cpp_vectors(vocab_dir, name):
+    path = vocab_dir / f"ggml-vocab-{name}.gguf"
+    tok = _tokenizer(path)
+    inp, out = path.with_name(path.name + ".inp"), path.with_name(path.name + ".out")
+    if not inp.exists():
+        pytest.skip(f"llama.cpp ships no test vectors for {path.name}")
+    vectors = _read_vectors(inp, out)
+    failures = [(text, ids, tok.encode(text, add_special=False)) for text, ids in vectors
+                if tok.encode(text, add_special=False) != ids]
+    assert not failures, (f"{len(failures)}/{len(vectors)} vectors differ, first: text {failures[0][0]!r} "
+                          f"expected {failures[0][1]} got {failures[0][2]}")
+
+
+# ---- hypothesis against llama.cpp ---------------------------------------------------------------
+
+_FRAGMENTS = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'LL", "'RE", "'Ve", " ", "  ", "   ", "\t",
+              "\n", "\n\n", " \n", "\r\n", "\u00a0", "\u3000", "\u2003", "12", "123", "1234567", "3.14",
+              " Hello", "world", "Üb", "na\u00efve", "e\u0301", "\u0416\u0438", "\u4e2d\u6587", "\ud55c\uad6d",
+              "\u0e01\u0e32", "\u0905\u0902", "\U0001f999", "\U0001f468\u200d\U0001f469", "\u2764\ufe0f",
+              "...", "!?", " (", ")", "<", ">", "|", "`", "$", "~", "^", "=", "_", "\\", "/", "#", "@"]
+
+
+def _texts(tok: Tokenizer):
+    specials = [tok.tokens[i] for i in tok._special_order[:64]]
+    parts = [st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=4),
+             st.sampled_from(_FRAGMENTS),
+             st.sampled_from("abcxyzABCXYZ0123456789 \n")]
+    if specials:
+        parts.append(st.sampled_from(specials))
+    return st.lists(st.one_of(*parts), max_size=24).map("".join)
+
+
+def _oracle_pieces(llama, ids, special: bool) -> bytes:
+    import llama_cpp
+    vocab = llama_cpp.llama_model_get_vocab(llama.model)
+    buf = ctypes.create_string_buffer(1024)
+    out = []
+    for t in ids:
+        n = llama_cpp.llama_token_to_piece(vocab, t, buf, 1024, 0, special)
+        out.append(buf.raw[:n])
+    return b"".join(out)
+
+
+def _oracle_detokenize(llama, ids, remove_special: bool, unparse_special: bool) -> bytes:
+    import llama_cpp
+    vocab = llama_cpp.llama_model_get_vocab(llama.model)
+    arr = (llama_cpp.llama_token * max(1, len(ids)))(*ids)
+    size = 64 + 64 * len(ids)
+    buf = ctypes.create_string_buffer(size)
+    n = llama_cpp.llama_detokenize(vocab, arr, len(ids), buf, size, remove_special, unparse_special)
+    assert n >= 0
+    return buf.raw[:n]
+
+
+def _check_against_llama(path: pathlib.Path, data):
+    tok = _tokenizer(path)
+    llama = _llama(str(path))
+    text = data.draw(_texts(tok), label="text")
+    add_special = data.draw(st.booleans(), label="add_special")
+    parse_special = data.draw(st.booleans(), label="parse_special")
+    expected = llama.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)
+    ids = tok.encode(text, add_special=add_special, parse_special=parse_special)
+    assert ids == expected
+
+    # decode: llama-cpp-python's Llama.detokenize (pieces joined, one leading space dropped after
+    # BOS). Its 32-byte piece buffer truncates long pieces, so the same rule is applied to pieces
+    # read with a large buffer when a piece is longer than that.
+    skip_special = data.draw(st.booleans(), label="skip_special")
+    want = _oracle_pieces(llama, ids, not skip_special)
+    if ids and ids[0] == llama.token_bos() and want[:1] == b" ":
+        want = want[1:]
+    if all(len(tok.token_to_piece(t)) <= 32 for t in ids):
+        assert llama.detokenize(ids, special=not skip_special) == want
+    assert tok.decode_bytes(ids, skip_special=skip_special) == want
+
+    # llama_detokenize itself: prefix-space removal and the clean-up of spaces around punctuation.
+    remove, unparse = data.draw(st.booleans(), label="remove_special"), data.draw(st.booleans(), label="unparse")
+    assert tok.detokenize(ids, remove, unparse) == _oracle_detokenize(llama, ids, remove, unparse)
+
+
+_HYPOTHESIS = settings(max_examples=25, deadline=None, derandomize=True,
+                       suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("name", VOCABS)
+@_HYPOTHESIS
+@given(data=st.data())
+def test_matches_llama_cpp(vocab_dir, name, data):
+    _check_against_llama(vocab_dir / f"ggml-vocab-{name}.gguf", data)
+
+
+@_HYPOTHESIS
+@given(data=st.data())
+def test_smollm2_matches_llama_cpp(smollm2_path, data):
+    _check_against_llama(pathlib.Path(smollm2_path), data)
+
+
+@pytest.mark.parametrize("name", VOCABS)
+def test_special_tokens_match_llama_cpp(vocab_dir, name):
+    import llama_cpp
+    path = vocab_dir / f"ggml-vocab-{name}.gguf"
+    tok = _tokenizer(path)
+    vocab = llama_cpp.llama_model_get_vocab(_llama(str(path)).model)
+    assert tok.n_vocab == llama_cpp.llama_vocab_n_tokens(vocab)
+    assert (tok.bos_id, tok.eos_id) == tuple(None if i < 0 else i for i in (llama_cpp.llama_vocab_bos(vocab),
+                                                                          llama_cpp.llama_vocab_eos(vocab)))
+    assert (tok.add_bos, tok.add_eos) == (llama_cpp.llama_vocab_get_add_bos(vocab),
+                                          llama_cpp.llama_vocab_get_add_eos(vocab))
+    assert tok.eog_ids == {i for i in range(tok.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+    assert all(tok.is_control(i) == bool(llama_cpp.llama_vocab_is_control(vocab, i)) for i in range(tok.n_vocab))
+
+
+@pytest.mark.parametrize("name", ["llama-spm", "gpt-2", "qwen2", "gemma-4"])
+def test_every_piece_matches_llama_cpp(vocab_dir, name):
+    # token_to_piece over the whole vocabulary: byte tokens, byte-level decoding, control tokens.
+    path = vocab_dir / f"ggml-vocab-{name}.gguf"
+    tok = _tokenizer(path)
+    llama = _llama(str(path))
+    for special in (True, False):
+        ids = range(tok.n_vocab)
+        assert [tok.token_to_piece(i, special=special) for i in ids] == \
+            [_oracle_pieces(llama, [i], special) for i in ids]
+
+
+def test_smollm2_properties(smollm2_path):
+    tok = _tokenizer(pathlib.Path(smollm2_path))
+    assert (tok.model, tok.pre) == ("gpt2", "smollm")
+    assert tok.tokens[tok.eos_id] == "<|im_end|>"
+    assert tok.is_eog(tok.token_to_id["<|im_end|>"]) and tok.is_eog(tok.token_to_id["<|endoftext|>"])
+    assert not tok.add_bos
+    ids = tok.encode("<|im_start|>user\nHi<|im_end|>", parse_special=True)
+    assert ids[0] == tok.token_to_id["<|im_start|>"] and ids[-1] == tok.token_to_id["<|im_end|>"]
+    assert tok.decode(ids) == "<|im_start|>user\nHi<|im_end|>"
+    assert tok.decode(ids, skip_special=True) == "user\nHi"
+
+
+# ---- chat template ------------------------------------------------------------------------------
+
+def test_smollm2_chat_template(smollm2_path):
+    metadata = GGUFFile(smollm2_path).metadata
+    tok = _tokenizer(pathlib.Path(smollm2_path))
+    template = ChatTemplate.from_gguf_metadata(metadata, tok)
+    conversation = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?"},
+    ]
+    assert template.render(conversation, add_generation_prompt=True) == (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n4<|im_end|>\n"
+        "<|im_start|>user\nAnd 3+3?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    # Without a system message the template inserts SmolLM's default one.
+    assert template.render([{"role": "user", "content": "Hi"}]) == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n"
+    )
+    rendered = template.render(conversation, add_generation_prompt=True)
+    ids = tok.encode(rendered, add_special=True, parse_special=True)
+    assert ids == _llama(str(smollm2_path)).tokenize(rendered.encode("utf-8"), add_bos=True, special=True)
+    assert ids.count(tok.token_to_id["<|im_start|>"]) == 5
