@@ -145,6 +145,7 @@ class Tokenizer:
                 f"metadata key 'tokenizer.ggml.model' is {model!r}; implemented: 'llama' (SentencePiece BPE), "
                 f"'gpt2' (byte-level BPE), 'gemma4'")
         self.model, self.pre = model, pre
+        self.chat_template = _get(md, "tokenizer.chat_template", str)
         self.add_space_prefix = _get(md, "tokenizer.ggml.add_space_prefix", bool, self.add_space_prefix)
 
         tokens = _get_list(md, "tokenizer.ggml.tokens", str, required=True)
@@ -286,6 +287,16 @@ class Tokenizer:
     def is_control(self, token_id: int) -> bool:
         return bool(self.attrs[token_id] & ATTR_CONTROL)
 
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **variables) -> str:
+        """Render tokenizer.chat_template (see chat.py); encode the result with parse_special=True."""
+        from .chat import ChatTemplate
+        if self.chat_template is None:
+            raise RefinferError("this model has no chat template (metadata key 'tokenizer.chat_template')",
+                                hint="prompt it with plain text instead")
+        bos = self.tokens[self.bos_id] if self.bos_id is not None else ""
+        eos = self.tokens[self.eos_id] if self.eos_id is not None else ""
+        return ChatTemplate(self.chat_template, bos, eos).render(messages, add_generation_prompt, **variables)
+
     def __repr__(self):
         return (f"Tokenizer(model={self.model!r}, pre={self.pre!r}, n_vocab={self.n_vocab}, bos={self.bos_id}, "
                 f"eos={self.eos_id}, add_bos={self.add_bos}, add_eos={self.add_eos})")
@@ -295,6 +306,11 @@ class Tokenizer:
     def encode(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise RefinferError(f"encode() takes text as str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RefinferError(f"text has no UTF-8 form: {e.reason} at character {e.start} "
+                                f"({text[e.start]!r})") from None
         out: list[int] = []
         fragments = self._partition(text, parse_special) if text else []
         if add_special and self.add_bos:
