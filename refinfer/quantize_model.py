@@ -28,6 +28,11 @@ llama_model_quantize_impl), and so what this module does:
     when the input declares another general.alignment and copies that key unchanged, which
     makes an inconsistent file; we keep the key and lay the data out by it instead.
 
+An HF safetensors checkpoint directory is accepted too: it is read as the f32 GGUF llama.cpp's
+converter would write (hf_source), then quantized the same way, so its tensor bytes equal
+llama-quantize's output for that converted file. Its tokenizer must come from a GGUF
+(vocab_from): converting tokenizer.json is not implemented.
+
 Deliberate differences: any already-quantized tensor in the input is an error (llama.cpp
 would copy tensors whose type equals the target and refuse others); non-finite weights raise
 NonFiniteError (llama.cpp's loader rejects them too, with check_tensors).
@@ -45,7 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from gguf import GGUFValueType
 
-from .errors import NonFiniteError, RefinferError, ShapeError, UnsupportedError
+from .errors import FormatError, NonFiniteError, RefinferError, ShapeError, UnsupportedError
 from .gguf_file import GGUFFile, write_gguf
 from .quant import get_type, quantize
 
@@ -105,7 +110,7 @@ def allows_quantization(name: str, ne) -> bool:
     return not any(frag in name for frag in _NEVER_QUANTIZED_FRAGMENTS)
 
 
-def target_type(name: str, ne, qtype: str) -> str:
+def target_type(name: str, ne, qtype: str) -> str | None:
     """The ggml type llama.cpp's pure mode gives tensor `name` of shape ne (ggml order)."""
     t = get_type(qtype)
     if not allows_quantization(name, ne):
@@ -126,18 +131,6 @@ def llama_tensor_order(names) -> list:
     return sorted(names, key=key)
 
 
-def output_metadata(f: GGUFFile, qtype: str):
-    """Input metadata in order minus the split keys, then quantization version and file type."""
-    drop = set(_SPLIT_KEYS) | {"general.quantization_version", "general.file_type"}
-    metadata = {k: v for k, v in f.metadata.items() if k not in drop}
-    types = {k: f.metadata_types[k] for k in metadata}
-    metadata["general.quantization_version"] = GGML_QNT_VERSION
-    types["general.quantization_version"] = GGUFValueType.UINT32
-    metadata["general.file_type"] = FTYPES[qtype]
-    types["general.file_type"] = GGUFValueType.UINT32
-    return metadata, types
-
-
 def check_qtype(qtype: str) -> str:
     key = str(qtype).strip().lower()
     if key in FTYPES:
@@ -150,93 +143,228 @@ def check_qtype(qtype: str) -> str:
     raise UnsupportedError(f"unsupported quantization type {qtype!r}", hint=hint)
 
 
-def _as_float32_rows(f: GGUFFile, ti, a: int, b: int) -> np.ndarray:
-    # rows a..b of the tensor as float32 [b - a, ne[0]]; f16/bf16 widen exactly
-    # (ggml_fp16_to_fp32_row / ggml_bf16_to_fp32_row)
-    raw = f.raw(ti.name)[a:b]
-    if ti.qtype.name == "f32":
-        return raw.view("<f4")
-    return ti.qtype.dequantize_blocks(raw.reshape(-1, ti.qtype.type_size)).reshape(b - a, ti.ne[0])
+@dataclass
+class SourceTensor:
+    """One input tensor, whatever the container: what to copy and how to read float32 rows."""
+    name: str  # GGUF name
+    shape: tuple  # NumPy order
+    stored: str  # ggml type name written when the tensor is copied: "f32", "f16" or "bf16"
+    nbytes: int  # bytes in the input
+    raw: object  # () -> uint8[n_rows, row_bytes] in the stored type
+    rows: object  # (a, b) -> float32[b - a, ne[0]], rows a..b
+
+    @property
+    def ne(self) -> tuple:
+        return tuple(reversed(self.shape))
 
 
-def _convert(f: GGUFFile, ti, new_type: str) -> np.ndarray:
-    t = get_type(new_type)
-    n_rows = ti.n_rows
-    out = np.empty((n_rows, ti.ne[0] // t.block_size * t.type_size), np.uint8)  # [n_rows, row_bytes]
-    step = max(1, _SLAB_ELEMENTS // ti.ne[0])
-    for a in range(0, n_rows, step):
-        b = min(n_rows, a + step)
-        try:
-            out[a:b] = quantize(_as_float32_rows(f, ti, a, b), t)
-        except (NonFiniteError, ShapeError) as e:
-            raise type(e)(f"{f.path!r}, tensor {ti.name!r}, rows {a}..{b}: {e}", hint=e.hint) from None
-    return out
+@dataclass
+class SourceModel:
+    path: str
+    arch: str
+    metadata: dict  # output metadata before quantization_version/file_type, in order
+    types: dict  # key -> GGUFValueType
+    array_types: dict  # key -> element GGUFValueType, for arrays
+    tensors: dict  # name -> SourceTensor
 
 
-def _check_input(f: GGUFFile):
+def _widen(stored: str, raw_rows: np.ndarray, n_cols: int) -> np.ndarray:
+    # f16/bf16 -> float32 is exact (ggml_fp16_to_fp32_row / ggml_bf16_to_fp32_row)
+    t = get_type(stored)
+    if stored == "f32":
+        return np.ascontiguousarray(raw_rows).view("<f4").reshape(-1, n_cols)
+    return t.dequantize_blocks(np.ascontiguousarray(raw_rows).reshape(-1, t.type_size)).reshape(-1, n_cols)
+
+
+def gguf_source(path: str) -> SourceModel:
+    f = GGUFFile(path)
     for ti in f.tensors.values():
         if ti.qtype.name not in FLOAT_TYPES:
             raise UnsupportedError(
-                f"{f.path!r}: tensor {ti.name!r} is {ti.qtype.name}; the input is already quantized",
+                f"{path!r}: tensor {ti.name!r} is {ti.qtype.name}; the input is already quantized",
                 hint="quantize from the original f32/f16/bf16 model: quantizing quantized weights "
                      "again compounds the rounding error")
+    drop = set(_SPLIT_KEYS) | {"general.quantization_version", "general.file_type"}
+    metadata = {k: v for k, v in f.metadata.items() if k not in drop}
+    tensors = {}
+    for name, ti in f.tensors.items():
+        tensors[name] = SourceTensor(
+            name, ti.shape, ti.qtype.name, ti.nbytes,
+            raw=lambda name=name: f.raw(name),
+            rows=lambda a, b, name=name, ti=ti: _widen(ti.qtype.name, f.raw(name)[a:b], ti.ne[0]))
+    return SourceModel(path, f.metadata.get("general.architecture", "llama"), metadata,
+                       {k: f.metadata_types[k] for k in metadata},
+                       {k: f.array_types[k] for k in metadata if k in f.array_types}, tensors)
 
 
-def quantize_gguf(in_path, out_path, qtype: str, *, progress: bool = False) -> QuantizeReport:
+def hf_source(path: str, vocab_from=None) -> SourceModel:
+    """An HF safetensors Llama/Qwen2 checkpoint directory as the f32 GGUF llama.cpp's converter
+    would make of it: GGUF tensor names, q/k rows permuted for arch llama (loader.permute_qk_rows,
+    the one place that convention lives), 1-D tensors as f32, hyperparameters from config.json.
+    The tokenizer is copied from the GGUF `vocab_from`: refinfer cannot convert tokenizer.json."""
+    from .config import config_from_hf, llama3_rope_factors
+    from .loader import HF_GLOBAL_NAMES, HF_NAMES, check_tensor_set, permute_qk_rows
+    from .safetensors_file import SafetensorsCheckpoint
+
+    if vocab_from is None:
+        raise UnsupportedError(
+            f"{path!r} is an HF checkpoint directory; refinfer cannot yet turn its tokenizer.json into "
+            "GGUF tokenizer metadata",
+            hint="pass --vocab-from FILE.gguf, a GGUF with the same vocabulary, to copy tokenizer.* from it")
+    ck = SafetensorsCheckpoint(path)
+    if ck.config is None:
+        raise FormatError("no config.json beside the safetensors weights", file=path)
+    names = {}  # GGUF name -> HF name
+    skipped = []
+    for hf in ck.tensors:
+        if hf in HF_GLOBAL_NAMES:
+            names[HF_GLOBAL_NAMES[hf]] = hf
+        elif hf.startswith("model.layers.") and hf.endswith("rotary_emb.inv_freq"):
+            skipped.append(hf)  # recomputed from rope_theta; llama.cpp's converter drops it too
+        elif hf.startswith("model.layers."):
+            i, _, suffix = hf[len("model.layers."):].partition(".")
+            if suffix not in HF_NAMES:
+                raise UnsupportedError(f"{path!r}: tensor {hf!r} has no GGUF name in this converter")
+            names[f"blk.{i}.{HF_NAMES[suffix]}"] = hf
+        else:
+            raise UnsupportedError(f"{path!r}: tensor {hf!r} has no GGUF name in this converter")
+    tied = "output.weight" not in names
+    cfg = config_from_hf(ck.config, path, tied=tied if tied else None)
+    check_tensor_set({g: tuple(ck.tensors[h].shape) for g, h in names.items()}, cfg, path)
+
+    vocab = GGUFFile(vocab_from)
+    tok_keys = [k for k in vocab.metadata if k.startswith("tokenizer.")]
+    n_tokens = len(vocab.metadata.get("tokenizer.ggml.tokens", []))
+    if n_tokens != cfg.vocab_size:
+        raise FormatError(f"tokenizer.ggml.tokens has {n_tokens} tokens, but config.json's vocab_size is "
+                          f"{cfg.vocab_size}", file=os.fspath(vocab_from),
+                          hint="--vocab-from must be a GGUF of the same vocabulary as the checkpoint")
+
+    a = cfg.arch
+    u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
+    meta = [("general.name", os.path.basename(os.path.normpath(path)), GGUFValueType.STRING),
+            (f"{a}.block_count", cfg.n_layers, u32), (f"{a}.context_length", cfg.max_seq_len, u32),
+            (f"{a}.embedding_length", cfg.dim, u32), (f"{a}.feed_forward_length", cfg.hidden_dim, u32),
+            (f"{a}.attention.head_count", cfg.n_heads, u32),
+            (f"{a}.attention.head_count_kv", cfg.n_kv_heads, u32),
+            (f"{a}.rope.freq_base", cfg.rope_theta, f32),
+            (f"{a}.attention.layer_norm_rms_epsilon", cfg.norm_eps, f32)]
+    if cfg.head_dim != cfg.dim // cfg.n_heads:
+        meta += [(f"{a}.attention.key_length", cfg.head_dim, u32), (f"{a}.attention.value_length", cfg.head_dim, u32)]
+    if cfg.rope_freq_scale != 1.0:
+        meta += [(f"{a}.rope.scaling.type", "linear", GGUFValueType.STRING),
+                 (f"{a}.rope.scaling.factor", 1.0 / cfg.rope_freq_scale, f32)]
+    meta += [(f"{a}.vocab_size", cfg.vocab_size, u32), (f"{a}.rope.dimension_count", cfg.rope_dim, u32)]
+    metadata = {k: v for k, v, _ in meta}
+    types = {k: t for k, _, t in meta}
+    for k in tok_keys:
+        metadata[k], types[k] = vocab.metadata[k], vocab.metadata_types[k]
+    array_types = {k: vocab.array_types[k] for k in tok_keys if k in vocab.array_types}
+
+    stored_type = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
+    tensors = {}
+    for name, hf in names.items():
+        info = ck.tensors[hf]
+        if info.dtype not in stored_type:
+            raise UnsupportedError(f"{path!r}: tensor {hf!r} is {info.dtype}; quantize reads F32, F16 and BF16")
+        shape = tuple(info.shape)
+        order = None  # q/k of arch llama: gguf_rows = hf_rows[order]
+        if cfg.arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+            order = permute_qk_rows(shape[0], cfg.n_heads if ".attn_q." in name else cfg.n_kv_heads)
+
+        def raw_rows(a, b, hf=hf, shape=shape, order=order):  # uint8[b - a, row_bytes], GGUF row order
+            m = ck.raw(hf).reshape(-1, shape[-1])  # [n_rows, n_cols], stored dtype
+            m = m[a:b] if order is None else m[order[a:b]]
+            return np.ascontiguousarray(m).view(np.uint8)
+
+        n_rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        dt = stored_type[info.dtype]
+        rows = (lambda a, b, raw_rows=raw_rows, dt=dt, n=shape[-1]: _widen(dt, raw_rows(a, b), n))
+        if len(shape) == 1:  # norms and biases: f32 in the GGUF, as the converter writes them
+            tensors[name] = SourceTensor(name, shape, "f32", info.nbytes,
+                                         raw=lambda rows=rows: rows(0, 1).view(np.uint8), rows=rows)
+        else:
+            tensors[name] = SourceTensor(name, shape, dt, info.nbytes,
+                                         raw=lambda raw_rows=raw_rows, n=n_rows: raw_rows(0, n), rows=rows)
+    scaling = ck.config.get("rope_scaling") or {}
+    if cfg.arch == "llama" and scaling.get("rope_type", scaling.get("type")) == "llama3":
+        freqs = llama3_rope_factors(scaling, cfg.head_dim, cfg.rope_theta)  # [head_dim / 2]
+        tensors["rope_freqs.weight"] = SourceTensor(
+            "rope_freqs.weight", freqs.shape, "f32", freqs.nbytes,
+            raw=lambda freqs=freqs: freqs.view(np.uint8).reshape(1, -1),
+            rows=lambda a, b, freqs=freqs: freqs.reshape(1, -1)[a:b])
+    return SourceModel(path, cfg.arch, metadata, types, array_types, tensors)
+
+
+def _convert(src: SourceModel, st: SourceTensor, new_type: str) -> np.ndarray:
+    t = get_type(new_type)
+    n_rows = int(np.prod(st.ne[1:])) if len(st.ne) > 1 else 1
+    out = np.empty((n_rows, st.ne[0] // t.block_size * t.type_size), np.uint8)  # [n_rows, row_bytes]
+    step = max(1, _SLAB_ELEMENTS // st.ne[0])
+    for a in range(0, n_rows, step):
+        b = min(n_rows, a + step)
+        try:
+            out[a:b] = quantize(st.rows(a, b), t)
+        except (NonFiniteError, ShapeError) as e:
+            raise type(e)(f"{src.path!r}, tensor {st.name!r}, rows {a}..{b}: {e}", hint=e.hint) from None
+    return out
+
+
+def quantize_model(in_path, out_path, qtype: str, *, vocab_from=None, progress: bool = False) -> QuantizeReport:
+    """IN (a float GGUF file, or an HF safetensors checkpoint directory with vocab_from) -> OUT."""
     qtype = check_qtype(qtype)
     in_path, out_path = os.fspath(in_path), os.fspath(out_path)
     if not os.path.exists(in_path):
-        raise RefinferError(f"input file {in_path!r} does not exist",
-                            hint="give the path of an f32/f16/bf16 GGUF model")
-    if os.path.isdir(in_path):
-        raise UnsupportedError(f"input {in_path!r} is a directory; quantize reads a single GGUF file",
-                               hint="convert a Hugging Face checkpoint to an f16/f32 GGUF first "
-                                    "(llama.cpp's convert_hf_to_gguf.py)")
+        raise RefinferError(f"input {in_path!r} does not exist",
+                            hint="give the path of an f32/f16/bf16 GGUF model or an HF checkpoint directory")
     same = os.path.samefile(in_path, out_path) if os.path.exists(out_path) else \
         os.path.realpath(in_path) == os.path.realpath(out_path)
     if same:
-        raise RefinferError(f"output {out_path!r} is the input file",
+        raise RefinferError(f"output {out_path!r} is the input",
                             hint="write the quantized model to a new file; the input is read while the output is written")
     if os.path.isdir(out_path):
         raise RefinferError(f"output {out_path!r} is a directory", hint="give a file name such as model-q4_0.gguf")
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(out_dir):
+        raise RefinferError(f"output directory {out_dir!r} does not exist")
 
     start = time.perf_counter()
-    f = GGUFFile(in_path)
-    _check_input(f)
+    src = hf_source(in_path, vocab_from) if os.path.isdir(in_path) else gguf_source(in_path)
     report = QuantizeReport(qtype)
-    metadata, types = output_metadata(f, qtype)
-    arch = f.metadata.get("general.architecture", "llama")
-    names = llama_tensor_order(f.tensors)
+    metadata, types = dict(src.metadata), dict(src.types)
+    metadata["general.quantization_version"] = GGML_QNT_VERSION
+    types["general.quantization_version"] = GGUFValueType.UINT32
+    metadata["general.file_type"] = FTYPES[qtype]
+    types["general.file_type"] = GGUFValueType.UINT32
+    names = llama_tensor_order(src.tensors)
 
     def tensors():
         from tqdm import tqdm
         for name in tqdm(names, desc=f"quantize {qtype}", unit="tensor", disable=not progress, file=sys.stderr):
-            ti = f.tensors[name]
-            new = target_type(name, ti.ne, qtype)
-            report.bytes_in += ti.nbytes
-            if new is None or new == ti.qtype.name:
+            st = src.tensors[name]
+            new = target_type(name, st.ne, qtype)
+            report.bytes_in += st.nbytes
+            if new is None or new == st.stored:
                 report.n_copied += 1
-                data, t = f.raw(name), ti.qtype.name
+                data, t = st.raw(), st.stored
             else:
                 if new == "f16":
                     report.f16_fallback.append(name)
                 else:
                     report.n_quantized += 1
-                data, t = _convert(f, ti, new), new
+                data, t = _convert(src, st, new), new
             report.bytes_out += data.nbytes
-            yield name, data, t, ti.shape
+            yield name, data, t, st.shape
 
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    if not os.path.isdir(out_dir):
-        raise RefinferError(f"output directory {out_dir!r} does not exist")
     # Written next to the target and renamed at the end: an interrupted run leaves no half file.
     fd, tmp = tempfile.mkstemp(prefix=".quantize-", suffix=".gguf.part", dir=out_dir)
     os.close(fd)
     try:
-        write_gguf(tmp, arch, metadata, types, tensors(), array_types=f.array_types)
+        write_gguf(tmp, src.arch, metadata, types, tensors(), array_types=src.array_types)
         os.replace(tmp, out_path)
     except BaseException:
         os.unlink(tmp)
         raise
     report.seconds = time.perf_counter() - start
     return report
+

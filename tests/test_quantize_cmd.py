@@ -3,7 +3,9 @@ same tensors, same types, same bytes, same metadata, and llama.cpp loads the res
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import subprocess
 import sys
 
@@ -13,7 +15,7 @@ import pytest
 from models import load_llama, make_tiny_llama_gguf
 from refinfer.cli import main as cli_main
 from refinfer.gguf_file import GGUFFile, write_gguf
-from refinfer.quantize_model import FTYPES, quantize_gguf
+from refinfer.quantize_model import FTYPES, quantize_model
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -32,8 +34,7 @@ def run_cli(*args):
                           capture_output=True, text=True, timeout=300)
 
 
-def assert_same_as_llama_cpp(ours, ref):
-    a, b = GGUFFile(ours), GGUFFile(ref)
+def assert_same_tensors(a, b):
     # tensors: same order, types, shapes, bytes, and offsets in the data section
     assert list(a.tensors) == list(b.tensors)
     for name, tb in b.tensors.items():
@@ -46,6 +47,11 @@ def assert_same_as_llama_cpp(ours, ref):
             pytest.fail(f"{name} ({tb.qtype.name}): row {row} differs from llama.cpp's")
         assert ta.offset - a.data_offset == tb.offset - b.data_offset, name
     assert a.alignment == b.alignment
+
+
+def assert_same_as_llama_cpp(ours, ref):
+    a, b = GGUFFile(ours), GGUFFile(ref)
+    assert_same_tensors(a, b)
     # metadata: same keys in the same order, with the same types and values
     assert list(a.metadata) == list(b.metadata)
     for k in b.metadata:
@@ -81,7 +87,7 @@ def test_matches_llama_model_quantize(src, qtype, tiny_llama_f32, tiny_llama_f16
         assert r.returncode == 0, r.stderr
         assert f"16 tensors {qtype}, 5 copied" in r.stdout
     else:
-        report = quantize_gguf(model, ours, qtype)
+        report = quantize_model(model, ours, qtype)
         assert (report.n_quantized, report.n_copied, report.f16_fallback) == (16, 5, [])
     llama_quantize(model, ref, qtype)
     assert_same_as_llama_cpp(ours, ref)
@@ -104,7 +110,7 @@ def test_bf16_input_odd_row_length_and_tied_embeddings(vocab_dir, tmp_path):
                                  dtype="bf16", hidden_dim=176, tie_embeddings=True, seed=5)
     for qtype in ("q4_1", "q5_0"):
         ours, ref = tmp_path / f"ours-{qtype}.gguf", tmp_path / f"ref-{qtype}.gguf"
-        report = quantize_gguf(model, ours, qtype)
+        report = quantize_model(model, ours, qtype)
         assert report.f16_fallback == ["blk.0.ffn_down.weight", "blk.1.ffn_down.weight"]
         assert_same_as_llama_cpp(ours, llama_quantize(model, ref, qtype))
         types = {t.name: t.qtype.name for t in GGUFFile(ours).tensors.values()}
@@ -116,7 +122,7 @@ def test_f16_input_with_odd_rows_copies_them(vocab_dir, tmp_path):
     model = make_tiny_llama_gguf(tmp_path / "f16.gguf", vocab_gguf=vocab_dir / "ggml-vocab-llama-spm.gguf",
                                  dtype="f16", hidden_dim=176, n_layers=1, seed=6)
     ours = tmp_path / "ours.gguf"
-    quantize_gguf(model, ours, "q5_1")
+    quantize_model(model, ours, "q5_1")
     assert_same_as_llama_cpp(ours, llama_quantize(model, tmp_path / "ref.gguf", "q5_1"))
     name = "blk.0.ffn_down.weight"
     assert GGUFFile(ours).tensors[name].qtype.name == "f16"
@@ -176,4 +182,90 @@ def test_error_not_gguf_and_nonfinite(tmp_path, capsys):
     write_gguf(bad, "llama", {}, {}, [("blk.0.attn_q.weight", w.view(np.uint8), "f32", w.shape)])
     check_error(capsys, ["quantize", str(bad), str(tmp_path / "o.gguf"), "--type", "q4_0"],
                 "blk.0.attn_q.weight", "non-finite")
+    assert not (tmp_path / "o.gguf").exists()
+
+
+# --- HF safetensors checkpoint directory as input --------------------------------------------
+
+def write_safetensors(path, arrays):
+    """A minimal independent safetensors writer: u64 header length, JSON header, C-order data.
+    Values are (safetensors dtype, array)."""
+    header, blobs, offset = {}, [], 0
+    for name, (dtype, a) in arrays.items():
+        b = np.ascontiguousarray(a).tobytes()
+        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    path.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def gguf_to_hf_dir(model, out_dir):
+    """The HF checkpoint that llama.cpp's converter would turn into `model`: HF names, q/k rows
+    un-permuted (within each head HF row (half, i) is GGUF row (i, half): HF rotates halves,
+    ggml adjacent pairs), bf16 2-D weights of a bf16 GGUF kept as bf16 bits."""
+    f = GGUFFile(model)
+    md = f.metadata
+    n_heads, n_kv = md["llama.attention.head_count"], md["llama.attention.head_count_kv"]
+    hf_names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                "output.weight": "lm_head.weight"}
+    per_layer = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                 "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                 "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                 "ffn_down": "mlp.down_proj"}
+    arrays = {}
+    for name, ti in f.tensors.items():
+        if name.startswith("blk."):
+            _, i, kind, _ = name.split(".")
+            hf = f"model.layers.{i}.{per_layer[kind]}.weight"
+        else:
+            hf = hf_names[name]
+        dtype = {"f32": ("F32", "<f4"), "f16": ("F16", "<f2"), "bf16": ("BF16", "<u2")}[ti.qtype.name]
+        a = np.asarray(f.raw(name)).view(dtype[1]).reshape(ti.shape)
+        if ".attn_q." in name or ".attn_k." in name:
+            heads = n_heads if ".attn_q." in name else n_kv
+            rows, cols = a.shape
+            a = a.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+        arrays[hf] = (dtype[0], a)
+    out_dir.mkdir()
+    write_safetensors(out_dir / "model.safetensors", arrays)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "hidden_size": md["llama.embedding_length"], "intermediate_size": md["llama.feed_forward_length"],
+              "num_hidden_layers": md["llama.block_count"], "num_attention_heads": n_heads,
+              "num_key_value_heads": n_kv, "vocab_size": md["llama.vocab_size"],
+              "max_position_embeddings": md["llama.context_length"],
+              "rms_norm_eps": md["llama.attention.layer_norm_rms_epsilon"],
+              "rope_theta": md["llama.rope.freq_base"], "tie_word_embeddings": "output.weight" not in f.tensors}
+    (out_dir / "config.json").write_text(json.dumps(config))
+    return out_dir
+
+
+@pytest.mark.parametrize("dtype,qtype", [("f32", "q4_0"), ("bf16", "q5_1")])
+def test_hf_directory_matches_llama_cpp_on_the_converted_gguf(dtype, qtype, vocab_dir, tmp_path):
+    spm = vocab_dir / "ggml-vocab-llama-spm.gguf"
+    model = make_tiny_llama_gguf(tmp_path / "m.gguf", vocab_gguf=spm, dtype=dtype, seed=7)
+    hf = gguf_to_hf_dir(model, tmp_path / "hf")
+    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    if dtype == "f32":
+        r = run_cli("quantize", hf, ours, "--type", qtype, "--vocab-from", spm)
+        assert r.returncode == 0, r.stderr
+    else:
+        quantize_model(hf, ours, qtype, vocab_from=spm)
+    llama_quantize(model, ref, qtype)
+    a, b = GGUFFile(ours), GGUFFile(ref)
+    assert_same_tensors(a, b)
+    for k, v in b.metadata.items():
+        if k.startswith(("llama.", "tokenizer.")) or k in ("general.file_type", "general.quantization_version"):
+            assert a.metadata.get(k) == v and a.metadata_types[k] == b.metadata_types[k], k
+    assert np.isfinite(llama_logits(ours)).all()
+
+
+def test_hf_directory_needs_a_vocabulary(tiny_llama_f32, vocab_dir, tmp_path, capsys):
+    hf = gguf_to_hf_dir(tiny_llama_f32, tmp_path / "hf")
+    check_error(capsys, ["quantize", str(hf), str(tmp_path / "o.gguf"), "--type", "q8_0"],
+                "tokenizer", "hint:", "--vocab-from")
+    gpt2 = str(vocab_dir / "ggml-vocab-gpt-2.gguf")
+    check_error(capsys, ["quantize", str(hf), str(tmp_path / "o.gguf"), "--type", "q8_0", "--vocab-from", gpt2],
+                "50257 tokens", "vocab_size is 32000")
     assert not (tmp_path / "o.gguf").exists()
