@@ -269,3 +269,29 @@ def test_hf_directory_needs_a_vocabulary(tiny_llama_f32, vocab_dir, tmp_path, ca
     check_error(capsys, ["quantize", str(hf), str(tmp_path / "o.gguf"), "--type", "q8_0", "--vocab-from", gpt2],
                 "50257 tokens", "vocab_size is 32000")
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_non_default_alignment_is_kept_consistent(tiny_llama_f32, tmp_path):
+    # llama.cpp copies general.alignment but pads to 32 regardless, so for an input with
+    # alignment 64 it writes a file whose offsets it cannot read back; we lay the data out by
+    # the declared alignment, with the same tensor bytes as the alignment-32 case
+    from gguf import GGUFValueType
+    f = GGUFFile(tiny_llama_f32)
+    md, types = dict(f.metadata), dict(f.metadata_types)
+    md["general.alignment"], types["general.alignment"] = 64, GGUFValueType.UINT32
+    a64 = tmp_path / "a64.gguf"
+    write_gguf(a64, "llama", md, types, ((n, f.raw(n), t.qtype, t.shape) for n, t in f.tensors.items()),
+               array_types=f.array_types)
+    quantize_model(a64, tmp_path / "ours.gguf", "q8_0")
+    ours = GGUFFile(tmp_path / "ours.gguf")
+    assert ours.alignment == 64 and all((t.offset - ours.data_offset) % 64 == 0 for t in ours.tensors.values())
+    ref = GGUFFile(llama_quantize(tiny_llama_f32, tmp_path / "ref.gguf", "q8_0"))
+    assert list(ours.tensors) == list(ref.tensors)
+    assert all(np.array_equal(ours.raw(n), ref.raw(n)) for n in ref.tensors)
+    assert np.isfinite(llama_logits(tmp_path / "ours.gguf")).all()
+
+
+def test_progress_bar_goes_to_stderr(tiny_llama_f32, tmp_path, capsys):
+    quantize_model(tiny_llama_f32, tmp_path / "o.gguf", "q4_0", progress=True)
+    out = capsys.readouterr()
+    assert "quantize q4_0" in out.err and "21/21" in out.err and out.out == ""
