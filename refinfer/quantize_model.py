@@ -198,7 +198,7 @@ def gguf_source(path: str) -> SourceModel:
 
 
 def hf_source(path: str, vocab_from=None) -> SourceModel:
-    """An HF safetensors Llama/Qwen2 checkpoint directory as the f32 GGUF llama.cpp's converter
+    """An HF safetensors Llama/Qwen2 checkpoint (directory, .safetensors file or index) as the f32 GGUF llama.cpp's converter
     would make of it: GGUF tensor names, q/k rows permuted for arch llama (loader.permute_qk_rows,
     the one place that convention lives), 1-D tensors as f32, hyperparameters from config.json.
     The tokenizer is copied from the GGUF `vocab_from`: refinfer cannot convert tokenizer.json."""
@@ -215,12 +215,11 @@ def hf_source(path: str, vocab_from=None) -> SourceModel:
     if ck.config is None:
         raise FormatError("no config.json beside the safetensors weights", file=path)
     names = {}  # GGUF name -> HF name
-    skipped = []
     for hf in ck.tensors:
         if hf in HF_GLOBAL_NAMES:
             names[HF_GLOBAL_NAMES[hf]] = hf
         elif hf.startswith("model.layers.") and hf.endswith("rotary_emb.inv_freq"):
-            skipped.append(hf)  # recomputed from rope_theta; llama.cpp's converter drops it too
+            continue  # recomputed from rope_theta; llama.cpp's converter drops it too
         elif hf.startswith("model.layers."):
             i, _, suffix = hf[len("model.layers."):].partition(".")
             if suffix not in HF_NAMES:
@@ -329,7 +328,8 @@ def quantize_model(in_path, out_path, qtype: str, *, vocab_from=None, progress: 
         raise RefinferError(f"output directory {out_dir!r} does not exist")
 
     start = time.perf_counter()
-    src = hf_source(in_path, vocab_from) if os.path.isdir(in_path) else gguf_source(in_path)
+    is_hf = os.path.isdir(in_path) or in_path.endswith((".safetensors", ".safetensors.index.json"))
+    src = hf_source(in_path, vocab_from) if is_hf else gguf_source(in_path)
     report = QuantizeReport(qtype)
     metadata, types = dict(src.metadata), dict(src.types)
     metadata["general.quantization_version"] = GGML_QNT_VERSION
