@@ -77,9 +77,9 @@ def test_tensor_names_shapes_and_layout(tiny_llama_f32):
     assert r.fields["tokenizer.ggml.scores"].types[-1] == gguf.GGUFValueType.FLOAT32
     assert r.fields["tokenizer.ggml.token_type"].types[-1] == gguf.GGUFValueType.INT32
     # weights scaled N(0, 1/sqrt(fan_in)), norms near 1
-    q = r.get_tensor(1 + [t.name for t in r.tensors[1:]].index("blk.0.attn_q.weight")).data
-    assert 0.1 < float(np.std(q)) < 0.15
-    norm = next(t.data for t in r.tensors if t.name == "blk.0.attn_norm.weight")
+    data = {t.name: t.data for t in r.tensors}
+    assert 0.1 < float(np.std(data["blk.0.attn_q.weight"])) < 0.15  # 1/sqrt(64) = 0.125
+    norm = data["blk.0.attn_norm.weight"]
     assert abs(float(np.mean(norm)) - 1) < 0.05 and float(np.std(norm)) > 0.05
 
 
