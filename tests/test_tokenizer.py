@@ -108,7 +108,11 @@ _FRAGMENTS = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'LL", "'RE", "
               "\n", "\n\n", " \n", "\r\n", "\u00a0", "\u3000", "\u2003", "12", "123", "1234567", "3.14",
               " Hello", "world", "Üb", "na\u00efve", "e\u0301", "\u0416\u0438", "\u4e2d\u6587", "\ud55c\uad6d",
               "\u0e01\u0e32", "\u0905\u0902", "\U0001f999", "\U0001f468\u200d\U0001f469", "\u2764\ufe0f",
-              "...", "!?", " (", ")", "<", ">", "|", "`", "$", "~", "^", "=", "_", "\\", "/", "#", "@"]
+              "...", "!?", " (", ")", "<", ">", "|", "`", "$", "~", "^", "=", "_", "\\", "/", "#", "@",
+              # classes that llama.cpp's tables decide: letters and digits new in Unicode 15 (unassigned
+              # in older unicodedata), unassigned, private use, other numbers, marks, odd spaces
+              "\U00011f04", "\U0001e4d0", "\U0001e4f0", "\U00031350", "\u0378", "\ue000", "\u00b2", "\u2160",
+              "\u0300", "\u200d", "\u0085", "\u2028", "\u180e", "\u00ad", "\u212a", "\u0130"]
 
 
 def _texts(tok: Tokenizer):

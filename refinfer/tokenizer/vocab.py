@@ -432,11 +432,15 @@ class Tokenizer:
 
     def _byte_token(self, byte: int) -> int:
         # llama_vocab::byte_to_token for SPM: <0xXX>, else the byte itself as a token.
+        # Where neither exists llama.cpp aborts (token_to_id.at throws); the unknown token is used here.
         tid = self.token_to_id.get(f"<0x{byte:02X}>")
         if tid is None and byte < 0x80:
             tid = self.token_to_id.get(chr(byte))
         if tid is None:
-            raise UnsupportedError(f"byte 0x{byte:02X} has no byte-fallback token <0x{byte:02X}> in the vocabulary")
+            tid = self.unk_id
+        if tid is None:
+            raise UnsupportedError(f"byte 0x{byte:02X} has no byte-fallback token <0x{byte:02X}> in the vocabulary "
+                                   f"and there is no unknown token")
         return tid
 
     def _bpe(self, text: str, out: list[int]):
