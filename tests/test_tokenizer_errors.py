@@ -36,6 +36,16 @@ def test_small_spm_vocabulary():
     assert tok.detokenize([3, 9 + 0x63]) == b"c"  # llama_detokenize drops the prefix space
 
 
+def test_spm_without_byte_tokens_uses_unknown():
+    md = _spm_metadata()
+    md = {k: v[:9] if isinstance(v, list) else v for k, v in md.items()}
+    tok = Tokenizer.from_gguf_metadata(md)
+    assert tok.encode("ac", add_special=False) == [6, 0]
+    del md["tokenizer.ggml.token_type"]
+    md["tokenizer.ggml.tokens"] = ["x"] + md["tokenizer.ggml.tokens"][1:]  # no "<unk>"; id 0 stays the default unk
+    assert Tokenizer.from_gguf_metadata(md).encode("ac", add_special=False) == [6, 0]
+
+
 @pytest.mark.parametrize("overrides, error, words", [
     ({"tokenizer.ggml.model": None}, FormatError, "'tokenizer.ggml.model' is missing"),
     ({"tokenizer.ggml.model": "bert"}, UnsupportedError, "'bert'"),
