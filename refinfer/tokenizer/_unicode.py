@@ -79,9 +79,9 @@ def cpt_flags(cp: int) -> int:
 
 
 def ascii_lower(cp: int) -> int:
-    # unicode_tolower uses the simple lowercase mapping; the contraction rules only compare the
-    # result with ASCII letters, and the only code points whose simple lowercase is an ASCII
-    # letter other than 'i' and 'k' (U+0130, U+212A) are A-Z themselves.
+    # unicode_tolower applies the simple lowercase mapping, and the contraction rules compare
+    # the result with s t m d r e v l. Only the ASCII capitals lowercase to those letters
+    # (U+212A KELVIN SIGN goes to 'k' and U+0130 to 'i', which no rule uses).
     return cp + 32 if 0x41 <= cp <= 0x5A else cp
 
 
