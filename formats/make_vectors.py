@@ -99,10 +99,6 @@ def f32_bits_hex(x: np.ndarray) -> list[str]:
     return [f"{int(u):08x}" for u in np.asarray(x, dtype="<f4").view("<u4")]
 
 
-def f32_from_hex(words: list[str]) -> np.ndarray:
-    return np.array([int(w, 16) for w in words], dtype="<u4").view("<f4")
-
-
 def readable(x: np.ndarray) -> list[str]:
     return [str(np.float32(v)) for v in np.asarray(x, dtype=np.float32)]
 
@@ -146,7 +142,7 @@ def legacy_inputs(name: str) -> dict[str, np.ndarray]:
     rep2[[3, 10, 20]] = [-7, 7, -7]
     g = _rng(name, "gaussian")
     unit = g.standard_normal(bs).astype(F32)
-    unit /= np.max(np.abs(unit))  # amax 1 so the scale cases below are exact powers of ten
+    unit /= np.max(np.abs(unit))  # amax 1: the factors below are the blocks' amax
     # d is about amax/8 (q4_0), amax/16 (q5_0), range/15, range/31, amax/127: choose amax so the
     # fp16 d is subnormal (< 2**-14 = 6.1e-5) or beyond 65504
     sub_amax = {"q4_0": 2e-4, "q5_0": 4e-4, "q4_1": 2e-4, "q5_1": 4e-4, "q8_0": 3e-3, "q8_1": 3e-3}[name]

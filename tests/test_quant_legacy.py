@@ -23,7 +23,7 @@ QUANTIZED = LEGACY + ["f16", "bf16"]
 # ggml has a to_float for these; f32 has none (identity) and q8_1 none (activation type)
 DEQUANTIZED = ["f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
 
-HYP = settings(max_examples=60, deadline=None, derandomize=True,
+HYP = settings(max_examples=100, deadline=None, derandomize=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -93,7 +93,7 @@ def structured_blocks(draw, bs: int, max_blocks: int = 4):
     elif kind == "cauchy":
         x = rng.standard_cauchy(n) * scale
     elif kind == "huge":  # up to 1e38: block ranges near the top of float32
-        x = rng.standard_normal(n) * F32(10.0 ** draw(st.integers(30, 38)))
+        x = np.clip(rng.standard_normal(n), -3.3, 3.3) * F32(10.0 ** draw(st.integers(30, 38)))
     elif kind == "tiny":  # down to the float32 subnormals
         x = rng.standard_normal(n) * F32(10.0 ** draw(st.integers(-45, -30)))
     elif kind == "f32_subnormal":
