@@ -21,7 +21,7 @@ from refinfer.tokenizer import Tokenizer
 from refinfer.tokenizer.chat import ChatTemplate
 
 # Every vocabulary shipped with llama.cpp's tokenizer tests. The ones whose tokenizer.ggml.model
-# refinfer does not implement (bert: WordPiece, t5: Unigram) are skipped with the reason.
+# refinfer does not implement (t5: Unigram) are skipped with the reason.
 VOCABS = ["aquila", "baichuan", "bert-bge", "command-r", "deepseek-coder", "deepseek-llm", "falcon",
           "gemma-4", "gpt-2", "gpt-neox", "llama-bpe", "llama-spm", "mpt", "nomic-bert-moe", "phi-3",
           "qwen2", "qwen35", "refact", "starcoder"]

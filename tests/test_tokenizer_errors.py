@@ -48,7 +48,7 @@ def test_spm_without_byte_tokens_uses_unknown():
 
 @pytest.mark.parametrize("overrides, error, words", [
     ({"tokenizer.ggml.model": None}, FormatError, "'tokenizer.ggml.model' is missing"),
-    ({"tokenizer.ggml.model": "bert"}, UnsupportedError, "'bert'"),
+    ({"tokenizer.ggml.model": "rwkv"}, UnsupportedError, "'rwkv'"),
     ({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "no-such-pre", "tokenizer.ggml.merges": []},
      UnsupportedError, "'no-such-pre'"),
     ({"tokenizer.ggml.model": "gpt2"}, FormatError, "'tokenizer.ggml.merges' is missing"),

@@ -85,6 +85,15 @@ def ascii_lower(cp: int) -> int:
     return cp + 32 if 0x41 <= cp <= 0x5A else cp
 
 
+def simple_lower(cp: int) -> int:
+    # UnicodeData's simple lowercase mapping (unicode_tolower). str.lower() applies the full
+    # mapping, which differs only for U+0130, whose full lowercase is "i" + U+0307.
+    if cp == 0x130:
+        return 0x69
+    low = chr(cp).lower()
+    return ord(low) if len(low) == 1 else cp
+
+
 def _bytes_to_unicode() -> list[str]:
     # GPT-2's byte-level alphabet: printable Latin-1 bytes stand for themselves, the other 68
     # bytes (controls, space, 0x7F-0xA0, 0xAD) map in order to U+0100, U+0101, ...

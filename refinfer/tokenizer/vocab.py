@@ -9,10 +9,12 @@ token_to_piece and detokenize for the way back.
 from __future__ import annotations
 
 import heapq
+import unicodedata
 
 from ..errors import FormatError, RefinferError, UnsupportedError
 from . import pretokenize
-from ._unicode import BYTE_TO_UNICODE, UNICODE_TO_BYTE
+from ._unicode import (BYTE_TO_UNICODE, CONTROL, MARK, PUNCTUATION, SYMBOL, UNICODE_TO_BYTE, WHITESPACE, cpt_flags,
+                       simple_lower)
 
 # GGUF tokenizer.ggml.token_type values (llama_token_type).
 TYPE_UNDEFINED, TYPE_NORMAL, TYPE_UNKNOWN, TYPE_CONTROL, TYPE_USER_DEFINED, TYPE_UNUSED, TYPE_BYTE = range(7)
@@ -126,6 +128,12 @@ class Tokenizer:
             self.add_space_prefix = True
             self.add_bos = True
             pre = "default" if pre is None else pre
+        elif model == "bert":
+            self.kind = "wpm"
+            ids.update(bos=101, unk=100, sep=102, pad=0, mask=103)
+            self.clean_spaces = True
+            self.add_bos = True
+            pre = "default" if pre is None else pre
         elif model in ("gpt2", "gemma4"):
             self.kind = "bpe"
             if model == "gemma4":
@@ -143,7 +151,7 @@ class Tokenizer:
         else:
             raise UnsupportedError(
                 f"metadata key 'tokenizer.ggml.model' is {model!r}; implemented: 'llama' (SentencePiece BPE), "
-                f"'gpt2' (byte-level BPE), 'gemma4'")
+                f"'gpt2' (byte-level BPE), 'gemma4', 'bert' (WordPiece)")
         self.model, self.pre = model, pre
         self.chat_template = _get(md, "tokenizer.chat_template", str)
         self.add_space_prefix = _get(md, "tokenizer.ggml.add_space_prefix", bool, self.add_space_prefix)
@@ -186,6 +194,9 @@ class Tokenizer:
             if value is not None and 0 <= value < n:
                 ids[name] = value
 
+        # BertNormalizer options (WordPiece only); strip_accents defaults to lowercase.
+        self.lowercase = _get(md, "tokenizer.ggml.normalizer.lowercase", bool, True)
+        self.strip_accents = _get(md, "tokenizer.ggml.normalizer.strip_accents", bool, self.lowercase)
         self.add_bos = _get(md, "tokenizer.ggml.add_bos_token", bool, self.add_bos)
         self.add_eos = _get(md, "tokenizer.ggml.add_eos_token", bool, self.add_eos)
         if pre == "gemma4":
@@ -239,6 +250,7 @@ class Tokenizer:
         self._special_order = special
 
         self._pieces = [self._piece_uncached(i) for i in range(n)]
+        self._max_token_chars = max(len(t) for t in self.tokens)
 
         # Per-model attributes llama.cpp sets by name after building the piece cache.
         name = _get(md, "general.name", str, "").lower()
@@ -313,6 +325,8 @@ class Tokenizer:
                                 f"({text[e.start]!r})") from None
         out: list[int] = []
         fragments = self._partition(text, parse_special) if text else []
+        if self.kind == "wpm":
+            return self._encode_wpm(text, fragments, add_special)
         if add_special and self.add_bos:
             if self.bos_id is None:
                 raise RefinferError("the tokenizer asks for a BOS token but has no bos_token_id")
@@ -343,6 +357,70 @@ class Tokenizer:
                 raise RefinferError("the tokenizer asks for an EOS token but has no eos_token_id")
             out.append(self.eos_id)
         return out
+
+    def _encode_wpm(self, text: str, fragments: list, add_special: bool) -> list[int]:
+        # WordPiece always frames the text as [CLS] ... [SEP] (BOS and SEP ids) when add_special,
+        # whatever add_bos_token says.
+        out = []
+        if add_special:
+            if self.bos_id is None or self.special_ids["sep"] is None:
+                raise RefinferError("a WordPiece tokenizer needs bos (CLS) and seperator (SEP) token ids")
+            out.append(self.bos_id)
+        for frag in fragments:
+            if isinstance(frag, int):
+                out.append(frag)
+            else:
+                self._wpm(text[frag[0]:frag[0] + frag[1]], out)
+        if add_special:
+            out.append(self.special_ids["sep"])
+        return out
+
+    def _wpm_words(self, text: str) -> list[str]:
+        # llm_tokenizer_wpm_session::preprocess: BERT's basic tokenizer. Split at white space; drop
+        # NUL, U+FFFD and control characters (and, with strip_accents, marks after replacing each
+        # character by the first code point of its NFD form); punctuation, ASCII symbols and CJK
+        # ideographs become one-character words; lowercase.
+        words = [""]
+        for ch in text:
+            cp = ord(ch)
+            if self.strip_accents:
+                cp = ord(unicodedata.normalize("NFD", ch)[0])
+            flags = cpt_flags(cp)
+            if flags & WHITESPACE:
+                if words[-1]:
+                    words.append("")
+                continue
+            if cp == 0 or cp == 0xFFFD or flags & CONTROL or (self.strip_accents and flags & MARK):
+                continue
+            c = chr(simple_lower(cp) if self.lowercase else cp)
+            if flags & PUNCTUATION or (cp < 0x7F and flags & SYMBOL) or _is_cjk_ideograph(cp):
+                if words[-1]:
+                    words.append("")
+                words[-1] = c
+                words.append("")
+            else:
+                words[-1] += c
+        return [w for w in words if w]
+
+    def _wpm(self, text: str, out: list[int]):
+        # llm_tokenizer_wpm_session::tokenize: greedy longest match from the left over "▁" + word;
+        # a word with any unmatched position becomes the unknown token as a whole.
+        for word in self._wpm_words(text):
+            word = SPACE_MARK + word
+            start = len(out)
+            i = 0
+            while i < len(word):
+                for j in range(min(len(word), i + self._max_token_chars), i, -1):
+                    tid = self.token_to_id.get(word[i:j])
+                    if tid is not None:
+                        out.append(tid)
+                        i = j
+                        break
+                else:
+                    del out[start:]
+                    break
+            if len(out) == start:
+                out.append(self.unk_id)
 
     def _partition(self, text: str, parse_special: bool) -> list:
         # tokenizer_st_partition: fragments are token ids or (offset, length) spans of raw text.
@@ -514,7 +592,7 @@ class Tokenizer:
         if attr & (ATTR_UNKNOWN | ATTR_CONTROL | ATTR_USER_DEFINED):
             return text.encode("utf-8")
         if attr & ATTR_NORMAL:
-            if self.kind == "spm" or self.escape_whitespaces:
+            if self.kind in ("spm", "wpm") or self.escape_whitespaces:
                 return text.replace(SPACE_MARK, " ").encode("utf-8")
             return _decode_byte_level(text)
         if attr & ATTR_BYTE:
@@ -567,6 +645,13 @@ class Tokenizer:
         if self.clean_spaces:
             text = _clean_spaces(text)
         return bytes(text)
+
+
+def _is_cjk_ideograph(cp: int) -> bool:
+    # BERT's _is_chinese_char ranges; 0x2B920 rather than 0x2B820 as in the HF Rust code.
+    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF or 0x2A700 <= cp <= 0x2B73F
+            or 0x2B740 <= cp <= 0x2B81F or 0x2B920 <= cp <= 0x2CEAF or 0xF900 <= cp <= 0xFAFF
+            or 0x2F800 <= cp <= 0x2FA1F)
 
 
 def _hex_byte(text: str) -> int:
