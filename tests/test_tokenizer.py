@@ -20,8 +20,8 @@ from refinfer.gguf_file import GGUFFile
 from refinfer.tokenizer import Tokenizer
 from refinfer.tokenizer.chat import ChatTemplate
 
-# Every vocabulary shipped with llama.cpp's tokenizer tests. The ones whose tokenizer.ggml.model
-# refinfer does not implement (t5: Unigram) are skipped with the reason.
+# Every vocabulary shipped with llama.cpp's tokenizer tests; one whose tokenizer.ggml.model or
+# tokenizer.ggml.pre refinfer does not implement would be skipped with the reason.
 VOCABS = ["aquila", "baichuan", "bert-bge", "command-r", "deepseek-coder", "deepseek-llm", "falcon",
           "gemma-4", "gpt-2", "gpt-neox", "llama-bpe", "llama-spm", "mpt", "nomic-bert-moe", "phi-3",
           "qwen2", "qwen35", "refact", "starcoder"]

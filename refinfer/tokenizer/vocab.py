@@ -13,6 +13,7 @@ import unicodedata
 
 from ..errors import FormatError, RefinferError, UnsupportedError
 from . import pretokenize
+from .ugm import Unigram
 from ._unicode import (BYTE_TO_UNICODE, CONTROL, MARK, PUNCTUATION, SYMBOL, UNICODE_TO_BYTE, WHITESPACE, cpt_flags,
                        simple_lower)
 
@@ -134,6 +135,11 @@ class Tokenizer:
             self.clean_spaces = True
             self.add_bos = True
             pre = "default" if pre is None else pre
+        elif model == "t5":
+            self.kind = "ugm"
+            ids.update(eos=1, unk=2, pad=0)
+            self.add_eos = True
+            pre = "default" if pre is None else pre
         elif model in ("gpt2", "gemma4"):
             self.kind = "bpe"
             if model == "gemma4":
@@ -151,7 +157,7 @@ class Tokenizer:
         else:
             raise UnsupportedError(
                 f"metadata key 'tokenizer.ggml.model' is {model!r}; implemented: 'llama' (SentencePiece BPE), "
-                f"'gpt2' (byte-level BPE), 'gemma4', 'bert' (WordPiece)")
+                f"'gpt2' (byte-level BPE), 'gemma4', 'bert' (WordPiece), 't5' (Unigram)")
         self.model, self.pre = model, pre
         self.chat_template = _get(md, "tokenizer.chat_template", str)
         self.add_space_prefix = _get(md, "tokenizer.ggml.add_space_prefix", bool, self.add_space_prefix)
@@ -248,6 +254,14 @@ class Tokenizer:
         special = [i for i in range(n) if self.attrs[i] & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN)]
         special.sort(key=lambda i: -len(self.tokens[i].encode("utf-8")))
         self._special_order = special
+
+        if self.kind == "ugm":
+            charsmap = _get_list(md, "tokenizer.ggml.precompiled_charsmap", int)
+            self._ugm = Unigram(self.tokens, self.scores, lambda i: self.attrs[i] & ATTR_NORMAL,
+                                lambda i: self.attrs[i] & ATTR_USER_DEFINED, lambda i: self.attrs[i] & ATTR_UNUSED,
+                                self.unk_id, bytes(x & 0xFF for x in charsmap) if charsmap else None,
+                                self.add_space_prefix,
+                                _get(md, "tokenizer.ggml.remove_extra_whitespaces", bool, False))
 
         self._pieces = [self._piece_uncached(i) for i in range(n)]
         self._max_token_chars = max(len(t) for t in self.tokens)
@@ -349,6 +363,9 @@ class Tokenizer:
                     out.append(frag)
                     continue
                 piece = text[frag[0]:frag[0] + frag[1]]
+                if self.kind == "ugm":
+                    self._ugm.tokenize(piece, out)
+                    continue
                 if self.escape_whitespaces:
                     piece = piece.replace(" ", SPACE_MARK)
                 self._bpe(piece, out)
@@ -592,7 +609,7 @@ class Tokenizer:
         if attr & (ATTR_UNKNOWN | ATTR_CONTROL | ATTR_USER_DEFINED):
             return text.encode("utf-8")
         if attr & ATTR_NORMAL:
-            if self.kind in ("spm", "wpm") or self.escape_whitespaces:
+            if self.kind != "bpe" or self.escape_whitespaces:
                 return text.replace(SPACE_MARK, " ").encode("utf-8")
             return _decode_byte_level(text)
         if attr & ATTR_BYTE:
