@@ -57,6 +57,9 @@ def test_spm_without_byte_tokens_uses_unknown():
     ({"tokenizer.ggml.tokens": []}, FormatError, "empty list"),
     ({"tokenizer.ggml.token_type": [1.5] * 265}, FormatError, "entry 0 is float"),
     ({"tokenizer.ggml.add_bos_token": 1}, FormatError, "expected bool"),
+    ({"tokenizer.ggml.model": "t5", "tokenizer.ggml.precompiled_charsmap": [1, 0]}, FormatError, "4-byte header"),
+    ({"tokenizer.ggml.model": "t5", "tokenizer.ggml.precompiled_charsmap": [255, 255, 255, 255, 0]}, FormatError,
+     "does not fit"),
 ])
 def test_bad_metadata(overrides, error, words):
     md = _spm_metadata(**overrides)
