@@ -86,6 +86,13 @@ def _split_custom_gpt2(cpts: list[int], pieces: list[int]) -> list[int]:
         start = end
         flags_at, cpt_at = _flags_at(cpts, ini, end), _cpt_at(cpts, ini, end)
         prev = ini
+
+        def add(new_end):
+            nonlocal prev
+            if new_end > prev:
+                out.append(new_end - prev)
+            prev = new_end
+
         pos = ini
         while pos < end:
             cpt, flags = cpts[pos], flags_at(pos)
@@ -93,43 +100,44 @@ def _split_custom_gpt2(cpts: list[int], pieces: list[int]) -> list[int]:
                 nxt = cpt_at(pos + 1)
                 if nxt in (0x73, 0x74, 0x6D, 0x64):  # s t m d
                     pos += 2
-                    out.append(pos - prev); prev = pos
+                    add(pos)
                     continue
                 if pos + 2 < end:
                     nn = cpt_at(pos + 2)
                     if (nxt, nn) in ((0x72, 0x65), (0x76, 0x65), (0x6C, 0x6C)):  # re ve ll
                         pos += 3
-                        out.append(pos - prev); prev = pos
+                        add(pos)
                         continue
+            # the class of the character after an optional leading space decides the branch
             flags2 = flags_at(pos + 1) if cpt == 0x20 else flags
-            matched = False
-            for cls in (LETTER, NUMBER):
-                if flags2 & cls:
-                    pos += cpt == 0x20
-                    while flags2 & cls:
-                        pos += 1
-                        flags2 = flags_at(pos)
-                    matched = True
-                    break
-            if not matched and not (flags2 & (WHITESPACE | LETTER | NUMBER)) and flags2:
+            if flags2 & LETTER:  # ' ?\p{L}+'
                 pos += cpt == 0x20
-                while not (flags2 & (WHITESPACE | LETTER | NUMBER)) and flags2:
+                while flags_at(pos) & LETTER:
                     pos += 1
-                    flags2 = flags_at(pos)
-                matched = True
-            if not matched:
-                n_ws = 0
-                while flags_at(pos + n_ws) & WHITESPACE:
-                    n_ws += 1
-                if n_ws > 1 and cpt_at(pos + n_ws) != _OUT:
-                    pos += n_ws - 1  # \s+(?!\S): leave the last space to start the next word
-                elif n_ws > 0:
-                    pos += n_ws
-                else:
+                add(pos)
+                continue
+            if flags2 & NUMBER:  # ' ?\p{N}+'
+                pos += cpt == 0x20
+                while flags_at(pos) & NUMBER:
                     pos += 1
-            if pos > prev:
-                out.append(pos - prev)
-            prev = pos
+                add(pos)
+                continue
+            if flags2 and not flags2 & (WHITESPACE | LETTER | NUMBER):  # ' ?[^\s\p{L}\p{N}]+'
+                pos += cpt == 0x20
+                while (f := flags_at(pos)) and not f & (WHITESPACE | LETTER | NUMBER):
+                    pos += 1
+                add(pos)
+                continue
+            n_ws = 0
+            while flags_at(pos + n_ws) & WHITESPACE:
+                n_ws += 1
+            if n_ws > 1 and cpt_at(pos + n_ws) != _OUT:  # \s+(?!\S): the last space starts the next word
+                pos += n_ws - 1
+            elif n_ws > 0:  # \s+
+                pos += n_ws
+            else:  # no match: the character alone
+                pos += 1
+            add(pos)
     return out
 
 
