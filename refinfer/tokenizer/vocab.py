@@ -2,8 +2,12 @@
 
 Each step names the llama.cpp function it mirrors (src/llama-vocab.cpp): llama_vocab::impl::load
 for the defaults and the special-token bookkeeping, tokenizer_st_partition for special tokens in
-the text, llm_tokenizer_spm_session and llm_tokenizer_bpe_session for the two algorithms,
-token_to_piece and detokenize for the way back.
+the text, llm_tokenizer_{spm,bpe,wpm,ugm}_session for the algorithms, token_to_piece and
+detokenize for the way back.
+
+Where llama.cpp's result depends on hash-map iteration or an unstable sort, a fixed rule is used
+instead and said so: the EOT/EOM/FIM tokens found by their text (lowest id wins), and the order
+of special tokens of equal length (lowest id first).
 """
 
 from __future__ import annotations
@@ -101,7 +105,8 @@ def _get_list(metadata: dict, key: str, kind, n_min: int | None = None, required
 
 
 class Tokenizer:
-    """llama.cpp's tokenizer (SPM for tokenizer.ggml.model "llama", byte-level BPE for "gpt2")."""
+    """llama.cpp's tokenizer for tokenizer.ggml.model "llama" (SentencePiece BPE), "gpt2" and
+    "gemma4" (BPE), "bert" (WordPiece) and "t5" (Unigram)."""
 
     @classmethod
     def from_gguf_metadata(cls, metadata: dict) -> "Tokenizer":
