@@ -118,9 +118,16 @@ class Model:
 
 
 def _tokenizer_for(meta, path):
+    """GGUF: tokenizer.ggml.* metadata; HF directory: tokenizer.json or tokenizer.model beside
+    the weights. None when the model ships no tokenizer (token ids still work)."""
+    import pathlib
+    from .tokenizer import Tokenizer, tokenizer_from_hf_dir
     if "tokenizer.ggml.model" in meta:
-        from .tokenizer import Tokenizer
         return Tokenizer.from_gguf_metadata(meta)
+    d = pathlib.Path(path)
+    d = d if d.is_dir() else d.parent
+    if (d / "tokenizer.json").exists() or (d / "tokenizer.model").exists():
+        return tokenizer_from_hf_dir(d)
     return None
 
 

@@ -48,6 +48,7 @@ def run(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
     n = stats.get("generated_tokens", 0)
     dec = stats.get("decode_s", 0.0)
     print(f"[{stats.get('prompt_tokens', 0)} prompt tokens in {stats.get('prefill_s', 0.0):.2f} s, "
