@@ -202,6 +202,12 @@ def test_special_tokens_match_llama_cpp(vocab_dir, name):
     assert (tok.add_bos, tok.add_eos) == (llama_cpp.llama_vocab_get_add_bos(vocab),
                                           llama_cpp.llama_vocab_get_add_eos(vocab))
     assert tok.eog_ids == {i for i in range(tok.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+    found_by_text = {"eot": llama_cpp.llama_vocab_eot, "fim_pre": llama_cpp.llama_vocab_fim_pre,
+                     "fim_suf": llama_cpp.llama_vocab_fim_suf, "fim_mid": llama_cpp.llama_vocab_fim_mid,
+                     "fim_pad": llama_cpp.llama_vocab_fim_pad, "fim_rep": llama_cpp.llama_vocab_fim_rep,
+                     "fim_sep": llama_cpp.llama_vocab_fim_sep}
+    for name, get in found_by_text.items():
+        assert tok.special_ids[name] == (None if get(vocab) < 0 else get(vocab)), name
     assert all(tok.is_control(i) == bool(llama_cpp.llama_vocab_is_control(vocab, i)) for i in range(tok.n_vocab))
 
 
@@ -221,6 +227,9 @@ def test_smollm2_properties(smollm2_path):
     tok = _tokenizer(pathlib.Path(smollm2_path))
     assert (tok.model, tok.pre) == ("gpt2", "smollm")
     assert tok.tokens[tok.eos_id] == "<|im_end|>"
+    # Found by text: llama.cpp's pick among <|endoftext|> and <|im_end|> follows its hash-map order
+    # (it reports <|endoftext|>); refinfer takes the first of llama.cpp's list.
+    assert tok.tokens[tok.eot_id] == "<|im_end|>"
     assert tok.is_eog(tok.token_to_id["<|im_end|>"]) and tok.is_eog(tok.token_to_id["<|endoftext|>"])
     assert not tok.add_bos
     ids = tok.encode("<|im_start|>user\nHi<|im_end|>", parse_special=True)

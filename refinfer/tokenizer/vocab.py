@@ -6,7 +6,7 @@ the text, llm_tokenizer_{spm,bpe,wpm,ugm}_session for the algorithms, token_to_p
 detokenize for the way back.
 
 Where llama.cpp's result depends on hash-map iteration or an unstable sort, a fixed rule is used
-instead and said so: the EOT/EOM/FIM tokens found by their text (lowest id wins), and the order
+instead and said so: the EOT/EOM/FIM tokens found by their text (first in llama.cpp's list), the order
 of special tokens of equal length (lowest id first).
 """
 
@@ -214,14 +214,16 @@ class Tokenizer:
             self.add_bos = True  # llama.cpp overrides a false add_bos_token for Gemma 4
 
         # Auto-detection by text. llama.cpp walks an unordered_map, so when several texts of a
-        # list are present the one it picks depends on hashing; here the first in id order wins.
+        # list are present the one it picks depends on hashing; here the first of the list wins
+        # (Llama 3, Qwen2 and Phi-3 get llama.cpp's choice; SmolLM2 gets <|im_end|> where
+        # llama.cpp happens to pick <|endoftext|>).
         def detect(name, names):
             if ids[name] is not None:
                 return
-            for i, text in enumerate(self.tokens):
-                if text in names and self.token_to_id[text] == i:
-                    ids[name] = i
-                    self.attrs[i] |= ATTR_CONTROL
+            for text in names:
+                if text in self.token_to_id:
+                    ids[name] = self.token_to_id[text]
+                    self.attrs[ids[name]] |= ATTR_CONTROL
                     return
 
         detect("eot", _EOT_NAMES)
