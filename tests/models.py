@@ -15,7 +15,9 @@ O(1) through the layers and the logits have a useful spread:
 from __future__ import annotations
 
 import functools
+import json
 import os
+import struct
 
 import gguf
 import numpy as np
@@ -72,7 +74,11 @@ def copy_tokenizer_fields(writer: gguf.GGUFWriter, vocab_gguf) -> int:
 
 def make_tiny_llama_gguf(path, *, vocab_gguf, seed=0, dim=64, hidden_dim=160, n_layers=2,
                          n_heads=4, n_kv_heads=2, ctx=256, dtype="f32", tie_embeddings=False,
-                         rope_theta=10000.0, norm_eps=1e-5):
+                         rope_theta=10000.0, norm_eps=1e-5, arch="llama", rope_freqs=None,
+                         rope_linear_factor=None):
+    """arch "llama" or "qwen2" (adds q/k/v biases; llama.cpp applies NEOX RoPE to it).
+    rope_freqs: optional float32[head_dim // 2] Llama-3 style per-frequency theta divisors
+    (rope_freqs.weight); rope_linear_factor: optional linear RoPE scaling factor."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if dim % n_heads or n_heads % n_kv_heads:
@@ -82,20 +88,23 @@ def make_tiny_llama_gguf(path, *, vocab_gguf, seed=0, dim=64, hidden_dim=160, n_
     ggml_type, file_type = DTYPES[dtype]
     rng = np.random.default_rng(seed)
 
-    writer = gguf.GGUFWriter(os.fspath(path), "llama")
+    writer = gguf.GGUFWriter(os.fspath(path), arch)
     writer.add_string("general.name", f"tiny-llama-d{dim}-l{n_layers}-s{seed}")
     writer.add_uint32("general.file_type", int(file_type))
-    writer.add_uint32("llama.context_length", ctx)
-    writer.add_uint32("llama.embedding_length", dim)
-    writer.add_uint32("llama.block_count", n_layers)
-    writer.add_uint32("llama.feed_forward_length", hidden_dim)
-    writer.add_uint32("llama.attention.head_count", n_heads)
-    writer.add_uint32("llama.attention.head_count_kv", n_kv_heads)
-    writer.add_uint32("llama.rope.dimension_count", head_dim)
-    writer.add_float32("llama.attention.layer_norm_rms_epsilon", norm_eps)
-    writer.add_float32("llama.rope.freq_base", rope_theta)
+    writer.add_uint32(f"{arch}.context_length", ctx)
+    writer.add_uint32(f"{arch}.embedding_length", dim)
+    writer.add_uint32(f"{arch}.block_count", n_layers)
+    writer.add_uint32(f"{arch}.feed_forward_length", hidden_dim)
+    writer.add_uint32(f"{arch}.attention.head_count", n_heads)
+    writer.add_uint32(f"{arch}.attention.head_count_kv", n_kv_heads)
+    writer.add_uint32(f"{arch}.rope.dimension_count", head_dim)
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", norm_eps)
+    writer.add_float32(f"{arch}.rope.freq_base", rope_theta)
+    if rope_linear_factor is not None:
+        writer.add_string(f"{arch}.rope.scaling.type", "linear")
+        writer.add_float32(f"{arch}.rope.scaling.factor", float(rope_linear_factor))
     n_vocab = copy_tokenizer_fields(writer, vocab_gguf)
-    writer.add_uint32("llama.vocab_size", n_vocab)
+    writer.add_uint32(f"{arch}.vocab_size", n_vocab)
 
     def weight(name, out_features, in_features, std=None):  # HF/numpy order (out, in) = ggml ne [in, out]
         std = 1.0 / np.sqrt(in_features) if std is None else std
@@ -123,11 +132,16 @@ def make_tiny_llama_gguf(path, *, vocab_gguf, seed=0, dim=64, hidden_dim=160, n_
         weight(f"blk.{i}.attn_k.weight", kv_dim, dim)
         weight(f"blk.{i}.attn_v.weight", kv_dim, dim)
         weight(f"blk.{i}.attn_output.weight", dim, dim)
+        if arch == "qwen2":
+            for name, n in (("attn_q", dim), ("attn_k", kv_dim), ("attn_v", kv_dim)):
+                writer.add_tensor(f"blk.{i}.{name}.bias", (0.5 * rng.standard_normal(n)).astype(np.float32))
         norm(f"blk.{i}.ffn_norm.weight", dim)
         weight(f"blk.{i}.ffn_gate.weight", hidden_dim, dim)
         weight(f"blk.{i}.ffn_up.weight", hidden_dim, dim)
         weight(f"blk.{i}.ffn_down.weight", dim, hidden_dim)
     norm("output_norm.weight", dim)
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
     if not tie_embeddings:
         weight("output.weight", n_vocab, dim, std=out_std)
 
@@ -161,3 +175,58 @@ def load_llama(path, **kwargs):
         return llama_cpp.Llama(model_path=os.fspath(path), **kwargs)
     finally:
         lib.llama_model_default_params = default_params
+
+
+def write_safetensors(path, arrays):
+    """A minimal independent safetensors writer: u64 header length, JSON header, C-order data.
+    Values are (safetensors dtype, array)."""
+    header, blobs, offset = {}, [], 0
+    for name, (dtype, a) in arrays.items():
+        b = np.ascontiguousarray(a).tobytes()
+        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    path.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def gguf_to_hf_dir(model, out_dir):
+    """The HF checkpoint that llama.cpp's converter would turn into `model`: HF names, q/k rows
+    un-permuted (within each head HF row (half, i) is GGUF row (i, half): HF rotates halves,
+    ggml adjacent pairs), bf16 2-D weights of a bf16 GGUF kept as bf16 bits."""
+    from refinfer.gguf_file import GGUFFile
+    f = GGUFFile(model)
+    md = f.metadata
+    n_heads, n_kv = md["llama.attention.head_count"], md["llama.attention.head_count_kv"]
+    hf_names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                "output.weight": "lm_head.weight"}
+    per_layer = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                 "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                 "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                 "ffn_down": "mlp.down_proj"}
+    arrays = {}
+    for name, ti in f.tensors.items():
+        if name.startswith("blk."):
+            _, i, kind, _ = name.split(".")
+            hf = f"model.layers.{i}.{per_layer[kind]}.weight"
+        else:
+            hf = hf_names[name]
+        dtype = {"f32": ("F32", "<f4"), "f16": ("F16", "<f2"), "bf16": ("BF16", "<u2")}[ti.qtype.name]
+        a = np.asarray(f.raw(name)).view(dtype[1]).reshape(ti.shape)
+        if ".attn_q." in name or ".attn_k." in name:
+            heads = n_heads if ".attn_q." in name else n_kv
+            rows, cols = a.shape
+            a = a.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+        arrays[hf] = (dtype[0], a)
+    out_dir.mkdir()
+    write_safetensors(out_dir / "model.safetensors", arrays)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "hidden_size": md["llama.embedding_length"], "intermediate_size": md["llama.feed_forward_length"],
+              "num_hidden_layers": md["llama.block_count"], "num_attention_heads": n_heads,
+              "num_key_value_heads": n_kv, "vocab_size": md["llama.vocab_size"],
+              "max_position_embeddings": md["llama.context_length"],
+              "rms_norm_eps": md["llama.attention.layer_norm_rms_epsilon"],
+              "rope_theta": md["llama.rope.freq_base"], "tie_word_embeddings": "output.weight" not in f.tensors}
+    (out_dir / "config.json").write_text(json.dumps(config))
+    return out_dir

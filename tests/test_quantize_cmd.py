@@ -3,16 +3,14 @@ same tensors, same types, same bytes, same metadata, and llama.cpp loads the res
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from models import load_llama, make_tiny_llama_gguf
+from models import gguf_to_hf_dir, load_llama, make_tiny_llama_gguf
 from refinfer.cli import main as cli_main
 from refinfer.gguf_file import GGUFFile, write_gguf
 from refinfer.quantize_model import FTYPES, quantize_model
@@ -186,60 +184,6 @@ def test_error_not_gguf_and_nonfinite(tmp_path, capsys):
 
 
 # --- HF safetensors checkpoint directory as input --------------------------------------------
-
-def write_safetensors(path, arrays):
-    """A minimal independent safetensors writer: u64 header length, JSON header, C-order data.
-    Values are (safetensors dtype, array)."""
-    header, blobs, offset = {}, [], 0
-    for name, (dtype, a) in arrays.items():
-        b = np.ascontiguousarray(a).tobytes()
-        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + len(b)]}
-        blobs.append(b)
-        offset += len(b)
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)
-    path.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
-
-
-def gguf_to_hf_dir(model, out_dir):
-    """The HF checkpoint that llama.cpp's converter would turn into `model`: HF names, q/k rows
-    un-permuted (within each head HF row (half, i) is GGUF row (i, half): HF rotates halves,
-    ggml adjacent pairs), bf16 2-D weights of a bf16 GGUF kept as bf16 bits."""
-    f = GGUFFile(model)
-    md = f.metadata
-    n_heads, n_kv = md["llama.attention.head_count"], md["llama.attention.head_count_kv"]
-    hf_names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                "output.weight": "lm_head.weight"}
-    per_layer = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-                 "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-                 "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-                 "ffn_down": "mlp.down_proj"}
-    arrays = {}
-    for name, ti in f.tensors.items():
-        if name.startswith("blk."):
-            _, i, kind, _ = name.split(".")
-            hf = f"model.layers.{i}.{per_layer[kind]}.weight"
-        else:
-            hf = hf_names[name]
-        dtype = {"f32": ("F32", "<f4"), "f16": ("F16", "<f2"), "bf16": ("BF16", "<u2")}[ti.qtype.name]
-        a = np.asarray(f.raw(name)).view(dtype[1]).reshape(ti.shape)
-        if ".attn_q." in name or ".attn_k." in name:
-            heads = n_heads if ".attn_q." in name else n_kv
-            rows, cols = a.shape
-            a = a.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
-        arrays[hf] = (dtype[0], a)
-    out_dir.mkdir()
-    write_safetensors(out_dir / "model.safetensors", arrays)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-              "hidden_size": md["llama.embedding_length"], "intermediate_size": md["llama.feed_forward_length"],
-              "num_hidden_layers": md["llama.block_count"], "num_attention_heads": n_heads,
-              "num_key_value_heads": n_kv, "vocab_size": md["llama.vocab_size"],
-              "max_position_embeddings": md["llama.context_length"],
-              "rms_norm_eps": md["llama.attention.layer_norm_rms_epsilon"],
-              "rope_theta": md["llama.rope.freq_base"], "tie_word_embeddings": "output.weight" not in f.tensors}
-    (out_dir / "config.json").write_text(json.dumps(config))
-    return out_dir
-
 
 @pytest.mark.parametrize("dtype,qtype", [("f32", "q4_0"), ("bf16", "q5_1")])
 def test_hf_directory_matches_llama_cpp_on_the_converted_gguf(dtype, qtype, vocab_dir, tmp_path):
