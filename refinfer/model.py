@@ -89,7 +89,10 @@ class Model:
         t0 = time.perf_counter()
         logits = forward(self.config, self.weights, self.backend, ids, cache, all_logits=False)[-1]
         t1 = time.perf_counter()
-        history, out_ids, text_done = list(ids), [], ""
+        history, out_ids = list(ids), []
+        emitted = 0                                     # characters of the decoded text already yielded
+        hold = max((len(x) for x in stops), default=1) - 1  # a stop string may start in the last `hold` chars
+        text = ""
         for _ in range(max_tokens):
             nxt = sample(logits, history)
             if tok.is_eog(nxt):
@@ -97,20 +100,21 @@ class Model:
             history.append(nxt)
             out_ids.append(nxt)
             text = tok.decode(out_ids)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                piece = ""
-            else:
-                piece, text_done = text[len(text_done):], text
-            hit = next((s for s in stops if s in text_done), None)
-            if hit is not None:
-                cut = text_done.index(hit)
-                yield piece[: max(0, len(piece) - (len(text_done) - cut))]
+            cut = min((text.find(x) for x in stops if x in text), default=-1)
+            if cut >= 0:
+                text = text[:cut]
                 break
-            if piece:
-                yield piece
+            safe = len(text) - hold
+            if text.endswith("\ufffd"):               # an incomplete UTF-8 sequence: wait for more bytes
+                safe = min(safe, len(text) - 1)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
             if len(out_ids) == max_tokens:
                 break
             logits = forward(self.config, self.weights, self.backend, [nxt], cache, all_logits=False)[-1]
+        if len(text) > emitted:
+            yield text[emitted:]
         t2 = time.perf_counter()
         if isinstance(stats, dict):
             stats.update(prompt_tokens=len(ids), generated_tokens=len(out_ids), prefill_s=t1 - t0, decode_s=t2 - t1)
