@@ -2,19 +2,26 @@
 
 ideal  the mathematically intended model: weights dequantized exactly, activations in float32
        (or float64 with dtype=np.float64), reductions accumulated in float64.
-ggml   llama.cpp's CPU arithmetic where it differs from ideal (sources in ggml/src/ggml-cpu):
+ggml   llama.cpp's CPU arithmetic (x86 AVX2 + FMA + F16C build; sources in ggml/src/ggml-cpu),
+       reproduced operation by operation; the kernels are in ggml_emulation.py:
        - quantized matmuls first quantize the activation rows to the weight's vec_dot type
          (q8_0 for q4_0/q5_0/q8_0, q8_1 for q4_1/q5_1) with the x86 quantizer (id = 127/amax,
-         round half to even: quantize_row_q8_0 / _q8_1 in arch/x86/quants.c), then take exact
-         integer block dots and sum d_w * d_x * sumi (+ m_w * s_x for q4_1/q5_1);
-       - F16 weights: activations rounded to F16 (the F16 vec_dot type), products summed in f32;
+         round half to even: quantize_row_q8_0 / _q8_1 in arch/x86/quants.c), then sum exact
+         integer lane dots with one FMA per block and lane (ggml_vec_dot_*_q8_* and
+         llamafile's tinyBLAS_Q0_AVX share that order), plus m_w * s_x for q4_1/q5_1;
+       - F16 weights: activations rounded to F16 (the F16 vec_dot type); tinyBLAS's 8-lane FMA
+         order for a batch, ggml_vec_dot_f16's 4x8 lanes for one token;
        - the KV cache is F16 (llama.cpp's default type_k/type_v), and K.Q and V.softmax are
-         F16 matmuls, so Q and the softmax probabilities are rounded to F16 too;
+         F16 matmuls with the same two orders, so Q and the softmax probabilities are rounded
+         to F16 too; the KV length is padded to llama.cpp's 256 with masked (zero) entries;
        - RMSNorm sums squares in double, then scale = 1/sqrtf(mean + eps) in float
-         (ggml_compute_forward_rms_norm_f32); softmax sums exp in double (ggml_vec_soft_max_f32);
+         (ggml_compute_forward_rms_norm_f32); softmax and SwiGLU use ggml's SIMD expf
+         (ggml_v_expf) and softmax sums 8-lane groups in double (ggml_vec_soft_max_f32);
        - RoPE angles: theta_i = pos * theta_scale^i built by repeated float multiplication,
-         theta_scale = powf(base, -2/n_dims) (ggml_rope_cache_init).
-       Not emulated: ggml's SIMD expf in SiLU/softmax (<= 2 ulp) and its SIMD summation order.
+         theta_scale = powf(base, -2/n_dims) (ggml_rope_cache_init), correctly rounded
+         cosf/sinf, and the rotation with FMA contraction (rotate_pairs).
+       Not covered: K-quant and bf16/f32 weight matmuls keep a float64 sum over exact
+       products (within ~1e-7 relative of ggml).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import math
 import numpy as np
 
 from .. import quant
+from . import ggml_emulation as ge
 from ..quant import q8_0 as _q8_0
 from ..quant._common import F32, f32_to_fp16_bits, fp16_to_f32
 
@@ -69,8 +77,9 @@ class NumpyBackend:
         return self._dense[key]
 
     def _q8_parts(self, w):
-        """Integer decomposition of a q4_0/q4_1/q5_0/q5_1/q8_0 matrix: w = d * q + m, with
-        q float32[nb, rows, 32] integer codes (offset removed), d and m float32[nb, rows]."""
+        """Integer decomposition of a q4_0/q4_1/q5_0/q5_1/q8_0 matrix as ggml's dot kernels
+        see it: w = d * q + m, with q float32[rows, nb, 32] integer codes (q4_0/q5_0 with the
+        offset removed, q4_1/q5_1 unsigned), d and m float32[rows, nb]."""
         key = ("q8", id(w))
         if key not in self._dense:
             t = w.qtype
@@ -80,8 +89,8 @@ class NumpyBackend:
             d = fp16_to_f32(b["d"])
             m = fp16_to_f32(b["m"]) if "m" in t.layout.names else np.zeros_like(d)
             unit = quant.dequantize(self._unit_scale(blocks, t), t)  # codes: d := 1, m := 0
-            q = unit.reshape(rows, -1, 32).transpose(1, 0, 2).astype(np.float32)
-            self._dense[key] = (q, d.reshape(rows, -1).T.copy(), m.reshape(rows, -1).T.copy())
+            q = unit.reshape(rows, -1, 32).astype(np.float32)
+            self._dense[key] = (q, d.reshape(rows, -1), m.reshape(rows, -1))
         return self._dense[key]
 
     @staticmethod
@@ -105,14 +114,9 @@ class NumpyBackend:
             return
         vd = VEC_DOT_TYPE.get(w.qtype.name)
         if vd in ("q8_0", "q8_1"):
-            q, d, m = self._q8_parts(w)                    # [nb, rows, 32], [nb, rows], [nb, rows]
+            q, d, m = self._q8_parts(w)                    # [rows, nb, 32], [rows, nb], [rows, nb]
             dx, sx, qx = quantize_act_q8(x)                # [T, nb], [T, nb], [T, nb, 32]
-            sumi = np.matmul(qx.transpose(1, 0, 2), q.transpose(0, 2, 1))  # [nb, T, rows], exact integers
-            dd = (d[:, None, :] * dx.T[:, :, None]).astype(np.float32)     # fp32(d_w) * fp32(d_x)
-            acc = np.einsum("btr,btr->tr", dd.astype(np.float64), sumi.astype(np.float64))
-            if vd == "q8_1":
-                acc += np.einsum("br,tb->tr", m.astype(np.float64), sx.astype(np.float64))
-            out[...] = acc.astype(np.float32)
+            out[...] = ge.quant_dot(q, d, qx, dx, *((m, sx) if vd == "q8_1" else ()))
         elif vd == "q8_K":
             # x86 quantize_row_q8_K is quantize_row_q8_K_ref. ggml's K-quant dots sum exact
             # integer sub-block dots times fp32(d_w * d_x); float64 over the dequantized weights
@@ -120,10 +124,30 @@ class NumpyBackend:
             xq = quant.dequantize(quant.quantize(x, "q8_K"), "q8_K").astype(np.float64)
             out[...] = (xq @ self._dequantized(w).T).astype(np.float32)
         elif vd == "f16":
-            out[...] = (round_f16(x).astype(np.float64) @ self._dequantized(w).T).astype(np.float32)
+            out[...] = self._f16_matmul(round_f16(x), self._f16_weights(w))
         else:  # f32, bf16 (bf16 vec_dot type is bf16: round the activations the same way)
             xx = x if vd == "f32" else quant.dequantize(quant.quantize(x, "bf16"), "bf16")
             out[...] = (xx.astype(np.float64) @ self._dequantized(w).T).astype(np.float32)
+
+    def _f16_weights(self, w):  # -> float32[rows, cols], exact F16 values
+        key = ("f16", id(w))
+        if key not in self._dense:
+            self._dense[key] = w.dequantize().astype(np.float32)
+        return self._dense[key]
+
+    @staticmethod
+    def _f16_matmul(x16, w16):
+        """x16[T, k] @ w16[rows, k].T for F16-valued operands in ggml's order: llamafile's
+        tinyBLAS for T > 1 when it accepts the shape (k % 8 == 0, rows % 4 == 0), otherwise
+        ggml_vec_dot_f16 row by row."""
+        T, k = x16.shape
+        rows = w16.shape[0]
+        dot = ge.f16_dot_tinyblas if T > 1 and k % 8 == 0 and rows % 4 == 0 else ge.f16_dot_vec
+        out = np.empty((T, rows), np.float32)
+        step = max(1, (1 << 21) // (8 * T))
+        for r0 in range(0, rows, step):
+            out[:, r0:r0 + step] = dot(x16[:, None, :], w16[None, r0:r0 + step, :])
+        return out
 
     def rmsnorm(self, out, x, weight, eps):
         """out = x / sqrt(mean(x^2) + eps) * weight, per row."""
@@ -151,21 +175,20 @@ class NumpyBackend:
             theta[:, i] = t
             t = (t * theta_scale).astype(np.float32)
         theta = (F32(cfg.rope_freq_scale) * (theta / ff.astype(np.float32))).astype(np.float32)
-        return np.cos(theta.astype(np.float64)).astype(np.float32), np.sin(theta.astype(np.float64)).astype(np.float32)
+        return ge.cos_sin_f32(theta)
 
     def rope(self, x, cos, sin, neox):
         """Rotate x[T, heads, head_dim] in place by the angles of each position (first rope_dim
         dims). neox=False: pairs (2i, 2i+1); neox=True: pairs (i, i + rope_dim/2)."""
         n = cos.shape[-1] * 2
         c, s = cos[:, None, :], sin[:, None, :]
-        if neox:
-            x0, x1 = x[..., : n // 2].copy(), x[..., n // 2: n].copy()
-            x[..., : n // 2] = x0 * c - x1 * s
-            x[..., n // 2: n] = x0 * s + x1 * c
+        first, second = (slice(0, n // 2), slice(n // 2, n)) if neox else (slice(0, n, 2), slice(1, n, 2))
+        x0, x1 = x[..., first].copy(), x[..., second].copy()
+        if self.mode == "ideal":
+            x[..., first] = x0 * c - x1 * s
+            x[..., second] = x0 * s + x1 * c
         else:
-            x0, x1 = x[..., 0:n:2].copy(), x[..., 1:n:2].copy()
-            x[..., 0:n:2] = x0 * c - x1 * s
-            x[..., 1:n:2] = x0 * s + x1 * c
+            x[..., first], x[..., second] = ge.rope_rotate(x0, x1, c, s)
 
     def store_kv(self, cache, pos0, x):
         """cache[pos0 : pos0 + T] = x (F16 cache in ggml mode: the value read back is rounded)."""
@@ -189,16 +212,45 @@ class NumpyBackend:
             p /= p.sum(axis=-1, keepdims=True)
             out[...] = np.matmul(p, vh).transpose(1, 0, 2).astype(self.dtype)
         else:
-            qh = round_f16(q).transpose(1, 0, 2).astype(np.float64)
-            kq = np.matmul(qh, kh.astype(np.float64)).astype(np.float32)            # F16 x F16 -> f32
-            kq = (kq * F32(scale)).astype(np.float32)
-            kq[:, mask] = -np.inf
-            e = np.exp((kq - kq.max(axis=-1, keepdims=True)).astype(np.float32))
-            p = (e * (1.0 / e.sum(axis=-1, dtype=np.float64, keepdims=True)).astype(np.float32)).astype(np.float32)
-            p = round_f16(p)                                                         # F16 V x f32 probs: probs -> F16
-            out[...] = np.matmul(p.astype(np.float64), vh.astype(np.float64)).transpose(1, 0, 2).astype(np.float32)
+            self._attention_ggml(out, q, k, v, mask, scale)
+
+    @staticmethod
+    def _attention_ggml(out, q, k, v, mask, scale):
+        """llama.cpp's non-flash attention with an F16 cache (build_attn_mha): kq = mul_mat(k, q)
+        with Q rounded to F16, soft_max_ext(kq, mask, scale), kqv = mul_mat(v, kq) with the
+        probabilities rounded to F16 and V stored transposed. Both matmuls are F16 x F16: the
+        tinyBLAS order for a batch, ggml_vec_dot_f16 for one token. The KV length is padded to a
+        multiple of 256 (llama.cpp's n_kv) with masked zero entries; they add exact zeros but
+        decide which lane each real position lands in."""
+        T, n_heads, hd = q.shape
+        S, n_kv, _ = k.shape
+        group = n_heads // n_kv
+        S_pad = -(-S // 256) * 256
+        scale = F32(1) / np.sqrt(F32(hd))                                     # kq_scale = 1.0f/sqrtf(n_embd_head)
+        k16 = np.zeros((n_kv, S_pad, hd), np.float32)
+        v16 = np.zeros((n_kv, hd, S_pad), np.float32)                         # V transposed
+        k16[:, :S] = k.transpose(1, 0, 2)
+        v16[:, :, :S] = v.transpose(1, 2, 0)
+        kh = np.repeat(k16, group, axis=0)                                    # [n_heads, S_pad, hd]
+        vh = np.repeat(v16, group, axis=0)                                    # [n_heads, hd, S_pad]
+        q16 = round_f16(q).transpose(1, 0, 2)                                 # [n_heads, T, hd]
+        full_mask = np.full((T, S_pad), -np.inf, np.float32)
+        full_mask[:, :S] = np.where(mask, -np.inf, 0).astype(np.float32)
+        if T > 1:
+            kq = ge.f16_dot_tinyblas(q16[:, :, None, :], kh[:, None, :, :])    # [n_heads, T, S_pad]
+        else:
+            kq = ge.f16_dot_vec(q16[:, :, None, :], kh[:, None, :, :])
+        p16 = round_f16(ge.soft_max(kq, scale, full_mask))                   # [n_heads, T, S_pad]
+        if T > 1:
+            kqv = ge.f16_dot_tinyblas(p16[:, :, None, :], vh[:, None, :, :])   # [n_heads, T, hd]
+        else:
+            kqv = ge.f16_dot_vec(p16[:, :, None, :], vh[:, None, :, :])
+        out[...] = kqv.transpose(1, 0, 2)
 
     def swiglu(self, out, gate, up):
         """out = silu(gate) * up, silu(g) = g / (1 + exp(-g))."""
-        g = gate.astype(np.float64) if self.mode == "ideal" else gate
+        if self.mode == "ggml":
+            out[...] = ge.swiglu(gate, up)
+            return
+        g = gate.astype(np.float64)
         out[...] = (g / (1.0 + np.exp(-g))).astype(out.dtype) * up

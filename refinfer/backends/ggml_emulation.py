@@ -1,0 +1,234 @@
+"""llama.cpp's CPU kernels, lane by lane, in NumPy: the arithmetic of the x86 AVX2 + FMA + F16C
+build (no AVX512), so that `ggml` mode reproduces its float32 results bit for bit.
+
+Every float in these kernels is float32 and every rounding happens where the C code rounds:
+
+- A vector FMA (_mm256_fmadd_ps) rounds once. `fma_f32` computes a*b exactly in float64 and
+  the sum with round-to-odd, which then rounds to the correct float32 (a double rounding
+  through plain float64 would be wrong when the sum lands exactly on a float32 midpoint).
+- Dot products keep 8 float lanes (one __m256) and sum them at the end in a fixed order
+  (`hsum8`); which element feeds which lane is what each kernel's docstring describes.
+- ggml's scalar C is compiled with FP contraction: x*y + z in one expression is an FMA there
+  too (seen in the disassembly of ggml_vec_dot_q4_1_q8_1 and the RoPE loop).
+- expf/silu in softmax and SwiGLU are ggml's own polynomial (ggml_v_expf), not libm.
+
+Arrays are vectorized over rows and tokens; lanes are an explicit axis of length 8.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+F32 = np.float32
+LANES = 8                      # floats per __m256
+_CHUNK = 1 << 22               # lane elements per step of the blocked loops (bounds memory)
+
+
+def fma_f32(a, b, c) -> np.ndarray:
+    """float32 fma(a, b, c) = round32(a*b + c) with one rounding, as _mm256_fmadd_ps.
+
+    a*b of two float32 is exact in float64. The float64 sum s = a*b + c can round; rounding s
+    once more to float32 is still correct unless s sits exactly on a float32 midpoint (low 29
+    mantissa bits = 1000...0) with a nonzero error, where round-to-odd breaks the tie the way
+    the exact sum would. Subnormal float32 results are not special-cased (they do not occur in
+    these kernels' accumulators)."""
+    p = np.multiply(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    c64 = np.asarray(c, np.float64)
+    s = p + c64
+    bits = s.view(np.int64)
+    tie = (bits & 0x1FFFFFFF) == 0x10000000
+    if tie.any():
+        p, c64 = np.broadcast_to(p, s.shape), np.broadcast_to(c64, s.shape)
+        idx = np.nonzero(tie)
+        si, pi, ci = s[idx], p[idx], c64[idx]
+        bb = si - pi
+        err = (pi - (si - bb)) + (ci - bb)                            # TwoSum: the exact remainder
+        away = np.where(np.sign(err) == np.sign(si), 1, -1)
+        bits = bits.copy()
+        bits[idx] += np.where(err != 0, away, 0)                      # round to odd: off the tie
+        s = bits.view(np.float64)
+    return s.astype(np.float32)
+
+
+def hsum8(v) -> np.ndarray:
+    """Sum of 8 float32 lanes (axis 0) as hsum_float_8 (arch/x86/quants.c) and tinyBLAS's
+    hsum(__m256): fold the high 128 bits onto the low, then movehl, then movehdup:
+    ((v0+v4) + (v2+v6)) + ((v1+v5) + (v3+v7))."""
+    v = np.asarray(v, np.float32)
+    h = v[4:] + v[:4]
+    return (h[0] + h[2]) + (h[1] + h[3])
+
+
+def hsum8_reduce(v) -> np.ndarray:
+    """Sum of 8 float32 lanes (axis 0) as GGML_F32x8_REDUCE's tail (simd-mappings.h): fold the
+    halves, then two _mm_hadd_ps: ((v0+v4) + (v1+v5)) + ((v2+v6) + (v3+v7))."""
+    v = np.asarray(v, np.float32)
+    h = v[:4] + v[4:]
+    return (h[0] + h[1]) + (h[2] + h[3])
+
+
+def quant_dot(wq, wd, xq, xd, wm=None, xs=None) -> np.ndarray:
+    """out[T, rows] = dot of quantized weight rows with q8_0/q8_1 activation rows, as
+    ggml_vec_dot_{q4_0,q5_0,q8_0}_q8_0 and ggml_vec_dot_{q4_1,q5_1}_q8_1 (AVX2) and
+    tinyBLAS_Q0_AVX (llamafile sgemm; every variant: gemm, gemm4xN, gemmMx4) compute it.
+
+    wq float32[rows, nb, 32] integer codes as the kernel sees them (q4_0: q - 8, q5_0: q - 16,
+    q8_0: q; q4_1/q5_1: the unsigned codes), wd/wm float32[rows, nb]; xq float32[T, nb, 32]
+    codes, xd/xs float32[T, nb] (the fp16 values). Per block b, lane l holds the exact integer
+    sum of elements 4l..4l+3 (maddubs + madd), and acc_l = fma(fp32(wd*xd), sum_l, acc_l).
+    The result is hsum8(acc), plus for q8_1 summs = fma(wm, xs, summs) taken block by block
+    (the C `summs += m*s`, contracted), added last."""
+    rows, nb, _ = wq.shape
+    T = xq.shape[0]
+    out = np.empty((T, rows), np.float32)
+    xl = np.ascontiguousarray(xq.reshape(T, nb, LANES, 4).transpose(1, 2, 0, 3))     # [nb, 8, T, 4]
+    step = max(1, _CHUNK // (LANES * T))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        wl = np.ascontiguousarray(wq[r0:r1].reshape(r1 - r0, nb, LANES, 4).transpose(1, 2, 3, 0))  # [nb, 8, 4, R]
+        acc = np.zeros((LANES, T, r1 - r0), np.float32)
+        summs = np.zeros((T, r1 - r0), np.float32)
+        for b in range(nb):
+            sumi = np.matmul(xl[b], wl[b])                            # [8, T, R] exact integers
+            dd = xd[:, b, None] * wd[None, r0:r1, b]                   # [T, R] float32 product
+            acc = fma_f32(dd, sumi, acc)
+            if wm is not None:
+                summs = fma_f32(wm[None, r0:r1, b], xs[:, b, None], summs)
+        out[:, r0:r1] = hsum8(acc) + summs if wm is not None else hsum8(acc)
+    return out
+
+
+def f16_dot_tinyblas(a, b) -> np.ndarray:
+    """sum_k a[..., k] * b[..., k] for F16-valued float32 inputs (broadcasting over the leading
+    axes) as llamafile's tinyBLAS<8, __m256, ...>::gemm_bloc (F16 x F16 -> F32, batch > 1):
+    lane l accumulates elements k = l, l+8, l+16, ... with one FMA each, then hsum8.
+    k must be a multiple of 8 (tinyBLAS declines otherwise)."""
+    k = a.shape[-1]
+    shape = np.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    acc = np.zeros((LANES,) + shape, np.float32)
+    for l0 in range(0, k, LANES):
+        av = np.moveaxis(a[..., l0:l0 + LANES], -1, 0)
+        bv = np.moveaxis(b[..., l0:l0 + LANES], -1, 0)
+        acc = fma_f32(av, bv, acc)
+    return hsum8(acc)
+
+
+def f16_dot_vec(a, b) -> np.ndarray:
+    """sum_k a[..., k] * b[..., k] for F16-valued float32 inputs as ggml_vec_dot_f16 (AVX2,
+    one row at a time, the batch-1 path): 4 accumulators of 8 lanes over steps of 32
+    (element k goes to accumulator (k % 32) // 8, lane k % 8), reduced (0+2, 1+3, then 0+1,
+    then hsum8_reduce) to a double; the n % 32 leftovers are added one by one in double as
+    float32 products; the double is returned as float32."""
+    k = a.shape[-1]
+    np_ = k - k % 32
+    shape = np.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    acc = np.zeros((4, LANES) + shape, np.float32)
+    for i in range(0, np_, 32):
+        av = np.moveaxis(a[..., i:i + 32], -1, 0).reshape((4, LANES) + a.shape[:-1])
+        bv = np.moveaxis(b[..., i:i + 32], -1, 0).reshape((4, LANES) + b.shape[:-1])
+        acc = fma_f32(av, bv, acc)
+    s = (acc[0] + acc[2]) + (acc[1] + acc[3])
+    sumf = hsum8_reduce(s).astype(np.float64)
+    for i in range(np_, k):
+        sumf = sumf + (a[..., i] * b[..., i]).astype(np.float32)
+    return sumf.astype(np.float32)
+
+
+# ggml_v_expf constants (vec.h): 1.5 * 2^23 rounding shifter, log2(e), ln2 split in two parts,
+# and the degree-5 polynomial of exp(b) - 1 on [-ln2/2, ln2/2].
+_SHIFT = F32(12582912.0)                     # 0x1.8p23f
+_LOG2E = F32(1.44269502162933349609375)      # 0x1.715476p+0f
+_LN2_HI = F32(0.693145751953125)             # 0x1.62e4p-1f
+_LN2_LO = F32(1.428606765330187045037746429443359375e-06)  # 0x1.7f7d1cp-20f
+_P = [F32(float.fromhex(h)) for h in ("0x1.0e4020p-7", "0x1.573e2ep-5", "0x1.555e66p-3",
+                                       "0x1.fffdb6p-2", "0x1.ffffecp-1")]
+
+
+def _as_f32(i):
+    return np.asarray(i, np.int32).view(np.float32)
+
+
+def expf_v(x) -> np.ndarray:
+    """exp(x) as ggml_v_expf (AVX2 + FMA, vec.h), lane-wise: n = round(x*log2e) via the
+    1.5*2^23 shifter, b = x - n*ln2 in two FMA steps, j = polynomial(b) by FMAs, and
+    2^n * (1 + j) assembled from the exponent bits, with the |n| > 126 and |n| > 192 branches
+    (overflow to inf, underflow to 0; exp(-inf) = 0)."""
+    x = np.asarray(x, np.float32)
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        z = fma_f32(x, _LOG2E, _SHIFT)
+        n = z - _SHIFT
+        b = fma_f32(-n, _LN2_LO, fma_f32(-n, _LN2_HI, x))
+        zi = z.view(np.int32).astype(np.int64)
+        e = ((zi << 23) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)          # slli_epi32, wraps
+        k = _as_f32((e.astype(np.int64) + 0x3F800000).astype(np.uint32).view(np.int32))
+        c = np.abs(n) > F32(126)
+        u = b * b
+        j = fma_f32(fma_f32(fma_f32(_P[0], b, _P[1]), u, fma_f32(_P[2], b, _P[3])), u, _P[4] * b)
+        out = fma_f32(j, k, k)
+        if c.any():
+            g = np.where(n <= 0, np.int64(0x82000000), np.int64(0))
+            s1 = _as_f32(((g + 0x7F000000) & 0xFFFFFFFF).astype(np.uint32).view(np.int32))
+            s2 = _as_f32(((e.astype(np.int64) - g) & 0xFFFFFFFF).astype(np.uint32).view(np.int32))
+            d = np.abs(n) > F32(192)
+            big = np.where(d, s1 * s1, fma_f32(s2, j, s2) * s1)
+            out = np.where(c, big, out).astype(np.float32)
+    return out
+
+
+def silu_v(x) -> np.ndarray:
+    """silu(x) = x / (1 + expf(-x)) as ggml_v_silu: (0 - x), ggml_v_expf, add, divide, in float32."""
+    x = np.asarray(x, np.float32)
+    return x / (F32(1) + expf_v(F32(0) - x))
+
+
+def swiglu(gate, up) -> np.ndarray:
+    """silu(gate) * up as ggml_vec_swiglu_f32 (8 lanes at a time). Its scalar tail for a row
+    length not divisible by 8 uses libm's expf: there the correctly rounded float64 exp stands
+    in for glibc's expf."""
+    gate = np.asarray(gate, np.float32)
+    n = gate.shape[-1]
+    nv = n - n % LANES
+    out = np.empty(np.broadcast_shapes(gate.shape, np.shape(up)), np.float32)
+    out[..., :nv] = silu_v(gate[..., :nv]) * up[..., :nv]
+    if nv < n:
+        g = gate[..., nv:]
+        e = np.exp(-g.astype(np.float64)).astype(np.float32)
+        out[..., nv:] = (g / (F32(1) + e)) * up[..., nv:]
+    return out
+
+
+def soft_max(x, scale, mask) -> np.ndarray:
+    """Softmax over the last axis as ggml_compute_forward_soft_max_f32 (mask, no ALiBi, no
+    sinks): w = x*scale + mask in float32 (slope 1: the contracted FMA is exact), max, then
+    ggml_vec_soft_max_f32 over groups of 8: y = ggml_v_expf(w - max) and sum += double(hsum8(y))
+    group by group; finally y *= float32(1.0 / sum). The row length must be a multiple of 8
+    (llama.cpp pads the KV length to 256); callers pad with -inf, whose exp is exactly 0."""
+    w = np.asarray(x, np.float32) * F32(scale) + np.asarray(mask, np.float32)
+    n = w.shape[-1]
+    if n % LANES:
+        raise ValueError(f"soft_max row length {n} is not a multiple of {LANES}")
+    mx = w.max(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        y = expf_v(w - mx)
+    g = y.reshape(y.shape[:-1] + (n // LANES, LANES))
+    part = hsum8(np.moveaxis(g, -1, 0)).astype(np.float64)          # [..., n/8] per-group sums
+    total = np.zeros(y.shape[:-1], np.float64)
+    for i in range(n // LANES):                                      # sequential double sum
+        total = total + part[..., i]
+    inv = (1.0 / total).astype(np.float32)
+    return y * inv[..., None]
+
+
+def rope_rotate(x0, x1, cos, sin):
+    """The rotation of one RoPE pair as rotate_pairs (ops.cpp) compiles with FMA contraction:
+    y0 = fma(x0, cos, -(x1*sin)), y1 = fma(x0, sin, x1*cos), the inner products rounded."""
+    y0 = fma_f32(x0, cos, -(x1 * sin))
+    y1 = fma_f32(x0, sin, x1 * cos)
+    return y0, y1
+
+
+def cos_sin_f32(theta):
+    """cosf/sinf of float32 angles (rope_yarn's sincosf): the float64 values rounded to float32,
+    i.e. correctly rounded, which is what glibc's sincosf returns."""
+    t = np.asarray(theta, np.float32).astype(np.float64)
+    return np.cos(t).astype(np.float32), np.sin(t).astype(np.float32)
