@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..errors import RefinferError
 
-BACKENDS = ("numpy",)
+BACKENDS = ("numpy", "numba")
 MODES = ("ideal", "ggml")
 
 
@@ -18,4 +18,7 @@ def get_backend(name: str = "numpy", mode: str = "ideal", **kw):
     if name == "numpy":
         from .numpy_backend import NumpyBackend
         return NumpyBackend(mode=mode, **kw)
+    if name == "numba":
+        from .numba_backend import NumbaBackend
+        return NumbaBackend(mode=mode, **kw)
     raise RefinferError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")

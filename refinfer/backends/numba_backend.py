@@ -1,0 +1,223 @@
+"""The `numba` backend: the reference's ops as compiled, multi-threaded Numba kernels, in the
+same two numeric modes (see numpy_backend.py for what `ideal` and `ggml` mean).
+
+Quantized matmuls read the stored blocks directly:
+  one token (decode)   a fused dequantize-dot per output row (numba_kernels/matmul.py);
+  several (prefill)    ideal: tiles of rows dequantized to float32, then a BLAS matmul;
+                       ggml: the same integer block dots as one token, for every token.
+ggml mode quantizes the activations to the weight's vec_dot type first: q8_0/q8_1 in Numba
+with the x86 rounding, q8_K through the reference quantizer.
+
+Whatever has no kernel here (float64 ideal mode, a float matrix whose width is not a
+multiple of 32) runs the inherited NumPy reference, with one warning per (op, type).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from .. import quant
+from . import blockdecode as bd
+from .numba_kernels import matmul as mk
+from .numba_kernels import ops as ok
+from ..quant._common import fp16_to_f32
+from .numpy_backend import VEC_DOT_TYPE, NumpyBackend
+
+WEIGHT_TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0",
+                "q2_K", "q3_K", "q4_K", "q5_K", "q6_K")
+WEIGHT_OPS = ("embed", "matmul")                                   # ops per weight type
+ACT_OPS = ("rmsnorm", "rope", "store_kv", "attention", "swiglu")   # ops on float32 activations
+SHARED_OPS = ("rope_cos_sin",)   # once per forward pass: every backend uses the reference's
+TILE_BYTES = 1 << 21             # float32 bytes of a dequantized prefill tile (fits in L2/L3)
+
+
+# 32-element types: (type_size, qs offset, qh offset or -1, code offset, has m) of the block
+LEGACY_LAYOUT = {"q4_0": (18, 2, -1, -8, False), "q4_1": (20, 4, -1, 0, True),
+                 "q5_0": (22, 6, 2, -16, False), "q5_1": (24, 8, 4, 0, True),
+                 "q8_0": (34, 2, -1, 0, False)}
+
+
+class NumbaFallbackWarning(UserWarning):
+    pass
+
+
+def coverage(mode="ideal", dtype=np.float32):
+    """{(op, type): "native" | "fallback" | "shared"} for this backend in the given mode."""
+    native = np.dtype(dtype) == np.float32 or mode == "ggml"
+    cov = {}
+    for op in WEIGHT_OPS:
+        for t in WEIGHT_TYPES:
+            cov[(op, t)] = "native" if native else "fallback"
+    for op in ACT_OPS:
+        cov[(op, "f32")] = "native" if native else "fallback"
+    for op in SHARED_OPS:
+        cov[(op, "f32")] = "shared"
+    return cov
+
+
+class NumbaBackend(NumpyBackend):
+    name = "numba"
+
+    def __init__(self, mode="ideal", dtype=np.float32):
+        super().__init__(mode=mode, dtype=dtype)
+        self._native = self.dtype == np.float32   # the kernels are float32 (ggml mode always is)
+        self._warned = set()
+        self._scales = {}   # id(QTensor) -> (QTensor, d, m): the fp16 block scales as float32
+
+    def legacy_scales(self, w):  # -> (d float32[rows, nb], m float32[rows, nb])
+        """The block scales of a 32-element-type matrix, decoded once (a quarter byte per
+        weight); the QTensor is kept with them so that its id cannot be reused."""
+        hit = self._scales.get(id(w))
+        if hit is None:
+            ts, _, _, _, has_m = LEGACY_LAYOUT[w.qtype.name]
+            blocks = np.asarray(w.raw).reshape(w.shape[0], -1, ts)
+            d = fp16_to_f32(np.ascontiguousarray(blocks[:, :, 0:2]).view("<u2")[..., 0])
+            m = (fp16_to_f32(np.ascontiguousarray(blocks[:, :, 2:4]).view("<u2")[..., 0]) if has_m
+                 else np.zeros_like(d))
+            hit = self._scales[id(w)] = (w, d, m)
+        return hit[1], hit[2]
+
+    # ---- fallbacks -------------------------------------------------------------------------
+    def _fallback(self, op, tname, why):
+        if (op, tname) not in self._warned:
+            self._warned.add((op, tname))
+            warnings.warn(f"numba backend: {op} on {tname} runs the NumPy reference ({why})",
+                          NumbaFallbackWarning, stacklevel=3)
+
+    def _kernel_ok(self, op, w):
+        tname = w.qtype.name
+        if not self._native:
+            self._fallback(op, tname, f"dtype {self.dtype}")
+            return False
+        if tname not in bd.KINDS:
+            self._fallback(op, tname, "no kernel for this type")
+            return False
+        if w.shape[1] % mk_group(tname):
+            self._fallback(op, tname, f"{w.shape[1]} columns is not a multiple of {mk_group(tname)}")
+            return False
+        return True
+
+    # ---- ops ----------------------------------------------------------------------------------
+    def embed(self, out, w, ids):
+        """out[T, dim] = W[ids] (ggml_get_rows)."""
+        if not self._kernel_ok("embed", w):
+            return super().embed(out, w, ids)
+        buf = np.empty(out.shape, np.float32)
+        mk.dequantize_rows(buf, w.raw, np.asarray(ids, dtype=np.int64), bd.KINDS[w.qtype.name])
+        out[...] = buf
+
+    def matmul(self, out, x, w):
+        """out[T, rows] = x[T, cols] @ W(rows, cols).T"""
+        if not self._kernel_ok("matmul", w):
+            return super().matmul(out, x, w)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        kind = bd.KINDS[w.qtype.name]
+        res = out if out.flags.c_contiguous and out.dtype == np.float32 else np.empty(out.shape, np.float32)
+        if self.mode == "ideal":
+            self._matmul_ideal(res, x, w, kind)
+        else:
+            self._matmul_ggml(res, x, w, kind)
+        if res is not out:
+            out[...] = res
+
+    def _matmul_ideal(self, out, x, w, kind):
+        T = x.shape[0]
+        lay = LEGACY_LAYOUT.get(w.qtype.name)
+        if T == 1:
+            if lay is not None:
+                d, m = self.legacy_scales(w)
+                if kind == bd.Q8_0:
+                    mk.matvec_q8_0(out[0], x[0], w.raw, d)
+                else:
+                    mk.matvec_nibbles(out[0], x[0], w.raw, d, m, lay[0], lay[1], lay[2], lay[3])
+            elif kind == bd.F32:
+                mk.matvec_f32_dense(out[0], x[0], self._f32_view(w))
+            else:
+                mk.matvec_f32(out[0], x[0], w.raw, kind)
+            return
+        rows, cols = w.shape
+        if kind == bd.F32:
+            out[...] = x @ self._f32_view(w).T
+            return
+        step = max(1, TILE_BYTES // (4 * cols))
+        tile = np.empty((min(step, rows), cols), np.float32)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            t = tile[: r1 - r0]
+            if lay is not None:
+                d, m = self.legacy_scales(w)
+                mk.tile_legacy(t, w.raw, r0, d, m, kind == bd.Q8_0, lay[0], lay[1], lay[2], lay[3])
+            else:
+                mk.dequantize_tile(t, w.raw, r0, kind)
+            out[:, r0:r1] = x @ t.T
+
+    def _matmul_ggml(self, out, x, w, kind):
+        vd = VEC_DOT_TYPE[w.qtype.name]
+        if vd in ("q8_0", "q8_1"):
+            xq, xd, xs = self.quantize_act_q8(x)
+            ts, qs, qh, off, has_m = LEGACY_LAYOUT[w.qtype.name]
+            d, m = self.legacy_scales(w)
+            mk.matmul_q8_fast(out, xq, xd, xs, w.raw, d, m, has_m, kind == bd.Q8_0, ts, qs, qh, off)
+            return
+        if vd == "q8_K":   # quantize_row_q8_K is the reference quantizer on x86
+            xx = quant.dequantize(quant.quantize(x, "q8_K"), "q8_K")
+        elif vd == "f16":
+            xx = np.empty_like(x)
+            ok.store_f16(xx.reshape(1, *x.shape), 0, x.reshape(1, *x.shape))
+        elif vd == "bf16":
+            xx = quant.dequantize(quant.quantize(x, "bf16"), "bf16")
+        else:
+            xx = x
+        mk.matmul_f64(out, np.ascontiguousarray(xx, dtype=np.float32), w.raw, kind)
+
+    @staticmethod
+    def quantize_act_q8(x):  # float32[T, cols] -> (int8[T, cols], float32[T, nb], float32[T, nb])
+        T, cols = x.shape
+        xq = np.empty((T, cols), np.int8)
+        xd = np.empty((T, cols // 32), np.float32)
+        xs = np.empty((T, cols // 32), np.float32)
+        mk.quantize_act_q8(x, xq, xd, xs)
+        return xq, xd, xs
+
+    def _f32_view(self, w):  # float32[rows, cols] over the file's own bytes (no copy)
+        return np.ascontiguousarray(w.raw).view(np.float32).reshape(w.shape)
+
+    def rmsnorm(self, out, x, weight, eps):
+        if not self._native:
+            self._fallback("rmsnorm", "f32", f"dtype {self.dtype}")
+            return super().rmsnorm(out, x, weight, eps)
+        ok.rmsnorm(out, x, np.ascontiguousarray(weight, dtype=np.float32), float(eps), self.mode == "ggml")
+
+    def rope(self, x, cos, sin, neox):
+        if not self._native:
+            self._fallback("rope", "f32", f"dtype {self.dtype}")
+            return super().rope(x, cos, sin, neox)
+        ok.rope(x, np.ascontiguousarray(cos, dtype=np.float32), np.ascontiguousarray(sin, dtype=np.float32), bool(neox))
+
+    def store_kv(self, cache, pos0, x):
+        if self.mode == "ideal":
+            cache[pos0: pos0 + len(x)] = x
+        else:
+            ok.store_f16(cache, int(pos0), np.ascontiguousarray(x, dtype=np.float32))
+
+    def attention(self, out, q, k, v, pos0):
+        if not self._native:
+            self._fallback("attention", "f32", f"dtype {self.dtype}")
+            return super().attention(out, q, k, v, pos0)
+        ok.attention(out, np.ascontiguousarray(q), k, v, int(pos0), self.mode == "ggml")
+
+    def swiglu(self, out, gate, up):
+        if not self._native:
+            self._fallback("swiglu", "f32", f"dtype {self.dtype}")
+            return super().swiglu(out, gate, up)
+        ok.swiglu(out, gate, up, self.mode == "ggml")
+
+
+def mk_group(tname):
+    """Columns must be whole groups of the kernels (a K-quant super-block, else 32)."""
+    return 256 if tname.endswith("_K") else 32
+
+
+__all__ = ["NumbaBackend", "coverage", "WEIGHT_TYPES", "NumbaFallbackWarning"]

@@ -1,0 +1,322 @@
+"""Quantized matmul kernels, reading the stored blocks directly (no dense copy of the weights).
+
+Rows of W are independent, so every kernel runs `prange` over output rows. A block is decoded
+with the blockdecode helpers into a small float32 buffer (32 values, or 256 for a K-quant
+super-block) that stays in L1, then multiplied into the activations.
+
+Float sums are not reassociated (fastmath is off), so instead of one running sum per row the
+ideal kernels keep 32 independent lane sums, lane j collecting every element j (mod 32): that
+loop vectorizes without reassociation, and the 32 lanes are added in float64 at the end. The
+integer block dots of ggml mode are int32 sums, which LLVM may vectorize freely (exact).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .. import blockdecode as bd
+
+LANES = 32
+
+
+@njit(cache=True)
+def group_size(kind):
+    """Elements decoded at a time: a K-quant super-block, else 32 (one legacy block, or 32
+    elements of a float type)."""
+    return 256 if kind >= bd.Q2_K else 32
+
+
+@njit(cache=True)
+def decode_group(kind, blk, buf):
+    """Values of the group whose bytes start at blk -> buf[:group_size(kind)]."""
+    if kind >= bd.Q2_K:
+        bd.decode_kquant(kind, blk, buf, 0)
+    elif kind >= bd.Q4_0:
+        bd.decode_legacy(kind, blk, buf, 0)
+    else:
+        for j in range(32):
+            buf[j] = bd.value(kind, blk, j)
+
+
+@njit(cache=True, parallel=True)
+def dequantize_rows(out, raw, ids, kind):
+    """out[i] = row ids[i] of W (ggml_get_rows): out float32[n, cols], raw uint8[rows, row_bytes]."""
+    cols = out.shape[1]
+    G = group_size(kind)
+    gb = raw.shape[1] * G // cols  # bytes per group
+    for i in prange(len(ids)):
+        row = raw[ids[i]]
+        buf = np.empty(G, np.float32)
+        for g in range(cols // G):
+            decode_group(kind, row[g * gb:(g + 1) * gb], buf)
+            for j in range(G):
+                out[i, g * G + j] = buf[j]
+
+
+@njit(cache=True, parallel=True)
+def dequantize_tile(out, raw, r0, kind):
+    """out[i] = row r0 + i of W, for the rows of out (a tile for a BLAS matmul)."""
+    cols = out.shape[1]
+    G = group_size(kind)
+    gb = raw.shape[1] * G // cols
+    for i in prange(out.shape[0]):
+        row = raw[r0 + i]
+        buf = np.empty(G, np.float32)
+        for g in range(cols // G):
+            decode_group(kind, row[g * gb:(g + 1) * gb], buf)
+            for j in range(G):
+                out[i, g * G + j] = buf[j]
+
+
+@njit(cache=True, parallel=True)
+def matvec_f32(out, x, raw, kind):
+    """ideal mode, one token: out float32[rows] = W @ x, x float32[cols]. Float dequantize then
+    dot: 32 float32 lane sums per row (lane j takes elements j mod 32), added in float64."""
+    rows = raw.shape[0]
+    cols = x.shape[0]
+    G = group_size(kind)
+    gb = raw.shape[1] * G // cols
+    for r in prange(rows):
+        row = raw[r]
+        buf = np.empty(G, np.float32)
+        lanes = np.zeros(LANES, np.float32)
+        for g in range(cols // G):
+            decode_group(kind, row[g * gb:(g + 1) * gb], buf)
+            base = g * G
+            for c in range(G // LANES):
+                for j in range(LANES):
+                    lanes[j] += buf[c * LANES + j] * x[base + c * LANES + j]
+        acc = 0.0
+        for j in range(LANES):
+            acc += lanes[j]
+        out[r] = acc
+
+
+@njit(cache=True, parallel=True)
+def matvec_f32_dense(out, x, w):
+    """ideal mode, f32 weights (w float32[rows, cols] is the file's own data): as matvec_f32."""
+    rows, cols = w.shape
+    for r in prange(rows):
+        lanes = np.zeros(LANES, np.float32)
+        for c in range(cols // LANES):
+            for j in range(LANES):
+                lanes[j] += w[r, c * LANES + j] * x[c * LANES + j]
+        acc = 0.0
+        for j in range(LANES):
+            acc += lanes[j]
+        out[r] = acc
+
+
+@njit(cache=True, parallel=True)
+def matmul_f64(out, x, raw, kind):
+    """ggml mode for weights whose vec_dot is a float dot (f32/f16/bf16 after rounding x to
+    the vec_dot type; K-quants against the dequantized q8_K activations): out float32[T, rows]
+    = float32(sum in float64 of w * x). Each float32 * float32 product is exact in float64, so
+    this equals the reference's float64 matmul up to float64 rounding."""
+    rows = raw.shape[0]
+    T, cols = x.shape
+    G = group_size(kind)
+    gb = raw.shape[1] * G // cols
+    for r in prange(rows):
+        row = raw[r]
+        buf = np.empty(G, np.float32)
+        lanes = np.zeros((T, LANES), np.float64)
+        for g in range(cols // G):
+            decode_group(kind, row[g * gb:(g + 1) * gb], buf)
+            base = g * G
+            for t in range(T):
+                for c in range(G // LANES):
+                    for j in range(LANES):
+                        lanes[t, j] += np.float64(buf[c * LANES + j]) * np.float64(x[t, base + c * LANES + j])
+        for t in range(T):
+            acc = 0.0
+            for j in range(LANES):
+                acc += lanes[t, j]
+            out[t, r] = acc
+
+
+@njit(cache=True, parallel=True)
+def block_dots(sumi, xq, raw, kind):
+    """The exact integer block dots of ggml's vec_dot_*_q8_*: sumi int32[T, rows, nb] =
+    sum_j q_w[j] * q_x[j] per 32-element block, xq int8[T, cols] the activation codes."""
+    rows = raw.shape[0]
+    T, cols = xq.shape
+    ts = raw.shape[1] * 32 // cols
+    for r in prange(rows):
+        row = raw[r]
+        codes = np.empty(32, np.int32)
+        for b in range(cols // 32):
+            blk = row[b * ts:(b + 1) * ts]
+            for j in range(32):
+                codes[j] = bd.legacy_code(kind, blk, j)
+            for t in range(T):
+                s = np.int32(0)
+                for j in range(32):
+                    s += codes[j] * np.int32(xq[t, b * 32 + j])
+                sumi[t, r, b] = s
+
+
+@njit(cache=True, parallel=True)
+def matmul_q8(out, xq, xd, xs, raw, kind):
+    """ggml mode for q4_0/q4_1/q5_0/q5_1/q8_0 weights against q8_0/q8_1 activations (xq int8
+    codes [T, cols], xd/xs float32 [T, nb] their fp16-rounded d and s): per block the exact
+    int32 sumi, then out = sum of fp32(d_w * d_x) * sumi (+ m_w * s_x), summed in float64 as
+    the reference does, rounded once to float32."""
+    rows = raw.shape[0]
+    T, cols = xq.shape
+    nb = cols // 32
+    ts = raw.shape[1] // nb
+    has_m = kind == bd.Q4_1 or kind == bd.Q5_1
+    for r in prange(rows):
+        row = raw[r]
+        codes = np.empty(32, np.int32)
+        acc = np.zeros(T, np.float64)
+        for b in range(nb):
+            blk = row[b * ts:(b + 1) * ts]
+            dw = bd.f16_at(blk, 0)
+            mw = bd.f16_at(blk, 2) if has_m else np.float32(0)
+            for j in range(32):
+                codes[j] = bd.legacy_code(kind, blk, j)
+            for t in range(T):
+                s = np.int32(0)
+                for j in range(32):
+                    s += codes[j] * np.int32(xq[t, b * 32 + j])
+                acc[t] += np.float64(dw * xd[t, b]) * np.float64(s)
+                if has_m:
+                    acc[t] += np.float64(mw) * np.float64(xs[t, b])
+        for t in range(T):
+            out[t, r] = acc[t]
+
+
+@njit(cache=True)
+def quantize_act_q8(x, xq, xd, xs):
+    """Activation rows x float32[T, cols] -> q8_0/q8_1 as the x86 quantize_row_q8_0/_q8_1:
+    id = 127/amax, codes rint(x * id) (half to even), d = fp16(amax/127), s = fp16(d * sum(codes))
+    with the unrounded float32 d. xq int8[T, cols], xd/xs float32[T, nb] (fp16-rounded values)."""
+    T, cols = x.shape
+    for t in range(T):
+        for b in range(cols // 32):
+            amax = np.float32(0)
+            for j in range(32):
+                a = abs(x[t, b * 32 + j])
+                if a > amax:
+                    amax = a
+            d = amax / np.float32(127)
+            idv = np.float32(127) / amax if amax != 0 else np.float32(0)
+            total = np.float32(0)
+            for j in range(32):
+                c = np.rint(x[t, b * 32 + j] * idv)
+                xq[t, b * 32 + j] = np.int8(c)
+                total += np.float32(c)
+            xd[t, b] = bd.round_f16(d)
+            xs[t, b] = bd.round_f16(d * total)
+
+
+# ---- fast paths for the 32-element types -------------------------------------------------------
+# w = float32(c) * d + m with c the integer code, d and m the block's fp16 scale and minimum,
+# decoded once per matrix into float32[rows, nb] arrays (m = 0 for q4_0/q5_0/q8_0; adding 0.0
+# only turns -0.0 into +0.0, which no dot product can see). A q4/q5 code is
+#   c = (nibble | qh_bit << 4) + off
+# with the nibble at qs[j] (low, element j) or qs[j - 16] (high, element j >= 16), qh_bit from
+# the little-endian uint32 at qh (0 when the type has none), off = -8, 0, -16, 0 for q4_0,
+# q4_1, q5_0, q5_1: one kernel with the layout as integer parameters and no branch per element.
+
+@njit(cache=True)
+def qh_word(row, o):
+    return (np.int64(row[o]) | (np.int64(row[o + 1]) << 8) | (np.int64(row[o + 2]) << 16)
+            | (np.int64(row[o + 3]) << 24))
+
+
+@njit(cache=True, parallel=True)
+def matvec_nibbles(out, x, raw, d, m, ts, qs, qh, off):
+    """ideal, one token, q4_0/q4_1/q5_0/q5_1: out float32[rows] = W @ x with each weight
+    decoded to its float32 value (as dequantize_row_*) before the multiply; 32 lane sums."""
+    rows, nb = d.shape
+    for r in prange(rows):
+        lanes = np.zeros(LANES, np.float32)
+        for b in range(nb):
+            o = b * ts
+            h = qh_word(raw[r], o + qh) if qh >= 0 else np.int64(0)
+            db, mb = d[r, b], m[r, b]
+            xo = b * 32
+            for j in range(16):
+                q = np.int64(raw[r, o + qs + j])
+                c0 = ((q & 15) | (((h >> j) & 1) << 4)) + off
+                c1 = ((q >> 4) | (((h >> (j + 16)) & 1) << 4)) + off
+                lanes[j] += (np.float32(c0) * db + mb) * x[xo + j]
+                lanes[j + 16] += (np.float32(c1) * db + mb) * x[xo + 16 + j]
+        acc = 0.0
+        for j in range(LANES):
+            acc += lanes[j]
+        out[r] = acc
+
+
+@njit(cache=True, parallel=True)
+def matvec_q8_0(out, x, raw, d):
+    """ideal, one token, q8_0 (d@0, int8 qs@2): as matvec_nibbles."""
+    rows, nb = d.shape
+    for r in prange(rows):
+        lanes = np.zeros(LANES, np.float32)
+        for b in range(nb):
+            o = b * 34 + 2
+            db = d[r, b]
+            xo = b * 32
+            for j in range(32):
+                q = np.int64(raw[r, o + j])
+                lanes[j] += (np.float32(q - ((q >> 7) << 8)) * db) * x[xo + j]
+        acc = 0.0
+        for j in range(LANES):
+            acc += lanes[j]
+        out[r] = acc
+
+
+@njit(cache=True)
+def legacy_codes(row, o, is_q8, qs, qh, off, codes):
+    """Integer codes of the 32-element block at row[o:] -> codes int32[32]."""
+    if is_q8:
+        for j in range(32):
+            q = np.int32(row[o + 2 + j])
+            codes[j] = q - ((q >> 7) << 8)
+    else:
+        h = qh_word(row, o + qh) if qh >= 0 else np.int64(0)
+        for j in range(16):
+            q = np.int64(row[o + qs + j])
+            codes[j] = ((q & 15) | (((h >> j) & 1) << 4)) + off
+            codes[j + 16] = ((q >> 4) | (((h >> (j + 16)) & 1) << 4)) + off
+
+
+@njit(cache=True, parallel=True)
+def tile_legacy(out, raw, r0, d, m, is_q8, ts, qs, qh, off):
+    """Rows r0 .. r0 + len(out) of a 32-element-type W as float32 (a tile for BLAS)."""
+    nb = d.shape[1]
+    for i in prange(out.shape[0]):
+        codes = np.empty(32, np.int32)
+        for b in range(nb):
+            legacy_codes(raw[r0 + i], b * ts, is_q8, qs, qh, off, codes)
+            db, mb = d[r0 + i, b], m[r0 + i, b]
+            for j in range(32):
+                out[i, b * 32 + j] = np.float32(codes[j]) * db + mb
+
+
+@njit(cache=True, parallel=True)
+def matmul_q8_fast(out, xq, xd, xs, raw, d, m, has_m, is_q8, ts, qs, qh, off):
+    """ggml mode, q4_0/q4_1/q5_0/q5_1/q8_0: the arithmetic of matmul_q8 with the scales
+    decoded once per matrix and the codes unpacked without a per-element dispatch."""
+    rows, nb = d.shape
+    T = xq.shape[0]
+    for r in prange(rows):
+        codes = np.empty(32, np.int32)
+        acc = np.zeros(T, np.float64)
+        for b in range(nb):
+            legacy_codes(raw[r], b * ts, is_q8, qs, qh, off, codes)
+            dw, mw = d[r, b], m[r, b]
+            for t in range(T):
+                s = np.int32(0)
+                for j in range(32):
+                    s += codes[j] * np.int32(xq[t, b * 32 + j])
+                acc[t] += np.float64(dw * xd[t, b]) * np.float64(s)
+                if has_m:
+                    acc[t] += np.float64(mw) * np.float64(xs[t, b])
+        for t in range(T):
+            out[t, r] = acc[t]
