@@ -31,6 +31,9 @@ QWEN35_PATTERN = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\
 NEWLINES_PATTERN = r"[^\n]+|[\n]+"
 
 _PUNCT_RUN = r"[\p{P}\$\+<=>\^~\|]+"
+_BLOOM = " ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"
+_CJK_KANA = "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+"
+_ASCII_PUNCT_WORD = "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+"
 _CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
 _DEEPSEEK_LLM_LETTERS = (
     "\\s?[A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af"
@@ -60,8 +63,44 @@ REGEXES = {
     "deepseek-llm": ["[\r\n]", _DEEPSEEK_LLM_LETTERS,
                      "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
                      r"\s+$", _CJK, r"\p{N}+"],
-    "bloom": [" ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"],
-    "newlines": [NEWLINES_PATTERN],
+    "bloom": [_BLOOM],
+    "viking": [_BLOOM, r"\p{N}"],
+    "gemma4": [NEWLINES_PATTERN],
+    "sarvam": [NEWLINES_PATTERN],
+    "laguna": [NEWLINES_PATTERN, QWEN2_PATTERN],
+    "jais2": [_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s{512}(?!\S)|\s{256}(?!\S)|\s{128}(?!\S)|\s{64}(?!\S)|\s{32}(?!\S)|\s{16}(?!\S)|\s{8}(?!\S)"
+              r"|\s{4}(?!\S)|\s{1,2}(?!\S)|\s{1}"],
+    "deepseek-v3": [r"\p{N}{1,3}", _CJK_KANA, _ASCII_PUNCT_WORD + "|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
+                    "| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+"],
+    "spark2_5": [r"\p{N}{1,3}", _CJK_KANA, _ASCII_PUNCT_WORD + "|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
+                 "| ?[\\p{P}\\p{S}]+|[\r\n]|\\s+(?!\\S)|\\s+", r"\p{N}"],
+    "youtu": ["[\uac00-\ud7a3\u3131-\u318e]+|[\uff01\u2026\u201c\u201d\u2018\u2019\u2014\uff1a\uff1b\uff0c\u3001-\u303f"
+              "\ufe30-\ufe4f]+|[\u3105-\u312f]+|[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+              r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+" + _CONTRACTIONS + "?"
+              r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*" + _CONTRACTIONS + "?"
+              r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+    "tekken": [r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+"
+               r"|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*"
+               r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+    "chameleon": ["<sentinel:[0-9]+>", "(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z", "([\\t\\n]|    |  )", r"\p{N}",
+                  r"[\p{P}!-/:-@\[-`{-~]", GPT2_PATTERN],
+    "gpt4o": [r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+" + _CONTRACTIONS + "?"
+              r"|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*" + _CONTRACTIONS + "?"
+              r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+    "granite-emb-multi": [r"[^\r\n\p{L}\p{N}]?((?=[\p{L}\p{M}])([^a-z]))*((?=[\p{L}\p{M}])([^A-Z]))+" + _CONTRACTIONS + "?"
+                          r"|[^\r\n\p{L}\p{N}]?((?=[\p{L}\p{M}])([^a-z]))+((?=[\p{L}\p{M}])([^A-Z]))*"
+                          + _CONTRACTIONS + "?"
+                          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+    "bailingmoe": [r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"],
+    "seed-coder": [_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+"
+                   r"|\s+(?!\S)|\s+"],
+    "ufakzeka": [r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+    "minicpm5": [r"\p{N}{1,3}", _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+"],
+    "exaone-moe": [_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}"
+                   r"| ?[^\s\p{L}\p{N}]+[\r\n/]?|\s*[\r\n]|\s+(?!\S)|\s+"],
 }
 
 
@@ -252,6 +291,9 @@ _CUSTOM = {
 _COLLAPSED = {
     r"\p{N}": ("\xd1", "0-9"),
     r"\p{L}": ("\xd2", "A-Za-z"),
+    # llama.cpp collapses the letter subcategories to "letter" as well
+    r"\p{Lu}": ("\xd2", "A-Za-z"), r"\p{Ll}": ("\xd2", "A-Za-z"), r"\p{Lt}": ("\xd2", "A-Za-z"),
+    r"\p{Lm}": ("\xd2", "A-Za-z"), r"\p{Lo}": ("\xd2", "A-Za-z"),
     r"\p{P}": ("\xd3", r"!-#%-*,-/:-;?-@\[-\]_\{\}"),
     r"\p{M}": ("\xd4", ""),
     r"\p{S}": ("\xd5", r"\$\+<-\>\^`\|~"),
@@ -398,7 +440,40 @@ PRE_TYPES = {
     "bloom": ("bloom", {}),
     "gpt3-finnish": ("bloom", {}),
     "poro-chat": ("bloom", {"clean_spaces": False}),
-    "gemma4": ("newlines", {"escape_whitespaces": True, "byte_encode": False}),
+    "gemma4": ("gemma4", {"escape_whitespaces": True, "byte_encode": False}),
+    "granite-embed-multi-311m": ("gemma4", {"escape_whitespaces": True, "byte_encode": False}),
+    "sarvam-moe": ("sarvam", {"escape_whitespaces": True, "byte_encode": False, "clean_spaces": False}),
+    "chatglm-bpe": ("llama3", {"no_bos": True}),
+    "glm4": ("llama3", {"no_bos": True, "ignore_merges": True}),
+    "glm5": ("llama3", {"no_bos": True, "ignore_merges": True}),
+    "viking": ("viking", {"clean_spaces": False}),
+    "jais-2": ("jais2", {}),
+    "deepseek-v3": ("deepseek-v3", {"clean_spaces": False}),
+    "hunyuan-dense": ("deepseek-v3", {"clean_spaces": False}),
+    "hy_v4": ("deepseek-v3", {"clean_spaces": False}),
+    "joyai-llm": ("deepseek-v3", {"clean_spaces": False}),
+    "spark2_5": ("spark2_5", {"clean_spaces": False}),
+    "youtu": ("youtu", {"clean_spaces": False, "ignore_merges": True}),
+    "tekken": ("tekken", {"clean_spaces": False, "ignore_merges": True, "add_bos": True}),
+    "chameleon": ("chameleon", {"add_bos": True, "clean_spaces": False}),
+    "gpt-4o": ("gpt4o", {"clean_spaces": False}),
+    "llama4": ("gpt4o", {"clean_spaces": False}),
+    "kanana2": ("gpt4o", {"clean_spaces": False}),
+    "talkie": ("gpt4o", {"clean_spaces": False}),
+    "minimax-m2": ("gpt4o", {"clean_spaces": False}),
+    "granite-embed-multi-97m": ("granite-emb-multi", {"clean_spaces": False, "ignore_merges": True}),
+    "bailingmoe": ("bailingmoe", {"clean_spaces": False}),
+    "bailingmoe2": ("bailingmoe", {"clean_spaces": False}),
+    "llada-moe": ("bailingmoe", {"clean_spaces": False}),
+    "seed-coder": ("seed-coder", {"clean_spaces": False}),
+    "ufakzeka": ("ufakzeka", {"clean_spaces": False}),
+    "grok-2": ("qwen2", {"clean_spaces": False}),
+    "laguna": ("laguna", {"clean_spaces": False}),
+    "minicpm5": ("minicpm5", {"ignore_merges": True}),
+    "exaone-moe": ("exaone-moe", {}),
+    "kormo": ("qwen2", {"clean_spaces": False}),
+    "f2llmv2": ("qwen2", {"clean_spaces": False}),
+    "jina-v5-nano": ("llama3", {"ignore_merges": True, "add_bos": True}),
 }
 
 

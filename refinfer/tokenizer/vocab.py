@@ -128,6 +128,7 @@ class Tokenizer:
         self.byte_encode = True
         self.ignore_merges = False
         self.regexes: list[str] = []
+        self.pre_family = None
         if model == "llama":
             self.kind = "spm"
             ids.update(bos=1, eos=2, unk=0)
@@ -154,11 +155,15 @@ class Tokenizer:
             if pre is None:
                 pre = "default"  # llama.cpp warns that quality is degraded, and uses this
             family, flags = pretokenize.pre_type(pre)
+            self.pre_family = family
             self.regexes = pretokenize.REGEXES[family]
             self.escape_whitespaces = False
             self.clean_spaces = True
             for name, value in flags.items():
-                setattr(self, name, value)
+                if name == "no_bos":
+                    ids["bos"] = None  # ChatGLM: no BOS unless the metadata names one
+                else:
+                    setattr(self, name, value)
         else:
             raise UnsupportedError(
                 f"metadata key 'tokenizer.ggml.model' is {model!r}; implemented: 'llama' (SentencePiece BPE), "
@@ -210,7 +215,7 @@ class Tokenizer:
         self.strip_accents = _get(md, "tokenizer.ggml.normalizer.strip_accents", bool, self.lowercase)
         self.add_bos = _get(md, "tokenizer.ggml.add_bos_token", bool, self.add_bos)
         self.add_eos = _get(md, "tokenizer.ggml.add_eos_token", bool, self.add_eos)
-        if pre == "gemma4":
+        if self.pre_family == "gemma4":
             self.add_bos = True  # llama.cpp overrides a false add_bos_token for Gemma 4
 
         # Auto-detection by text. llama.cpp walks an unordered_map, so when several texts of a
@@ -551,7 +556,7 @@ class Tokenizer:
             if self.byte_encode:
                 word = "".join(BYTE_TO_UNICODE[b] for b in word.encode("utf-8"))
             whole = self.token_to_id.get(word)
-            if whole is not None and (self.ignore_merges or (self.pre == "gemma4" and word.strip("\n") == "")):
+            if whole is not None and (self.ignore_merges or (self.pre_family == "gemma4" and word.strip("\n") == "")):
                 out.append(whole)
                 continue
             for piece in self._bpe_merge(word):

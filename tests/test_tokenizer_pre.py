@@ -1,0 +1,103 @@
+"""Pre-tokenizers that no llama.cpp test vocabulary uses, checked against llama.cpp itself.
+
+Each case rewrites GPT-2's vocabulary file with another tokenizer.ggml.pre (and, for the
+Gemma-4-style ones, model gemma4 is not needed: llama.cpp keys the behaviour on the pre type).
+The vocabulary then no longer fits the pre-tokenizer, but llama.cpp still splits, merges and
+flags exactly as it would for the real model, so the ids must agree token for token.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import gguf
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from refinfer.gguf_file import GGUFFile
+from refinfer.tokenizer import Tokenizer
+
+# One tokenizer.ggml.pre per regex family or flag combination not covered by a vocab file.
+PRES = ["chatglm-bpe", "glm4", "viking", "jais-2", "deepseek-v3", "spark2_5", "youtu", "tekken", "chameleon",
+        "gpt-4o", "granite-embed-multi-97m", "bailingmoe", "seed-coder", "ufakzeka", "laguna", "minicpm5",
+        "exaone-moe", "sarvam-moe", "granite-embed-multi-311m", "bloom", "poro-chat", "dbrx", "stablelm2"]
+
+_TEXT = st.lists(st.one_of(
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=3),
+    st.sampled_from(["'s", "'LL", "'Re", " Hello", "World", "naïve", "ÉCOLE", "é", "e\u0301", "  ", "   ", "\n", "\r\n",
+                     " \n\n", "\t", "1", "12", "1234567", "3.5", "...", "!?", "//", "(x)", "<sentinel:12>",
+                     "IMGIMGABZ", "中文", "日本語", "ひらがな", "カタカナ", "한국어", "ㄅㄆ", "！", "“", "，",
+                     "\u0905\u0902", "\U0001f999", " " * 70, "<|endoftext|>"])),
+    max_size=14).map("".join)
+
+
+@functools.lru_cache(maxsize=1)
+def _fields(path: str):
+    reader = gguf.GGUFReader(path)
+    out = []
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
+        if sub == gguf.GGUFValueType.STRING:
+            value = [bytes(field.parts[i]) for i in field.data]
+        elif sub is not None:
+            value = [field.parts[i].tolist()[0] for i in field.data]
+        elif vtype == gguf.GGUFValueType.STRING:
+            value = bytes(field.parts[-1])
+        else:
+            value = field.parts[-1].tolist()[0]
+        out.append((key, value, vtype, sub))
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    return arch, out
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory, vocab_dir):
+    base = vocab_dir / "ggml-vocab-gpt-2.gguf"
+    arch, fields = _fields(str(base))
+    out_dir = tmp_path_factory.mktemp("pre_variants")
+
+    def make(pre: str):
+        path = out_dir / f"ggml-vocab-gpt2-{pre}.gguf"
+        if not path.exists():
+            w = gguf.GGUFWriter(str(path), arch)
+            for key, value, vtype, sub in fields:
+                if key == "tokenizer.ggml.pre":
+                    value = pre.encode()
+                w.add_key_value(key, value, vtype, sub_type=sub)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+        return path
+    return make
+
+
+@pytest.mark.parametrize("pre", PRES)
+def test_pre_tokenizer_matches_llama_cpp(variants, pre):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path = variants(pre)
+    tok = Tokenizer.from_gguf_metadata(GGUFFile(path).metadata)
+    assert tok.pre == pre
+    llama = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(llama.model)
+        assert (tok.add_bos, tok.bos_id) == (llama_cpp.llama_vocab_get_add_bos(vocab),
+                                             None if llama_cpp.llama_vocab_bos(vocab) < 0 else llama_cpp.llama_vocab_bos(vocab))
+
+        @settings(max_examples=15, deadline=None, derandomize=True,
+                  suppress_health_check=[HealthCheck.function_scoped_fixture])
+        @given(text=_TEXT, add_special=st.booleans())
+        def check(text, add_special):
+            ids = tok.encode(text, add_special=add_special, parse_special=True)
+            assert ids == llama.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+            # detokenize brings in clean_spaces, which differs between pre-tokenizers
+            buf = __import__("ctypes").create_string_buffer(64 + 64 * len(ids))
+            arr = (llama_cpp.llama_token * max(1, len(ids)))(*ids)
+            n = llama_cpp.llama_detokenize(vocab, arr, len(ids), buf, len(buf), False, False)
+            assert tok.detokenize(ids) == buf.raw[:n]
+        check()
+    finally:
+        llama.close()
