@@ -418,6 +418,10 @@ PRE_TYPES = {
     "jina-v2-de": ("gpt2", {}),
     "a.x-4.0": ("gpt2", {}),
     "mellum": ("gpt2", {}),
+    "modern-bert": ("gpt2", {}),
+    "jina-v1-en": ("gpt2", {}),  # these three also set add_sep, which tokenizing does not use
+    "jina-v2-code": ("gpt2", {}),
+    "roberta-bpe": ("gpt2", {}),
     "olmo": ("gpt2", {}),
     "jais": ("gpt2", {}),
     "exaone4": ("gpt2", {}),
