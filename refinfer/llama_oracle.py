@@ -7,6 +7,7 @@ Only comparison commands and tests import this module; the engine never does.
 from __future__ import annotations
 
 import ctypes
+import logging
 import pathlib
 
 import numpy as np
@@ -54,64 +55,166 @@ def llama_intermediates(model_path, tokens, *, n_threads=2, flash_attn=False, kv
     """Run tokens through llama.cpp in one batch; returns (logits float32[T, vocab],
     {name: float32 array in NumPy order, i.e. ggml ne reversed}) for every contiguous F32
     tensor its graph computes (names such as attn_norm-0, Qcur-0, kqv_out-0, l_out-0)."""
-    llama_cpp = _llama_cpp()
-    base = _ggml_base(llama_cpp)
-    tokens = [int(t) for t in tokens]
-    captured = {}
+    variant = "flash_attn" if flash_attn else "default"
+    # one decode call for the whole prompt, so that every captured tensor covers every token
+    with LlamaCpp(model_path, variant=variant, n_ctx=len(tokens), n_threads=n_threads, capture=True,
+                  kv_f32=kv_f32, n_batch=max(64, len(tokens))) as llm:
+        logits = llm.logits(tokens)
+        return logits, llm.captured
 
-    def cb(t, ask, _user):
-        if ask:
-            return True
-        name = base.ggml_get_name(t).decode("utf-8", "replace")
-        head = _TensorHead.from_address(t)
-        if head.type != GGML_TYPE_F32 or not base.ggml_is_contiguous(t):
-            return True
-        n = base.ggml_nbytes(t)
-        buf = np.empty(n // 4, dtype=np.float32)
-        base.ggml_backend_tensor_get(t, buf.ctypes.data, 0, n)
-        shape = tuple(int(head.ne[i]) for i in reversed(range(GGML_MAX_DIMS)))
-        while len(shape) > 1 and shape[0] == 1:
-            shape = shape[1:]
-        captured[name] = buf.reshape(shape)
-        return True
 
-    callback = llama_cpp.ggml_backend_sched_eval_callback(cb)
-    mparams = llama_cpp.llama_model_default_params()
-    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
-    if not model:
-        raise RefinferError(f"llama.cpp could not load {model_path}")
-    try:
+# llama.cpp's own settings that change its results; every one is a legitimate llama.cpp output,
+# so their spread around the default is llama.cpp's noise floor.
+VARIANTS = {
+    "default": {},                       # batch prefill, F16 KV cache, no flash attention
+    "single_token": {"n_batch": 1},      # one token per llama_decode call
+    "flash_attn": {"flash_attn": True},
+    "kv_f32": {"kv_f32": True},          # GGML_TYPE_F32 KV cache
+}
+
+
+def _quiet(llama_cpp):
+    # llama-cpp-python prints llama.cpp's log lines at or above its logger's level
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+
+
+class LlamaCpp:
+    """One llama.cpp model and context on its plain CPU path, for teacher-forced logits.
+
+    The model is loaded with use_extra_bufts = False: llama.cpp otherwise moves q4_0/q4_1/q8_0
+    weights into repacked or AMX buffers, which round differently from the plain CPU kernels
+    (and crash llama-cpp-python 0.3.36 on AMX machines). The KV cache is cleared before every
+    logits() call, as llama-perplexity clears it before every chunk."""
+
+    def __init__(self, model_path, variant="default", n_ctx=512, n_threads=2, capture=False, kv_f32=False,
+                 n_batch=None):
+        if variant not in VARIANTS:
+            raise RefinferError(f"unknown llama.cpp variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        opts = dict(VARIANTS[variant])
+        llama_cpp = self._lib = _llama_cpp()
+        _quiet(llama_cpp)
+        self.path = str(model_path)
+        self.variant = variant
+        # tokens per llama_decode call: llama.cpp's default ubatch of 512 unless given
+        self.n_batch = opts.get("n_batch", n_batch or 512)
+        self.captured = {}
+        self._model = self._ctx = None
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.use_extra_bufts = False
+        if not pathlib.Path(self.path).is_file():
+            raise RefinferError(f"{self.path}: no such model file")
+        self._model = llama_cpp.llama_model_load_from_file(self.path.encode(), mparams)
+        if not self._model:
+            raise RefinferError(f"llama.cpp could not load {self.path}")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        self.bos = int(llama_cpp.llama_vocab_bos(self._vocab))
+        self.n_ctx = max(64, int(n_ctx))
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = max(64, len(tokens))
-        cparams.n_batch = cparams.n_ubatch = max(64, len(tokens))
+        cparams.n_ctx = self.n_ctx
+        cparams.n_batch = cparams.n_ubatch = min(self.n_batch, self.n_ctx)
         cparams.n_threads = cparams.n_threads_batch = n_threads
-        cparams.cb_eval = callback
-        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        if kv_f32:
+        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if opts.get("flash_attn")
+                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        if opts.get("kv_f32") or kv_f32:
             cparams.type_k = cparams.type_v = GGML_TYPE_F32
-        ctx = llama_cpp.llama_init_from_model(model, cparams)
-        if not ctx:
+        if capture:
+            self._callback = llama_cpp.ggml_backend_sched_eval_callback(self._capture_cb(_ggml_base(llama_cpp)))
+            cparams.cb_eval = self._callback
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            self.close()
             raise RefinferError("llama.cpp could not create a context")
+
+    def _capture_cb(self, base):
+        captured = self.captured
+
+        def cb(t, ask, _user):
+            if ask:
+                return True
+            name = base.ggml_get_name(t).decode("utf-8", "replace")
+            head = _TensorHead.from_address(t)
+            if head.type != GGML_TYPE_F32 or not base.ggml_is_contiguous(t):
+                return True
+            n = base.ggml_nbytes(t)
+            buf = np.empty(n // 4, dtype=np.float32)
+            base.ggml_backend_tensor_get(t, buf.ctypes.data, 0, n)
+            shape = tuple(int(head.ne[i]) for i in reversed(range(GGML_MAX_DIMS)))
+            while len(shape) > 1 and shape[0] == 1:
+                shape = shape[1:]
+            captured[name] = buf.reshape(shape)
+            return True
+        return cb
+
+    def tokenize(self, text: str, add_special=True) -> list:
+        raw = text.encode("utf-8")
+        n_max = len(raw) + 8
+        buf = (self._lib.llama_token * n_max)()
+        n = self._lib.llama_tokenize(self._vocab, raw, len(raw), buf, n_max, add_special, False)
+        if n < 0:
+            raise RefinferError(f"llama.cpp tokenization needs {-n} tokens, more than {n_max}")
+        return list(buf[:n])
+
+    def logits(self, tokens) -> np.ndarray:
+        """Teacher-forced logits float32[len(tokens), vocab] from a cleared KV cache."""
+        llama_cpp = self._lib
+        tokens = [int(t) for t in tokens]
+        if not tokens or len(tokens) > self.n_ctx:
+            raise RefinferError(f"llama.cpp context holds 1..{self.n_ctx} tokens, got {len(tokens)}")
+        if min(tokens) < 0 or max(tokens) >= self.n_vocab:
+            raise RefinferError(f"token id out of range [0, {self.n_vocab})")
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
+        step = min(self.n_batch, self.n_ctx)
+        batch = llama_cpp.llama_batch_init(step, 0, 1)
         try:
-            batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
-            try:
-                batch.n_tokens = len(tokens)
-                for i, tok in enumerate(tokens):
+            for s in range(0, len(tokens), step):
+                part = tokens[s: s + step]
+                batch.n_tokens = len(part)
+                for i, tok in enumerate(part):
                     batch.token[i] = tok
-                    batch.pos[i] = i
+                    batch.pos[i] = s + i
                     batch.n_seq_id[i] = 1
                     batch.seq_id[i][0] = 0
                     batch.logits[i] = True
-                rc = llama_cpp.llama_decode(ctx, batch)
+                rc = llama_cpp.llama_decode(self._ctx, batch)
                 if rc != 0:
                     raise RefinferError(f"llama_decode failed with code {rc}")
-                n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
-                ptr = llama_cpp.llama_get_logits(ctx)
-                logits = np.ctypeslib.as_array(ptr, shape=(len(tokens) * n_vocab,)).copy().reshape(len(tokens), n_vocab)
-            finally:
-                llama_cpp.llama_batch_free(batch)
+                ptr = llama_cpp.llama_get_logits(self._ctx)
+                out[s: s + len(part)] = np.ctypeslib.as_array(ptr, shape=(len(part) * self.n_vocab,)).reshape(len(part), -1)
         finally:
-            llama_cpp.llama_free(ctx)
-    finally:
-        llama_cpp.llama_model_free(model)
-    return logits, captured
+            llama_cpp.llama_batch_free(batch)
+        return out
+
+    def close(self):
+        if self._ctx:
+            self._lib.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            self._lib.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def llama_logits(model_path, tokens, variant="default", n_threads=2) -> np.ndarray:
+    """float32[len(tokens), vocab] teacher-forced logits from llama.cpp under one variant."""
+    with LlamaCpp(model_path, variant=variant, n_ctx=len(tokens), n_threads=n_threads) as llm:
+        return llm.logits(tokens)
+
+
+def noise_floor(model_path, tokens, base=None):
+    """llama.cpp's spread under its own settings: (default logits, {variant: compare_logits
+    against the default}, plus 'worst': the largest nmse/kld and the smallest same_top)."""
+    from .metrics import compare_logits
+    base = llama_logits(model_path, tokens) if base is None else base
+    out = {v: compare_logits(llama_logits(model_path, tokens, v), base) for v in VARIANTS if v != "default"}
+    out["worst"] = {"nmse": max(r["nmse"] for r in out.values()),
+                    "kld_mean": max(r["kld_mean"] for r in out.values()),
+                    "same_top": min(r["same_top"] for r in out.values())}
+    return base, out
