@@ -227,8 +227,92 @@ def rope_rotate(x0, x1, cos, sin):
     return y0, y1
 
 
-def cos_sin_f32(theta):
-    """cosf/sinf of float32 angles (rope_yarn's sincosf): the float64 values rounded to float32,
-    i.e. correctly rounded, which is what glibc's sincosf returns."""
-    t = np.asarray(theta, np.float32).astype(np.float64)
-    return np.cos(t).astype(np.float32), np.sin(t).astype(np.float32)
+# ---- sincosf --------------------------------------------------------------------------------
+# rope_yarn calls sincosf, and llama.cpp's results carry the C library's roundings: glibc's
+# sinf/cosf/sincosf (since 2.28, from ARM's optimized-routines) evaluate a double-precision
+# polynomial after a range reduction and are faithful (< 0.56 ulp), not correctly rounded, so a
+# correctly rounded cos/sin differs from them in about 1 of 50 angles. This is that algorithm.
+_HPI_INV = float.fromhex("0x1.45F306DC9C883p+23")     # 2/pi * 2^24: the quadrant in bits 24..31
+_HPI = float.fromhex("0x1.921FB54442D18p0")           # pi/2
+_HPI_HI = float.fromhex("0x1.921FB5p0")               # pi/2 split so that n * _HPI_HI is exact
+_HPI_LO = _HPI - _HPI_HI
+_PI63 = float.fromhex("0x1.921FB54442D18p-62")        # 2pi * 2^-64
+_C = [1.0] + [float.fromhex(h) for h in ("-0x1.ffffffd0c621cp-2", "0x1.55553e1068f19p-5",
+                                         "-0x1.6c087e89a359dp-10", "0x1.99343027bf8c3p-16")]
+_S = [float.fromhex(h) for h in ("-0x1.555545995a603p-3", "0x1.1107605230bc4p-7", "-0x1.994eb3774cf24p-13")]
+_SIGN = np.array([1.0, -1.0, -1.0, 1.0])
+_INV_PIO4 = np.array([0xa2, 0xa2f9, 0xa2f983, 0xa2f9836e, 0xf9836e4e, 0x836e4e44, 0x6e4e4415,
+                      0x4e441529, 0x441529fc, 0x1529fc27, 0x29fc2757, 0xfc2757d1, 0x2757d1f5,
+                      0x57d1f534, 0xd1f534dd, 0xf534ddc0, 0x34ddc0db, 0xddc0db62, 0xc0db6295,
+                      0xdb629599, 0x6295993c, 0x95993c43, 0x993c4390, 0x3c439041], np.uint64)
+
+
+def _fma64(a, b, c):
+    """a*b + c in float64 with the product's rounding error compensated (Dekker's TwoProduct),
+    standing in for the fused multiply-adds of glibc's FMA build. It can differ from a true
+    fma in the last double bit, which moves a float32 result only at a float32 midpoint."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    p = a * b
+    split = 134217729.0                                                   # 2^27 + 1
+    ah = a * split - (a * split - a)
+    bh = b * split - (b * split - b)
+    err = ((ah * bh - p) + ah * (b - bh) + (a - ah) * bh) + (a - ah) * (b - bh)
+    s = p + c
+    bb = s - p
+    s_err = (p - (s - bb)) + (c - bb)
+    return s + (err + s_err)
+
+
+def sincosf(y):
+    """(sin, cos) float32 of float32 angles, as glibc's sincosf (x86-64 FMA variant): tiny
+    angles return (y, 1); |y| < pi/4 the polynomial directly; |y| < 120 one multiply-subtract
+    by n*pi/2; beyond, an integer reduction with 4/pi to 192 bits. The quadrant picks signs
+    and swaps the sine and cosine polynomials (the second table entry negates cosine)."""
+    y = np.asarray(y, np.float32)
+    yi = y.view(np.uint32).astype(np.int64)
+    top = (yi >> 20) & 0x7FF
+    x = y.astype(np.float64)
+    n = np.zeros(y.shape, np.int64)
+    q = np.zeros(y.shape, np.int64)                       # quadrant that picks sign and table
+    mid = (top >= 0x3F4) & (top < 0x42F)
+    r = x[mid] * _HPI_INV
+    nm = (r.astype(np.int32).astype(np.int64) + 0x800000) >> 24
+    x[mid] = (x[mid] - nm * _HPI_HI) - nm * _HPI_LO       # x - n*pi/2, fused in glibc
+    n[mid], q[mid] = nm, nm
+    large = (top >= 0x42F) & (top < 0x7F8)
+    if large.any():
+        xi = yi[large].astype(np.uint64)
+        base = ((xi >> np.uint64(26)) & np.uint64(15)).astype(np.int64)
+        shift = (xi >> np.uint64(23)) & np.uint64(7)
+        m = ((xi & np.uint64(0xFFFFFF)) | np.uint64(0x800000)) << shift
+        mask32 = np.uint64(0xFFFFFFFF)
+        res0 = (m * _INV_PIO4[base]) & mask32                          # uint32 product wraps
+        res1 = m * _INV_PIO4[base + 4]
+        res2 = m * _INV_PIO4[base + 8]
+        res0 = (res2 >> np.uint64(32)) | (res0 << np.uint64(32))
+        res0 = res0 + res1
+        nl = (res0 + (np.uint64(1) << np.uint64(61))) >> np.uint64(62)
+        res0 = res0 - (nl << np.uint64(62))
+        x[large] = res0.view(np.int64).astype(np.float64) * _PI63
+        n[large] = nl.astype(np.int64)
+        q[large] = nl.astype(np.int64) + (yi[large] >> 31)
+    sgn = np.where(mid | large, _SIGN[q & 3], 1.0)
+    neg_cos = np.where((mid | large) & (q & 2 != 0), -1.0, 1.0)
+    xs = x * sgn
+    x2 = x * x
+    x3 = x2 * xs
+    x4 = x2 * x2
+    x5 = x3 * x2
+    x6 = x4 * x2
+    s1 = _fma64(x2, _S[2], _S[1])
+    sin_p = _fma64(x5, s1, _fma64(x3, _S[0], xs))
+    c2 = _fma64(x2, neg_cos * _C[4], neg_cos * _C[3])
+    c1 = _fma64(x2, neg_cos * _C[1], neg_cos * _C[0])
+    cos_p = _fma64(x6, c2, _fma64(x4, neg_cos * _C[2], c1))
+    odd = (n & 1) == 1
+    sin = np.where(odd, cos_p, sin_p).astype(np.float32)
+    cos = np.where(odd, sin_p, cos_p).astype(np.float32)
+    tiny = top < 0x398
+    sin = np.where(tiny, y, sin)
+    cos = np.where(tiny, np.float32(1), cos)
+    return sin, cos

@@ -18,8 +18,7 @@ ggml   llama.cpp's CPU arithmetic (x86 AVX2 + FMA + F16C build; sources in ggml/
          (ggml_compute_forward_rms_norm_f32); softmax and SwiGLU use ggml's SIMD expf
          (ggml_v_expf) and softmax sums 8-lane groups in double (ggml_vec_soft_max_f32);
        - RoPE angles: theta_i = pos * theta_scale^i built by repeated float multiplication,
-         theta_scale = powf(base, -2/n_dims) (ggml_rope_cache_init), correctly rounded
-         cosf/sinf, and the rotation with FMA contraction (rotate_pairs).
+         theta_scale = powf(base, -2/n_dims) (ggml_rope_cache_init), glibc's sincosf, and the rotation with FMA contraction (rotate_pairs).
        Not covered: K-quant and bf16/f32 weight matmuls keep a float64 sum over exact
        products (within ~1e-7 relative of ggml).
 """
@@ -175,7 +174,8 @@ class NumpyBackend:
             theta[:, i] = t
             t = (t * theta_scale).astype(np.float32)
         theta = (F32(cfg.rope_freq_scale) * (theta / ff.astype(np.float32))).astype(np.float32)
-        return ge.cos_sin_f32(theta)
+        sin, cos = ge.sincosf(theta)                       # rope_yarn: sincosf, mscale 1
+        return cos, sin
 
     def rope(self, x, cos, sin, neox):
         """Rotate x[T, heads, head_dim] in place by the angles of each position (first rope_dim
