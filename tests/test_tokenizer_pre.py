@@ -1,13 +1,14 @@
 """Pre-tokenizers that no llama.cpp test vocabulary uses, checked against llama.cpp itself.
 
-Each case rewrites GPT-2's vocabulary file with another tokenizer.ggml.pre (and, for the
-Gemma-4-style ones, model gemma4 is not needed: llama.cpp keys the behaviour on the pre type).
-The vocabulary then no longer fits the pre-tokenizer, but llama.cpp still splits, merges and
-flags exactly as it would for the real model, so the ids must agree token for token.
+Each case rewrites GPT-2's vocabulary file with another tokenizer.ggml.pre (llama.cpp keys the
+splitting and the flags on the pre type alone, Gemma-4-style ones included). The vocabulary no
+longer suits the pre-tokenizer, but llama.cpp splits, merges and sets flags exactly as for the
+real model, so the ids must agree token for token.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import gguf
@@ -84,8 +85,8 @@ def test_pre_tokenizer_matches_llama_cpp(variants, pre):
     llama = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     try:
         vocab = llama_cpp.llama_model_get_vocab(llama.model)
-        assert (tok.add_bos, tok.bos_id) == (llama_cpp.llama_vocab_get_add_bos(vocab),
-                                             None if llama_cpp.llama_vocab_bos(vocab) < 0 else llama_cpp.llama_vocab_bos(vocab))
+        bos = llama_cpp.llama_vocab_bos(vocab)
+        assert (tok.add_bos, tok.bos_id) == (llama_cpp.llama_vocab_get_add_bos(vocab), None if bos < 0 else bos)
 
         @settings(max_examples=15, deadline=None, derandomize=True,
                   suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -94,7 +95,7 @@ def test_pre_tokenizer_matches_llama_cpp(variants, pre):
             ids = tok.encode(text, add_special=add_special, parse_special=True)
             assert ids == llama.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
             # detokenize brings in clean_spaces, which differs between pre-tokenizers
-            buf = __import__("ctypes").create_string_buffer(64 + 64 * len(ids))
+            buf = ctypes.create_string_buffer(64 + 64 * len(ids))
             arr = (llama_cpp.llama_token * max(1, len(ids)))(*ids)
             n = llama_cpp.llama_detokenize(vocab, arr, len(ids), buf, len(buf), False, False)
             assert tok.detokenize(ids) == buf.raw[:n]
