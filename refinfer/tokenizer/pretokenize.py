@@ -29,6 +29,8 @@ QWEN2_PATTERN = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{
 QWEN35_PATTERN = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 NEWLINES_PATTERN = r"[^\n]+|[\n]+"
+AFMOE_DIGITS = r"\p{AFMoE_digits}"  # not a regex: llama.cpp's name for a hand-coded digit grouping
+TINY_AYA_DIGITS = r"\d{1,3}(?=(?:\d{3})*\b)"  # run by the same hand-coded grouping
 
 _PUNCT_RUN = r"[\p{P}\$\+<=>\^~\|]+"
 _BLOOM = " ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"
@@ -99,6 +101,15 @@ REGEXES = {
     "ufakzeka": [r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
     "minicpm5": [r"\p{N}{1,3}", _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+"],
+    "afmoe": [AFMOE_DIGITS, "[\u4e00-\u9fff\u3400-\u4dbf\u8c48-\ufaff\u3040-\u309f\u30a0-\u30ff\uff65-\uff9f"
+              "\u2f00-\u2fdf\u0e40-\u0e7f\u0e80-\u0eff\u1780-\u17ff\u1000-\u109f\uaa60-\uaa7f\ua9e0-\ua9ff"
+              "\uac00-\ud7af\u1100-\u11ff]+",
+              _ASCII_PUNCT_WORD + r"|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s+(?!\S)|\s+"],
+    "tiny-aya": [TINY_AYA_DIGITS,
+                 r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+" + _CONTRACTIONS + "?"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*" + _CONTRACTIONS + "?"
+                 r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
     "exaone-moe": [_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}"
                    r"| ?[^\s\p{L}\p{N}]+[\r\n/]?|\s*[\r\n]|\s+(?!\S)|\s+"],
 }
@@ -262,6 +273,36 @@ def _split_custom_llama3_family(cpts: list[int], pieces: list[int], digits: int,
     return out
 
 
+def _split_digit_groups(cpts: list[int], pieces: list[int]) -> list[int]:
+    # unicode_regex_split_custom_afmoe: a run of \p{N} splits into a leading group of
+    # len % 3 digits, then groups of 3. Other characters are not cut: they stay glued to
+    # whatever is emitted next (the first digit group), or end the piece.
+    out = []
+    start = 0
+    for n in pieces:
+        ini, end = start, start + n
+        start = end
+        prev = ini
+        pos = ini
+        while pos < end:
+            if not cpt_flags(cpts[pos]) & NUMBER:
+                pos += 1
+                continue
+            first = pos
+            while pos < end and cpt_flags(cpts[pos]) & NUMBER:
+                pos += 1
+            cut = first + (pos - first) % 3
+            if cut == first:
+                cut += 3
+            while cut <= pos:
+                out.append(cut - prev)
+                prev = cut
+                cut += 3
+        if prev < end:
+            out.append(end - prev)
+    return out
+
+
 def _split_newlines(cpts: list[int], pieces: list[int]) -> list[int]:
     # unicode_regex_split_custom_newlines: [^\n]+|[\n]+
     out = []
@@ -284,6 +325,8 @@ _CUSTOM = {
     QWEN2_PATTERN: lambda c, p: _split_custom_llama3_family(c, p, 1, False),
     QWEN35_PATTERN: lambda c, p: _split_custom_llama3_family(c, p, 1, True),
     NEWLINES_PATTERN: _split_newlines,
+    AFMOE_DIGITS: _split_digit_groups,
+    TINY_AYA_DIGITS: _split_digit_groups,
 }
 
 # unicode_regex_split: the byte that stands for each class in the collapsed text, and the ASCII
@@ -329,6 +372,8 @@ def _translate(regex: str) -> tuple[str, bool]:
             inside = False
         if collapsed and regex.startswith("\\p{", i):
             key = regex[i:regex.index("}", i) + 1]
+            if key not in _COLLAPSED:
+                raise UnsupportedError(f"pre-tokenizer regex {regex!r}: class {key} is not implemented")
             byte, ascii_set = _COLLAPSED[key]
             body = byte + ascii_set
             out.append(body if inside else "[" + body + "]")
@@ -434,6 +479,9 @@ PRE_TYPES = {
     "exaone": ("starcoder", {}),
     "minerva-7b": ("starcoder", {}),
     "mellum2": ("starcoder", {}),
+    "afmoe": ("afmoe", {"clean_spaces": False}),
+    "tiny_aya": ("tiny-aya", {"clean_spaces": False}),
+    "cohere2moe": ("tiny-aya", {"clean_spaces": False}),
     "qwen2": ("qwen2", {"clean_spaces": False}),
     "deepseek-r1-qwen": ("qwen2", {"clean_spaces": False}),
     "stablelm2": ("qwen2", {}),
