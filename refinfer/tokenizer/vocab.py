@@ -108,11 +108,12 @@ class Tokenizer:
     """llama.cpp's tokenizer for tokenizer.ggml.model "llama" (SentencePiece BPE), "gpt2" and
     "gemma4" (BPE), "bert" (WordPiece) and "t5" (Unigram)."""
 
+    def __init__(self, metadata: dict):
+        self._load(metadata)
+
     @classmethod
     def from_gguf_metadata(cls, metadata: dict) -> "Tokenizer":
-        tok = cls.__new__(cls)
-        tok._load(metadata)
-        return tok
+        return cls(metadata)
 
     # ---- loading: llama_vocab::impl::load -------------------------------------------------
 
