@@ -231,21 +231,25 @@ def qh_word(row, o):
 @njit(cache=True, parallel=True)
 def matvec_nibbles(out, x, raw, d, m, ts, qs, qh, off):
     """ideal, one token, q4_0/q4_1/q5_0/q5_1: out float32[rows] = W @ x with each weight
-    decoded to its float32 value (as dequantize_row_*) before the multiply; 32 lane sums."""
+    decoded to its float32 value (as dequantize_row_*) before the multiply; 32 lane sums.
+    Bytes and activations are read through slices of one block: with a constant-offset slice
+    LLVM emits contiguous vector loads (indexing raw[r, o + j] keeps Numba's negative-index
+    check per element and ends up as byte-by-byte inserts)."""
     rows, nb = d.shape
     for r in prange(rows):
         lanes = np.zeros(LANES, np.float32)
         for b in range(nb):
-            o = b * ts
-            h = qh_word(raw[r], o + qh) if qh >= 0 else np.int64(0)
+            blk = raw[r, b * ts: (b + 1) * ts]
+            nib = blk[qs: qs + 16]
+            xb = x[b * 32: b * 32 + 32]
+            h = qh_word(blk, qh) if qh >= 0 else np.int64(0)
             db, mb = d[r, b], m[r, b]
-            xo = b * 32
             for j in range(16):
-                q = np.int64(raw[r, o + qs + j])
+                q = np.int64(nib[j])
                 c0 = ((q & 15) | (((h >> j) & 1) << 4)) + off
                 c1 = ((q >> 4) | (((h >> (j + 16)) & 1) << 4)) + off
-                lanes[j] += (np.float32(c0) * db + mb) * x[xo + j]
-                lanes[j + 16] += (np.float32(c1) * db + mb) * x[xo + 16 + j]
+                lanes[j] += (np.float32(c0) * db + mb) * xb[j]
+                lanes[j + 16] += (np.float32(c1) * db + mb) * xb[j + 16]
         acc = 0.0
         for j in range(LANES):
             acc += lanes[j]
@@ -253,18 +257,37 @@ def matvec_nibbles(out, x, raw, d, m, ts, qs, qh, off):
 
 
 @njit(cache=True, parallel=True)
-def matvec_q8_0(out, x, raw, d):
-    """ideal, one token, q8_0 (d@0, int8 qs@2): as matvec_nibbles."""
+def matvec_q4(out, x, raw, d, m, ts, qs, off):
+    """ideal, one token, q4_0/q4_1: matvec_nibbles without the fifth bit (no 64-bit shifts)."""
     rows, nb = d.shape
     for r in prange(rows):
         lanes = np.zeros(LANES, np.float32)
         for b in range(nb):
-            o = b * 34 + 2
+            nib = raw[r, b * ts + qs: b * ts + qs + 16]
+            xb = x[b * 32: b * 32 + 32]
+            db, mb = d[r, b], m[r, b]
+            for j in range(16):
+                q = np.int32(nib[j])
+                lanes[j] += (np.float32((q & 15) + off) * db + mb) * xb[j]
+                lanes[j + 16] += (np.float32((q >> 4) + off) * db + mb) * xb[j + 16]
+        acc = 0.0
+        for j in range(LANES):
+            acc += lanes[j]
+        out[r] = acc
+
+
+@njit(cache=True, parallel=True)
+def matvec_q8_0(out, x, raw8, d):
+    """ideal, one token, q8_0 (d@0, int8 qs@2; raw8 is the blocks viewed as int8)."""
+    rows, nb = d.shape
+    for r in prange(rows):
+        lanes = np.zeros(LANES, np.float32)
+        for b in range(nb):
+            qs = raw8[r, b * 34 + 2: b * 34 + 34]
+            xb = x[b * 32: b * 32 + 32]
             db = d[r, b]
-            xo = b * 32
             for j in range(32):
-                q = np.int64(raw[r, o + j])
-                lanes[j] += (np.float32(q - ((q >> 7) << 8)) * db) * x[xo + j]
+                lanes[j] += (np.float32(qs[j]) * db) * xb[j]
         acc = 0.0
         for j in range(LANES):
             acc += lanes[j]
@@ -272,16 +295,18 @@ def matvec_q8_0(out, x, raw, d):
 
 
 @njit(cache=True)
-def legacy_codes(row, o, is_q8, qs, qh, off, codes):
-    """Integer codes of the 32-element block at row[o:] -> codes int32[32]."""
+def legacy_codes(blk, is_q8, qs, qh, off, codes):
+    """Integer codes of the 32-element block blk (its bytes) -> codes int32[32]."""
     if is_q8:
+        q8 = blk[2:34]
         for j in range(32):
-            q = np.int32(row[o + 2 + j])
+            q = np.int32(q8[j])
             codes[j] = q - ((q >> 7) << 8)
     else:
-        h = qh_word(row, o + qh) if qh >= 0 else np.int64(0)
+        h = qh_word(blk, qh) if qh >= 0 else np.int64(0)
+        nib = blk[qs: qs + 16]
         for j in range(16):
-            q = np.int64(row[o + qs + j])
+            q = np.int64(nib[j])
             codes[j] = ((q & 15) | (((h >> j) & 1) << 4)) + off
             codes[j + 16] = ((q >> 4) | (((h >> (j + 16)) & 1) << 4)) + off
 
@@ -293,10 +318,11 @@ def tile_legacy(out, raw, r0, d, m, is_q8, ts, qs, qh, off):
     for i in prange(out.shape[0]):
         codes = np.empty(32, np.int32)
         for b in range(nb):
-            legacy_codes(raw[r0 + i], b * ts, is_q8, qs, qh, off, codes)
+            legacy_codes(raw[r0 + i, b * ts: (b + 1) * ts], is_q8, qs, qh, off, codes)
             db, mb = d[r0 + i, b], m[r0 + i, b]
+            o = out[i, b * 32: b * 32 + 32]
             for j in range(32):
-                out[i, b * 32 + j] = np.float32(codes[j]) * db + mb
+                o[j] = np.float32(codes[j]) * db + mb
 
 
 @njit(cache=True, parallel=True)
@@ -309,12 +335,13 @@ def matmul_q8_fast(out, xq, xd, xs, raw, d, m, has_m, is_q8, ts, qs, qh, off):
         codes = np.empty(32, np.int32)
         acc = np.zeros(T, np.float64)
         for b in range(nb):
-            legacy_codes(raw[r], b * ts, is_q8, qs, qh, off, codes)
+            legacy_codes(raw[r, b * ts: (b + 1) * ts], is_q8, qs, qh, off, codes)
             dw, mw = d[r, b], m[r, b]
             for t in range(T):
+                xb = xq[t, b * 32: b * 32 + 32]
                 s = np.int32(0)
                 for j in range(32):
-                    s += codes[j] * np.int32(xq[t, b * 32 + j])
+                    s += codes[j] * np.int32(xb[j])
                 acc[t] += np.float64(dw * xd[t, b]) * np.float64(s)
                 if has_m:
                     acc[t] += np.float64(mw) * np.float64(xs[t, b])
