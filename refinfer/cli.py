@@ -13,7 +13,7 @@ import sys
 
 from .errors import RefinferError
 
-COMMANDS = ["generate", "inspect", "quantize"]
+COMMANDS = ["generate", "inspect", "quantize", "dump", "compare", "perplexity", "kld"]
 
 
 def _load(name):

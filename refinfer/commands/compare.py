@@ -1,0 +1,82 @@
+"""python -m refinfer compare A B [--tolerance-table FILE]"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+HELP = "compare two activation dumps (or a dump against llama.cpp) tensor by tensor; exit 1 at the first divergence"
+
+
+def add_arguments(p):
+    p.add_argument("reference", help="reference dump (.safetensors written by `dump`): the NMSE denominator")
+    p.add_argument("test", nargs="?", default=None, help="dump to check against the reference")
+    p.add_argument("--llama-cpp", metavar="MODEL", default=None,
+                   help="instead of a second dump: run llama.cpp (llama-cpp-python) on MODEL with the "
+                        "reference dump's tokens and compare its own intermediate tensors")
+    p.add_argument("--tolerance-table", metavar="FILE", default=None,
+                   help='JSON {"default": {"nmse": 1e-2}, "tensors": {"kq-*": {"nmse": 1e-3, "max_abs": 0.5, "cos": 0.999}}}; '
+                        "first matching glob wins (default: nmse 1e-2 for every tensor)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the verdict")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write every tensor's numbers to FILE as JSON")
+
+
+def _llama_dump(ref, model_path):
+    import pathlib
+    from ..dump import Dump, capture_llama_cpp, sha256_file
+    from ..errors import RefinferError
+    if not pathlib.Path(model_path).is_file():
+        raise RefinferError(f"{model_path}: no such model file")
+    want = ref.header.get("model_sha256")
+    got = sha256_file(model_path)
+    if want and want != got:
+        raise RefinferError(f"{model_path} (sha256 {got[:16]}...) is not the model of {ref.path} "
+                            f"({ref.header.get('model_file')}, sha256 {want[:16]}...)")
+    tensors = capture_llama_cpp(model_path, [int(t) for t in ref.tokens])
+    return Dump({"engine": "llama.cpp", "mode": "llama.cpp-default"}, ref.tokens.copy(), tensors, f"llama.cpp:{model_path}")
+
+
+def _label(d):
+    h = d.header
+    return f"{d.path} ({h.get('engine', '?')}, mode {h.get('mode', '?')}, backend {h.get('backend', '?')})"
+
+
+def run(args) -> int:
+    from ..dump import compare_dumps, load_tolerances, read_dump
+    from ..errors import RefinferError
+
+    if (args.test is None) == (args.llama_cpp is None):
+        raise RefinferError("give a second dump or --llama-cpp MODEL (exactly one)")
+    table = load_tolerances(args.tolerance_table)
+    ref = read_dump(args.reference)
+    test = read_dump(args.test) if args.test is not None else _llama_dump(ref, args.llama_cpp)
+    diffs, only_ref, only_test = compare_dumps(ref, test, table)
+    out = sys.stdout
+    if not args.quiet:
+        print(f"reference: {_label(ref)}\ntest:      {_label(test)}\n{len(ref.tokens)} tokens", file=out)
+        print(f"{'tensor':<18} {'shape':<18} {'nmse':>10} {'max|diff|':>10} {'cosine':>12}  status", file=out)
+        for d in diffs:
+            shape = "x".join(str(s) for s in d.shape)
+            print(f"{d.name:<18} {shape:<18} {d.nmse:10.3e} {d.max_abs:10.3e} {d.cos:12.9f}  "
+                  f"{'ok' if d.ok else 'FAIL ' + d.why}", file=out)
+        for name in only_ref:
+            print(f"{name:<18} only in the reference", file=out)
+        for name in only_test:
+            print(f"{name:<18} only in the test dump", file=out)
+    bad = [d for d in diffs if not d.ok]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"tensors": [dict(name=d.name, shape=list(d.shape), nmse=d.nmse, max_abs=d.max_abs, cos=d.cos,
+                                        ok=d.ok, why=d.why) for d in diffs],
+                       "first_divergence": bad[0].name if bad else None,
+                       "only_in_reference": only_ref, "only_in_test": only_test}, f, indent=1)
+    if not diffs:
+        raise RefinferError("the dumps share no tensor names", hint="see formats/dump-format.md for the names")
+    if bad:
+        first = bad[0]
+        print(f"FIRST DIVERGENCE: {first.name} ({first.why}); {len(bad)} of {len(diffs)} tensors beyond tolerance",
+              file=out)
+        return 1
+    worst = max(diffs, key=lambda d: d.nmse)
+    print(f"OK: {len(diffs)} tensors within tolerance (largest nmse {worst.nmse:.3e} at {worst.name})", file=out)
+    return 0

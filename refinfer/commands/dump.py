@@ -1,0 +1,61 @@
+"""python -m refinfer dump -m MODEL -p PROMPT -o OUT.safetensors"""
+
+from __future__ import annotations
+
+import sys
+
+HELP = "write every intermediate activation of one forward pass (llama.cpp's tensor names) to a safetensors file"
+
+
+def add_arguments(p):
+    p.add_argument("-m", "--model", default=None, help="GGUF file or HF safetensors directory (default: SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("-p", "--prompt", default=None, help="prompt text (tokenized with the model's tokenizer, BOS added as the model asks)")
+    p.add_argument("--tokens", default=None, help="comma-separated token ids instead of a prompt")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    p.add_argument("--mode", default="ideal", choices=["ideal", "ggml"], help="refinfer numerics (default ideal)")
+    p.add_argument("--backend", default="numpy",
+                   help="numpy, numba, or llama.cpp (llama.cpp's own tensors through llama-cpp-python; GGUF only)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_tokens(text):
+    from ..errors import RefinferError
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise RefinferError(f"--tokens must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise RefinferError("--tokens is empty")
+    return ids
+
+
+def run(args) -> int:
+    from .. import __version__
+    from ..dump import capture_llama_cpp, capture_refinfer, sha256_file, write_dump
+    from ..errors import RefinferError
+    from ..model import load
+
+    if (args.prompt is None) == (args.tokens is None):
+        raise RefinferError("give exactly one of -p PROMPT or --tokens IDS")
+    model = load(args.model, mode=args.mode, backend="numpy" if args.backend == "llama.cpp" else args.backend)
+    ids = parse_tokens(args.tokens) if args.tokens is not None else model.tokenize(args.prompt)
+    if not ids:
+        raise RefinferError("the prompt is empty after tokenization")
+    if args.backend == "llama.cpp":
+        if not str(model.path).endswith(".gguf"):
+            raise RefinferError(f"{model.path}: llama.cpp reads GGUF files only")
+        tensors = capture_llama_cpp(model.path, ids)
+        engine, mode = "llama.cpp", "llama.cpp-default"
+    else:
+        tensors = capture_refinfer(model, ids, progress=not args.no_progress)
+        engine, mode = "refinfer", args.mode
+    import pathlib
+    mp = pathlib.Path(model.path)
+    header = {"engine": engine, "refinfer_version": __version__, "mode": mode, "backend": args.backend,
+              "model_file": mp.name, "model_sha256": sha256_file(mp) if mp.is_file() else "",
+              "prompt": args.prompt if args.prompt is not None else "", "n_tokens": len(ids)}
+    write_dump(args.output, tensors, ids, header)
+    print(f"wrote {len(tensors)} tensors for {len(ids)} tokens to {args.output} "
+          f"({engine}, mode {mode}, backend {args.backend})", file=sys.stderr)
+    print("tokens: " + ",".join(str(t) for t in ids), file=sys.stderr)
+    return 0
