@@ -30,8 +30,8 @@ llama_model_quantize_impl), and so what this module does:
 
 An HF safetensors checkpoint directory is accepted too: it is read as the f32 GGUF llama.cpp's
 converter would write (hf_source), then quantized the same way, so its tensor bytes equal
-llama-quantize's output for that converted file. Its tokenizer must come from a GGUF
-(vocab_from): converting tokenizer.json is not implemented.
+llama-quantize's output for that converted file. Its tokenizer comes from tokenizer.json or
+tokenizer.model beside the weights, or from a GGUF given as vocab_from.
 
 Deliberate differences: any already-quantized tensor in the input is an error (llama.cpp
 would copy tensors whose type equals the target and refuse others); non-finite weights raise
@@ -197,20 +197,44 @@ def gguf_source(path: str) -> SourceModel:
                        {k: f.array_types[k] for k in metadata if k in f.array_types}, tensors)
 
 
+def _tokenizer_metadata(path, vocab_from):
+    """tokenizer.* keys with their GGUF value types: copied from the GGUF vocab_from, or
+    converted from the checkpoint's tokenizer.json / tokenizer.model with the types llama.cpp's
+    converter writes (token ids UINT32, flags BOOL, scores FLOAT32, token types INT32)."""
+    if vocab_from is not None:
+        vocab = GGUFFile(vocab_from)
+        keys = [k for k in vocab.metadata if k.startswith("tokenizer.")]
+        return ({k: vocab.metadata[k] for k in keys}, {k: vocab.metadata_types[k] for k in keys},
+                {k: vocab.array_types[k] for k in keys if k in vocab.array_types})
+    from .tokenizer import metadata_from_hf_dir
+    directory = path if os.path.isdir(path) else os.path.dirname(os.fspath(path))
+    if not any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        raise FormatError("no tokenizer.json or tokenizer.model beside the checkpoint", file=directory,
+                          hint="pass --vocab-from FILE.gguf, a GGUF with the same vocabulary, to copy tokenizer.* from it")
+    md = metadata_from_hf_dir(directory)
+    scalar = {bool: GGUFValueType.BOOL, int: GGUFValueType.UINT32, float: GGUFValueType.FLOAT32,
+              str: GGUFValueType.STRING}
+    element = {str: GGUFValueType.STRING, int: GGUFValueType.INT32, float: GGUFValueType.FLOAT32}
+    types, arrays = {}, {}
+    for k, v in md.items():
+        if isinstance(v, list):
+            types[k] = GGUFValueType.ARRAY
+            arrays[k] = element[type(v[0]) if v else str]
+        else:
+            types[k] = scalar[type(v)]
+    return md, types, arrays
+
+
 def hf_source(path: str, vocab_from=None) -> SourceModel:
     """An HF safetensors Llama/Qwen2 checkpoint (directory, .safetensors file or index) as the f32 GGUF llama.cpp's converter
     would make of it: GGUF tensor names, q/k rows permuted for arch llama (loader.permute_qk_rows,
     the one place that convention lives), 1-D tensors as f32, hyperparameters from config.json.
-    The tokenizer is copied from the GGUF `vocab_from`: refinfer cannot convert tokenizer.json."""
+    The tokenizer comes from the checkpoint's tokenizer.json / tokenizer.model, or is copied from
+    the GGUF `vocab_from` when given."""
     from .config import config_from_hf, llama3_rope_factors
     from .loader import HF_GLOBAL_NAMES, HF_NAMES, check_tensor_set, permute_qk_rows
     from .safetensors_file import SafetensorsCheckpoint
 
-    if vocab_from is None:
-        raise UnsupportedError(
-            f"{path!r} is an HF checkpoint directory; refinfer cannot yet turn its tokenizer.json into "
-            "GGUF tokenizer metadata",
-            hint="pass --vocab-from FILE.gguf, a GGUF with the same vocabulary, to copy tokenizer.* from it")
     ck = SafetensorsCheckpoint(path)
     if ck.config is None:
         raise FormatError("no config.json beside the safetensors weights", file=path)
@@ -231,12 +255,11 @@ def hf_source(path: str, vocab_from=None) -> SourceModel:
     cfg = config_from_hf(ck.config, path, tied=tied if tied else None)
     check_tensor_set({g: tuple(ck.tensors[h].shape) for g, h in names.items()}, cfg, path)
 
-    vocab = GGUFFile(vocab_from)
-    tok_keys = [k for k in vocab.metadata if k.startswith("tokenizer.")]
-    n_tokens = len(vocab.metadata.get("tokenizer.ggml.tokens", []))
+    tok_meta, tok_types, tok_arrays = _tokenizer_metadata(path, vocab_from)
+    n_tokens = len(tok_meta.get("tokenizer.ggml.tokens", []))
     if n_tokens != cfg.vocab_size:
-        raise FormatError(f"tokenizer.ggml.tokens has {n_tokens} tokens, but config.json's vocab_size is "
-                          f"{cfg.vocab_size}", file=os.fspath(vocab_from),
+        raise FormatError(f"the tokenizer has {n_tokens} tokens, but config.json's vocab_size is "
+                          f"{cfg.vocab_size}", file=os.fspath(vocab_from or path),
                           hint="--vocab-from must be a GGUF of the same vocabulary as the checkpoint")
 
     a = cfg.arch
@@ -256,9 +279,9 @@ def hf_source(path: str, vocab_from=None) -> SourceModel:
     meta += [(f"{a}.vocab_size", cfg.vocab_size, u32), (f"{a}.rope.dimension_count", cfg.rope_dim, u32)]
     metadata = {k: v for k, v, _ in meta}
     types = {k: t for k, _, t in meta}
-    for k in tok_keys:
-        metadata[k], types[k] = vocab.metadata[k], vocab.metadata_types[k]
-    array_types = {k: vocab.array_types[k] for k in tok_keys if k in vocab.array_types}
+    metadata.update(tok_meta)
+    types.update(tok_types)
+    array_types = dict(tok_arrays)
 
     stored_type = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
     tensors = {}

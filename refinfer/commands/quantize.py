@@ -17,7 +17,7 @@ def add_arguments(p):
                    help=f"block type for the 2-D weights: {', '.join(FTYPES)}; norms stay f32, and "
                         "weights whose row length is not a multiple of 32 become f16, as in llama.cpp")
     p.add_argument("--vocab-from", metavar="GGUF",
-                   help="for an HF directory IN: a GGUF with the same vocabulary to copy tokenizer.* from")
+                   help="for an HF directory IN: a GGUF with the same vocabulary to copy tokenizer.* from (default: the directory's tokenizer.json or tokenizer.model)")
 
 
 def run(args) -> int:
