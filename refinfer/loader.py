@@ -41,6 +41,24 @@ HF_GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm
                    "lm_head.weight": "output.weight"}
 
 
+def hf_to_gguf_names(hf_names) -> dict:
+    """GGUF name -> HF name for an HF Llama/Qwen2 checkpoint's tensors. Names without a GGUF
+    equivalent are kept as they are (check_tensor_set then reports them as unexpected);
+    rotary_emb.inv_freq buffers are dropped (recomputed from rope_theta, as llama.cpp does)."""
+    out = {}
+    for hf in hf_names:
+        if hf in HF_GLOBAL_NAMES:
+            out[HF_GLOBAL_NAMES[hf]] = hf
+        elif hf.startswith("model.layers.") and hf.endswith("rotary_emb.inv_freq"):
+            continue
+        elif hf.startswith("model.layers."):
+            i, _, suffix = hf[len("model.layers."):].partition(".")
+            out[f"blk.{i}.{HF_NAMES[suffix]}" if suffix in HF_NAMES else hf] = hf
+        else:
+            out[hf] = hf
+    return out
+
+
 def expected_shapes(cfg: ModelConfig, *, with_output: bool) -> dict:
     """GGUF tensor name -> numpy shape (rows, cols) the config implies."""
     q_dim = cfg.n_heads * cfg.head_dim
@@ -127,15 +145,7 @@ def load_safetensors(path):
     if ck.config is None:
         raise FormatError("no config.json beside the safetensors weights", file=str(path),
                           hint="an HF checkpoint directory has config.json, model*.safetensors and a tokenizer")
-    gguf_names = {}
-    for hf in ck.tensors:
-        if hf in HF_GLOBAL_NAMES:
-            gguf_names[HF_GLOBAL_NAMES[hf]] = hf
-        elif hf.startswith("model.layers."):
-            i, _, suffix = hf[len("model.layers."):].partition(".")
-            gguf_names[f"blk.{i}.{HF_NAMES.get(suffix, suffix)}"] = hf
-        else:
-            gguf_names[hf] = hf
+    gguf_names = hf_to_gguf_names(ck.tensors)
     tied = "output.weight" not in gguf_names
     cfg = config_from_hf(ck.config, str(path), tied=tied if tied else None)
     check_tensor_set({g: tuple(ck.tensors[h].shape) for g, h in gguf_names.items()}, cfg, str(path))

@@ -232,25 +232,13 @@ def hf_source(path: str, vocab_from=None) -> SourceModel:
     The tokenizer comes from the checkpoint's tokenizer.json / tokenizer.model, or is copied from
     the GGUF `vocab_from` when given."""
     from .config import config_from_hf, llama3_rope_factors
-    from .loader import HF_GLOBAL_NAMES, HF_NAMES, check_tensor_set, permute_qk_rows
+    from .loader import check_tensor_set, hf_to_gguf_names, permute_qk_rows
     from .safetensors_file import SafetensorsCheckpoint
 
     ck = SafetensorsCheckpoint(path)
     if ck.config is None:
         raise FormatError("no config.json beside the safetensors weights", file=path)
-    names = {}  # GGUF name -> HF name
-    for hf in ck.tensors:
-        if hf in HF_GLOBAL_NAMES:
-            names[HF_GLOBAL_NAMES[hf]] = hf
-        elif hf.startswith("model.layers.") and hf.endswith("rotary_emb.inv_freq"):
-            continue  # recomputed from rope_theta; llama.cpp's converter drops it too
-        elif hf.startswith("model.layers."):
-            i, _, suffix = hf[len("model.layers."):].partition(".")
-            if suffix not in HF_NAMES:
-                raise UnsupportedError(f"{path!r}: tensor {hf!r} has no GGUF name in this converter")
-            names[f"blk.{i}.{HF_NAMES[suffix]}"] = hf
-        else:
-            raise UnsupportedError(f"{path!r}: tensor {hf!r} has no GGUF name in this converter")
+    names = hf_to_gguf_names(ck.tensors)  # GGUF name -> HF name
     tied = "output.weight" not in names
     cfg = config_from_hf(ck.config, path, tied=tied if tied else None)
     check_tensor_set({g: tuple(ck.tensors[h].shape) for g, h in names.items()}, cfg, path)
