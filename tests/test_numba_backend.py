@@ -1,0 +1,313 @@
+"""The numba backend against the NumPy reference, every (op, type) it claims, generated from its
+coverage registry; quantized matmuls also against ggml's own CPU dot products (ctypes oracle).
+
+What must be exact is exact: dequantized values, integer block dots, activation quantization.
+Float reductions are judged by the bounds in TOLERANCES, one entry per (op, mode) with its
+reason. Shapes are odd on purpose: rows that no thread count divides, T = 1, 2 and 7.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+numba = pytest.importorskip("numba")
+
+from refinfer import quant  # noqa: E402
+from refinfer.backends import blockdecode as bd  # noqa: E402
+from refinfer.backends import get_backend  # noqa: E402
+from refinfer.backends.numba_backend import (LEGACY_LAYOUT, WEIGHT_TYPES, NumbaBackend,  # noqa: E402
+                                             NumbaFallbackWarning, coverage)
+from refinfer.backends.numba_kernels import matmul as mk  # noqa: E402
+from refinfer.backends.numpy_backend import NumpyBackend, quantize_act_q8  # noqa: E402
+from refinfer.weights import QTensor  # noqa: E402
+
+# (op, mode) -> (metric, bound, reason). "rel" = max|numba - ref| / max|ref|; "nmse" =
+# sum((numba - ref)^2) / sum(ref^2); "exact" = identical bits.
+TOLERANCES = {
+    ("embed", "ideal"): ("exact", 0.0, "the same float32 operations as dequantize_row_*"),
+    ("embed", "ggml"): ("exact", 0.0, "the same float32 operations as dequantize_row_*"),
+    ("matmul", "ideal"): ("rel", 1e-6, "32 float32 lane sums per row (one token) or float32 BLAS on "
+                                       "tiles vs float32 BLAS over the whole matrix: float32 summation order"),
+    ("matmul", "ggml"): ("rel", 1e-6, "exact int32 block dots in both; the reference adds the block "
+                                      "terms with AVX2's 8-lane FMA order, numba in float64"),
+    ("rmsnorm", "ideal"): ("nmse", 1e-14, "float64 sum of squares in another order; one float32 rounding"),
+    ("rmsnorm", "ggml"): ("nmse", 1e-14, "double sum of squares in another order"),
+    ("rope", "ideal"): ("exact", 0.0, "the same float32 multiplies and adds"),
+    ("rope", "ggml"): ("nmse", 1e-13, "the reference contracts the rotation to FMA (rotate_pairs); numba does not"),
+    ("store_kv", "ideal"): ("exact", 0.0, "a copy"),
+    ("store_kv", "ggml"): ("exact", 0.0, "round to nearest even binary16, as F32 -> F16"),
+    ("attention", "ideal"): ("nmse", 1e-14, "float64 scores, softmax and V sum in another order"),
+    ("attention", "ggml"): ("nmse", 1e-9, "the reference emulates ggml's F16 dot lane order and SIMD expf; "
+                                          "numba sums in float64 and uses libm expf"),
+    ("swiglu", "ideal"): ("nmse", 1e-14, "float64 exp from libm vs NumPy's: <= 1 ulp before rounding to float32"),
+    ("swiglu", "ggml"): ("nmse", 1e-12, "the reference emulates ggml_v_expf; numba calls libm expf"),
+}
+MODES = ("ideal", "ggml")
+ROWS = 37              # no thread count divides it
+
+
+def _check(op, mode, got, ref):
+    metric, bound, reason = TOLERANCES[(op, mode)]
+    got, ref = np.asarray(got), np.asarray(ref)
+    assert got.shape == ref.shape
+    if metric == "exact":
+        np.testing.assert_array_equal(got, ref, err_msg=f"{op}/{mode}: {reason}")
+        return
+    diff = got.astype(np.float64) - ref.astype(np.float64)
+    if metric == "rel":
+        err = np.max(np.abs(diff)) / np.max(np.abs(ref))
+    else:
+        err = np.sum(diff ** 2) / np.sum(ref.astype(np.float64) ** 2)
+    assert err <= bound, f"{op}/{mode}: {metric} {err:.3g} > {bound} ({reason})"
+
+
+def _weights(name, rows=ROWS, cols=512, seed=0):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+    raw = quant.quantize(w, name)
+    raw.setflags(write=False)  # as the loader's memory maps (one compiled specialization)
+    return QTensor("w", raw, quant.get_type(name), w.shape)
+
+
+def _acts(T, cols, seed=1):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, cols)).astype(np.float32)
+    x[:, rng.choice(cols, 4, replace=False)] *= 30.0  # outlier channels, as in real activations
+    return x
+
+
+def test_coverage_lists_every_loader_type_and_op():
+    cov = coverage()
+    for op in ("embed", "matmul"):
+        for t in WEIGHT_TYPES:
+            assert cov[(op, t)] == "native"
+    for op in ("rmsnorm", "rope", "store_kv", "attention", "swiglu"):
+        assert cov[(op, "f32")] == "native"
+    assert set(WEIGHT_TYPES) == set(bd.KINDS)
+    assert all(v == "fallback" for (op, t), v in coverage("ideal", np.float64).items() if op != "rope_cos_sin")
+
+
+def test_get_backend_knows_numba():
+    assert get_backend("numba", "ggml").name == "numba"
+
+
+# ---- exact: decoding --------------------------------------------------------------------------
+@numba.njit(cache=True)
+def _values_per_element(kind, raw, bs, ts, out):  # every element through blockdecode.value
+    for r in range(raw.shape[0]):
+        for b in range(out.shape[1] // bs):
+            blk = raw[r, b * ts:(b + 1) * ts] if bs > 1 else raw[r]
+            for j in range(bs):
+                out[r, b * bs + j] = bd.value(kind, blk, j if bs > 1 else b)
+
+
+@pytest.mark.parametrize("name", WEIGHT_TYPES)
+def test_dequantize_is_exact(name):
+    w = _weights(name)
+    ref = quant.dequantize(w.raw, name)
+    ids = np.array([5, 0, ROWS - 1, 5])
+    out = np.empty((len(ids), w.shape[1]), np.float32)
+    NumbaBackend().embed(out, w, ids)
+    _check("embed", "ideal", out.view(np.uint32), ref[ids].view(np.uint32))
+    t = quant.get_type(name)
+    per_elem = np.empty_like(ref)
+    _values_per_element(bd.KINDS[name], np.ascontiguousarray(w.raw), t.block_size, t.type_size, per_elem)
+    np.testing.assert_array_equal(per_elem.view(np.uint32), ref.view(np.uint32))
+
+
+@pytest.mark.parametrize("name", [t for t in WEIGHT_TYPES if t != "f32"])
+def test_dequantize_random_bytes(name):
+    """Arbitrary bytes (subnormal, inf and NaN scales included) decode as the reference does."""
+    t = quant.get_type(name)
+    rng = np.random.default_rng(3)
+    raw = rng.integers(0, 256, (7, 2 * t.type_size * (1 if t.block_size > 1 else 128)), dtype=np.uint8)
+    with np.errstate(all="ignore"):
+        ref = quant.dequantize(raw, name)
+    out = np.empty_like(ref)
+    mk.dequantize_rows(out, raw, np.arange(7, dtype=np.int64), bd.KINDS[name])
+    np.testing.assert_array_equal(out, ref)  # NaN == NaN here
+
+
+@pytest.mark.parametrize("name", list(LEGACY_LAYOUT))
+def test_prefill_tiles_equal_dequantize(name):
+    w = _weights(name, rows=41)
+    be = NumbaBackend()
+    d, m = be.legacy_scales(w)
+    ts, qs, qh, off, _ = LEGACY_LAYOUT[name]
+    tile = np.empty((13, w.shape[1]), np.float32)
+    mk.tile_legacy(tile, w.raw, 28, d, m, name == "q8_0", ts, qs, qh, off)
+    np.testing.assert_array_equal(tile, quant.dequantize(w.raw[28:41], name))  # -0.0 == +0.0
+
+
+# ---- exact: ggml-mode integer parts ------------------------------------------------------------
+@pytest.mark.parametrize("T", [1, 2, 7])
+def test_activation_q8_quantizer_is_exact(T):
+    x = _acts(T, 512, seed=T)
+    x[0, :32] = 0.0                    # an all-zero block: d = 0, codes 0
+    xq, xd, xs = NumbaBackend.quantize_act_q8(x)
+    dx, sx, qx = quantize_act_q8(x)
+    np.testing.assert_array_equal(xq.reshape(T, -1, 32).astype(np.float32), qx)
+    np.testing.assert_array_equal(xd.view(np.uint32), dx.view(np.uint32))
+    np.testing.assert_array_equal(xs.view(np.uint32), sx.view(np.uint32))
+
+
+@pytest.mark.parametrize("name", list(LEGACY_LAYOUT))
+def test_integer_block_dots_are_exact(name):
+    w = _weights(name)
+    x = _acts(7, w.shape[1])
+    xq, _, _ = NumbaBackend.quantize_act_q8(x)
+    sumi = np.empty((7, ROWS, w.shape[1] // 32), np.int32)
+    mk.block_dots(sumi, xq, w.raw, bd.KINDS[name])
+    q, _, _ = NumpyBackend(mode="ggml")._q8_parts(w)                  # reference codes [rows, nb, 32]
+    ref = np.einsum("rbj,tbj->trb", q.astype(np.int64), xq.reshape(7, -1, 32).astype(np.int64))
+    np.testing.assert_array_equal(sumi, ref)
+
+
+# ---- matmul against the reference and against ggml's CPU -----------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", WEIGHT_TYPES)
+def test_matmul_equals_reference(name, mode):
+    w = _weights(name)
+    for T in (1, 2, 7):
+        x = _acts(T, w.shape[1], seed=T)
+        ref = np.empty((T, ROWS), np.float32)
+        got = np.empty_like(ref)
+        NumpyBackend(mode=mode).matmul(ref, x, w)
+        NumbaBackend(mode=mode).matmul(got, x, w)
+        _check("matmul", mode, got, ref)
+
+
+@pytest.mark.parametrize("name", WEIGHT_TYPES)
+def test_ggml_mode_matmul_equals_ggml_cpu(ggml, name):
+    from oracle import ggml_cpu
+    rng = np.random.default_rng(11)
+    wf = (rng.standard_normal((ROWS, 512)) * 0.05).astype(np.float32)
+    raw = ggml.quantize(wf, name)                           # llama.cpp's own bytes
+    w = QTensor("w", raw, quant.get_type(name), wf.shape)
+    for T in (1, 2):
+        x = _acts(T, 512, seed=20 + T)
+        expected = ggml_cpu().matmul(x, raw, name)
+        got = np.empty_like(expected)
+        NumbaBackend(mode="ggml").matmul(got, x, w)
+        _check("matmul", "ggml", got, expected)
+
+
+# ---- per-token ops -----------------------------------------------------------------------------
+class _Cfg:
+    rope_dim, rope_theta, rope_freq_scale = 16, 10000.0, 1.0
+
+
+def _run_op(be, op, T, rng):
+    n_heads, n_kv, hd = 6, 2, 16
+    if op == "rmsnorm":
+        x = rng.standard_normal((T, 96)).astype(np.float32) * 3
+        out = np.empty_like(x)
+        be.rmsnorm(out, x, (1 + 0.1 * rng.standard_normal(96)).astype(np.float32), 1e-5)
+        return out
+    if op == "rope":
+        x = rng.standard_normal((T, n_heads, hd)).astype(np.float32)
+        cos, sin = NumpyBackend(mode=be.mode).rope_cos_sin(np.arange(3, 3 + T), _Cfg, None)
+        for neox in (False, True):
+            be.rope(x, cos, sin, neox)
+        return x
+    if op == "store_kv":
+        cache = np.zeros((T + 4, n_kv, hd), np.float32)
+        be.store_kv(cache, 3, rng.standard_normal((T, n_kv, hd)).astype(np.float32))
+        return cache
+    if op == "attention":
+        pos0 = 5
+        q = rng.standard_normal((T, n_heads, hd)).astype(np.float32)
+        k = rng.standard_normal((pos0 + T, n_kv, hd)).astype(np.float32)
+        v = rng.standard_normal((pos0 + T, n_kv, hd)).astype(np.float32)
+        if be.mode == "ggml":  # the cache holds F16 values in ggml mode
+            k, v = (quant.dequantize(quant.quantize(a, "f16"), "f16") for a in (k, v))
+        out = np.empty_like(q)
+        be.attention(out, q, k, v, pos0)
+        return out
+    if op == "swiglu":
+        g = rng.standard_normal((T, 160)).astype(np.float32) * 4
+        u = rng.standard_normal((T, 160)).astype(np.float32)
+        out = np.empty_like(g)
+        be.swiglu(out, g, u)
+        return out
+    raise AssertionError(op)
+
+
+ACT_OPS = sorted({op for (op, t), how in coverage().items() if how == "native" and t == "f32" and op not in ("embed", "matmul")})
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("op", ACT_OPS)
+def test_activation_ops_equal_reference(op, mode):
+    for T in (1, 2, 7):
+        ref = _run_op(NumpyBackend(mode=mode), op, T, np.random.default_rng(T))
+        got = _run_op(NumbaBackend(mode=mode), op, T, np.random.default_rng(T))
+        _check(op, mode, got, ref)
+
+
+def test_fallback_warns_once_per_op_and_type():
+    be = NumbaBackend(mode="ideal", dtype=np.float64)
+    w = _weights("q4_0")
+    x = _acts(2, 512).astype(np.float64)
+    out = np.empty((2, ROWS))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            be.matmul(out, x, w)
+    msgs = [r for r in rec if issubclass(r.category, NumbaFallbackWarning)]
+    assert len(msgs) == 1 and "matmul on q4_0" in str(msgs[0].message)
+    ref = np.empty_like(out)
+    NumpyBackend(mode="ideal", dtype=np.float64).matmul(ref, x, w)
+    np.testing.assert_array_equal(out, ref)
+
+
+# ---- whole model --------------------------------------------------------------------------------
+PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "1, 2, 3, 5, 8,",
+           "In a hole in the ground there lived", "Q: What is 2+2?\nA:", "Le chat est", "import numpy as np\n"]
+FTYPES = {"q4_1": 3, "q8_0": 7, "q5_0": 8}
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_llama_f32, tmp_path_factory):
+    """The generated f32 model, and llama.cpp's pure quantizations of it."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = {"f32": tiny_llama_f32}
+    d = tmp_path_factory.mktemp("tiny_numba")
+    for name, ftype in FTYPES.items():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        params.pure = True
+        dst = d / f"tiny-{name}.gguf"
+        assert llama_cpp.llama_model_quantize(str(tiny_llama_f32).encode(), str(dst).encode(), params) == 0
+        out[name] = dst
+    return out
+
+
+def _greedy(model, ids, n):
+    from refinfer.forward import KVCache, forward
+    cache = KVCache(model.config, len(ids) + n + 1)
+    z = forward(model.config, model.weights, model.backend, ids, cache, all_logits=True)
+    logits, toks = [z], []
+    for _ in range(n):
+        toks.append(int(np.argmax(z[-1])))
+        z = forward(model.config, model.weights, model.backend, [toks[-1]], cache, all_logits=False)
+        logits.append(z)
+    return toks, np.concatenate(logits)
+
+
+@pytest.mark.parametrize("name", ["f32", *FTYPES])
+def test_whole_model_same_greedy_tokens_and_logits(tiny_models, name):
+    import refinfer
+    ref = refinfer.load(tiny_models[name], backend="numpy")
+    fast = refinfer.load(tiny_models[name], backend="numba")
+    worst = 0.0
+    for prompt in PROMPTS:
+        ids = ref.tokenize(prompt)
+        want, z_ref = _greedy(ref, ids, 64)
+        got, z = _greedy(fast, ids, 64)
+        assert got == want, f"{name} {prompt!r}: first difference at step {next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)}"
+        worst = max(worst, float(np.sum((z.astype(np.float64) - z_ref) ** 2) / np.sum(z_ref.astype(np.float64) ** 2)))
+    assert worst <= 1e-10, f"{name}: logits NMSE {worst:.3g}"
