@@ -81,6 +81,15 @@ def test_bad_input():
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
+def test_named_chat_template():
+    md = {"tokenizer.chat_template": "A", "tokenizer.chat_template.tool_use": "B{{ tools | length }}"}
+    assert ChatTemplate.from_gguf_metadata(md).render([]) == "A"
+    assert ChatTemplate.from_gguf_metadata(md, name="tool_use").render([], tools=[1, 2]) == "B2"
+    with pytest.raises(RefinferError, match="'tokenizer.chat_template.rag' is missing") as e:
+        ChatTemplate.from_gguf_metadata(md, name="rag")
+    assert "tool_use" in e.value.hint
+
+
 def test_chat_template_errors_and_helpers():
     with pytest.raises(FormatError, match="syntax error"):
         ChatTemplate("{% for m in messages %}")

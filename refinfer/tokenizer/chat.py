@@ -60,16 +60,20 @@ class ChatTemplate:
                               f"{e.message}") from None
 
     @classmethod
-    def from_gguf_metadata(cls, metadata: dict, tokenizer=None) -> "ChatTemplate":
-        """bos_token/eos_token are the texts of the tokenizer's BOS/EOS tokens, when given."""
-        if TEMPLATE_KEY not in metadata:
-            raise RefinferError(f"metadata key {TEMPLATE_KEY!r} is missing: this model has no chat template",
-                                hint="pass a template explicitly, or prompt the model with plain text")
+    def from_gguf_metadata(cls, metadata: dict, tokenizer=None, name: str | None = None) -> "ChatTemplate":
+        """bos_token/eos_token are the texts of the tokenizer's BOS/EOS tokens, when given; name
+        picks a named template (tokenizer.chat_template.<name>, e.g. "tool_use")."""
+        key = TEMPLATE_KEY if name is None else f"{TEMPLATE_KEY}.{name}"
+        if key not in metadata:
+            named = sorted(k[len(TEMPLATE_KEY) + 1:] for k in metadata if k.startswith(TEMPLATE_KEY + "."))
+            raise RefinferError(f"metadata key {key!r} is missing: this model has no such chat template",
+                                hint=(f"named templates here: {', '.join(named)}" if named else
+                                      "pass a template explicitly, or prompt the model with plain text"))
         bos = eos = ""
         if tokenizer is not None:
             bos = tokenizer.tokens[tokenizer.bos_id] if tokenizer.bos_id is not None else ""
             eos = tokenizer.tokens[tokenizer.eos_id] if tokenizer.eos_id is not None else ""
-        return cls(metadata[TEMPLATE_KEY], bos, eos)
+        return cls(metadata[key], bos, eos)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, **variables) -> str:
         context = {"bos_token": self.bos_token, "eos_token": self.eos_token, **variables,
