@@ -110,6 +110,8 @@ REGEXES = {
                  r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+" + _CONTRACTIONS + "?"
                  r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*" + _CONTRACTIONS + "?"
                  r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+    # an empty-match regex: the pieces between its matches (groups of 3 digits from the right)
+    "superbpe": [r"\p{N}+", r"(?=(\d{3})+(?!\d))"],
     "exaone-moe": [_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}"
                    r"| ?[^\s\p{L}\p{N}]+[\r\n/]?|\s*[\r\n]|\s+(?!\S)|\s+"],
 }
@@ -481,6 +483,7 @@ PRE_TYPES = {
     "mellum2": ("starcoder", {}),
     "afmoe": ("afmoe", {"clean_spaces": False}),
     "tiny_aya": ("tiny-aya", {"clean_spaces": False}),
+    "superbpe": ("superbpe", {"clean_spaces": False}),
     "cohere2moe": ("tiny-aya", {"clean_spaces": False}),
     "qwen2": ("qwen2", {"clean_spaces": False}),
     "deepseek-r1-qwen": ("qwen2", {"clean_spaces": False}),
