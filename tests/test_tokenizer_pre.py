@@ -22,7 +22,7 @@ from refinfer.tokenizer import Tokenizer
 PRES = ["chatglm-bpe", "glm4", "viking", "jais-2", "deepseek-v3", "spark2_5", "youtu", "tekken", "chameleon",
         "gpt-4o", "granite-embed-multi-97m", "bailingmoe", "seed-coder", "ufakzeka", "laguna", "minicpm5",
         "exaone-moe", "sarvam-moe", "granite-embed-multi-311m", "bloom", "poro-chat", "dbrx", "stablelm2", "afmoe",
-        "tiny_aya", "superbpe"]
+        "tiny_aya", "superbpe", "kimi-k2"]
 
 _TEXT = st.lists(st.one_of(
     st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=3),

@@ -29,6 +29,7 @@ QWEN2_PATTERN = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{
 QWEN35_PATTERN = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 NEWLINES_PATTERN = r"[^\n]+|[\n]+"
+KIMI_K2_PATTERN = r"\p{Han}+"  # llama.cpp's trigger for its hand-coded Kimi-K2 splitter
 AFMOE_DIGITS = r"\p{AFMoE_digits}"  # not a regex: llama.cpp's name for a hand-coded digit grouping
 TINY_AYA_DIGITS = r"\d{1,3}(?=(?:\d{3})*\b)"  # run by the same hand-coded grouping
 
@@ -110,6 +111,7 @@ REGEXES = {
                  r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+" + _CONTRACTIONS + "?"
                  r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*" + _CONTRACTIONS + "?"
                  r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+    "kimi-k2": [KIMI_K2_PATTERN],
     # an empty-match regex: the pieces between its matches (groups of 3 digits from the right)
     "superbpe": [r"\p{N}+", r"(?=(\d{3})+(?!\d))"],
     "exaone-moe": [_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}"
@@ -275,6 +277,92 @@ def _split_custom_llama3_family(cpts: list[int], pieces: list[int], digits: int,
     return out
 
 
+def _is_han(cp: int) -> bool:
+    # unicode_cpt_is_han: CJK Unified Ideographs and extensions A-F, compatibility ideographs
+    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF or 0x2A700 <= cp <= 0x2B73F
+            or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF or 0x2CEB0 <= cp <= 0x2EBEF
+            or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
+
+
+def _split_custom_kimi_k2(cpts: list[int], pieces: list[int]) -> list[int]:
+    # unicode_regex_split_custom_kimi_k2: [\p{Han}]+ | the GPT-4o style letter words (Han
+    # excluded) with an optional contraction | \p{N}{1,3} | ?[^\s\p{L}\p{N}]+[\r\n]* |
+    # \s*[\r\n]+ | \s+(?!\S) | \s+
+    out = []
+    start = 0
+    for n in pieces:
+        ini, end = start, start + n
+        start = end
+        flags_at, cpt_at = _flags_at(cpts, ini, end), _cpt_at(cpts, ini, end)
+        prev = ini
+
+        def add(new_end):
+            nonlocal prev
+            if new_end > prev:
+                out.append(new_end - prev)
+            prev = new_end
+
+        def word_letter(p):
+            return flags_at(p) & LETTER and not _is_han(cpt_at(p))
+
+        pos = ini
+        while pos < end:
+            cpt, flags = cpts[pos], flags_at(pos)
+            if _is_han(cpt):
+                while _is_han(cpt_at(pos)):
+                    pos += 1
+                add(pos)
+                continue
+            leading_ok = not (cpt in (0x0D, 0x0A) or flags & (LETTER | NUMBER))
+            if word_letter(pos) or (leading_ok and word_letter(pos + 1)):
+                pos += leading_ok  # the optional leading character
+                while word_letter(pos):
+                    pos += 1
+                if cpt_at(pos) == 0x27 and pos + 1 < end:  # optional contraction
+                    nxt = ascii_lower(cpt_at(pos + 1))
+                    if nxt in (0x73, 0x74, 0x6D, 0x64):
+                        pos += 2
+                    elif pos + 2 < end and (nxt, ascii_lower(cpt_at(pos + 2))) in ((0x72, 0x65), (0x76, 0x65),
+                                                                                  (0x6C, 0x6C)):
+                        pos += 3
+                add(pos)
+                continue
+            if flags & NUMBER:
+                first = pos
+                while flags_at(pos) & NUMBER:
+                    pos += 1
+                    if pos - first >= 3:
+                        add(pos)
+                        first = pos
+                add(pos)
+                continue
+            flags2 = flags_at(pos + 1) if cpt == 0x20 else flags
+            if flags2 and not flags2 & (WHITESPACE | LETTER | NUMBER):
+                pos += cpt == 0x20
+                while (f := flags_at(pos)) and not f & (WHITESPACE | LETTER | NUMBER):
+                    pos += 1
+                while cpt_at(pos) in (0x0D, 0x0A):
+                    pos += 1
+                add(pos)
+                continue
+            n_ws = 0
+            last_newline_end = 0
+            while flags_at(pos + n_ws) & WHITESPACE:
+                if cpt_at(pos + n_ws) in (0x0D, 0x0A):
+                    last_newline_end = pos + n_ws + 1
+                n_ws += 1
+            if last_newline_end > 0:
+                pos = last_newline_end
+            elif n_ws > 1 and cpt_at(pos + n_ws) != _OUT:
+                pos += n_ws - 1
+            elif n_ws > 0:
+                pos += n_ws
+            else:
+                pos += 1
+            add(pos)
+    return out
+
+
 def _split_digit_groups(cpts: list[int], pieces: list[int]) -> list[int]:
     # unicode_regex_split_custom_afmoe: a run of \p{N} splits into a leading group of
     # len % 3 digits, then groups of 3. Other characters are not cut: they stay glued to
@@ -328,6 +416,7 @@ _CUSTOM = {
     QWEN35_PATTERN: lambda c, p: _split_custom_llama3_family(c, p, 1, True),
     NEWLINES_PATTERN: _split_newlines,
     AFMOE_DIGITS: _split_digit_groups,
+    KIMI_K2_PATTERN: _split_custom_kimi_k2,
     TINY_AYA_DIGITS: _split_digit_groups,
 }
 
@@ -484,6 +573,7 @@ PRE_TYPES = {
     "afmoe": ("afmoe", {"clean_spaces": False}),
     "tiny_aya": ("tiny-aya", {"clean_spaces": False}),
     "superbpe": ("superbpe", {"clean_spaces": False}),
+    "kimi-k2": ("kimi-k2", {"clean_spaces": False}),
     "cohere2moe": ("tiny-aya", {"clean_spaces": False}),
     "qwen2": ("qwen2", {"clean_spaces": False}),
     "deepseek-r1-qwen": ("qwen2", {"clean_spaces": False}),

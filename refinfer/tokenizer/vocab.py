@@ -193,7 +193,8 @@ class Tokenizer:
 
         self.ranks: dict[tuple[str, str], int] = {}
         if self.kind == "bpe":
-            merges = _get_list(md, "tokenizer.ggml.merges", str, required=True)
+            # Kimi-K2 files may come without merges (llama.cpp then merges nothing)
+            merges = _get_list(md, "tokenizer.ggml.merges", str, required=pre != "kimi-k2") or []
             for rank, merge in enumerate(merges):
                 # llama.cpp splits at the first space after the first byte; emplace keeps the
                 # first rank of a repeated pair.
