@@ -13,7 +13,7 @@ import sys
 
 from .errors import RefinferError
 
-COMMANDS = ["generate", "inspect", "quantize", "dump", "compare", "perplexity", "kld"]
+COMMANDS = ["generate", "inspect", "quantize", "dump", "compare", "perplexity", "kld", "backends", "bench"]
 
 
 def _load(name):

@@ -134,7 +134,7 @@ def _tokenizer_for(meta, path):
     return None
 
 
-def load(path=None, backend="numpy", mode="ideal", dtype=np.float32) -> Model:
+def load(path=None, backend=None, mode="ideal", dtype=np.float32) -> Model:  # backend None: numba if installed
     """Load a GGUF file or HF safetensors directory (None: the default model, fetched on first use)."""
     if path is None:
         from .fetch import default_model_path

@@ -20,7 +20,7 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--backend", default="numpy", help="compute backend (default numpy)")
+    p.add_argument("--backend", default=None, help="compute backend: numba (the default when installed) or numpy")
     p.add_argument("--mode", default="ideal", choices=["ideal", "ggml"],
                    help="numerics: ideal (exact float) or ggml (llama.cpp's CPU roundings)")
 
@@ -53,5 +53,5 @@ def run(args) -> int:
     dec = stats.get("decode_s", 0.0)
     print(f"[{stats.get('prompt_tokens', 0)} prompt tokens in {stats.get('prefill_s', 0.0):.2f} s, "
           f"{n} generated tokens at {n / dec if dec > 0 else 0.0:.1f} tokens/s; "
-          f"load {load_s:.1f} s; backend {args.backend}, mode {args.mode}]", file=sys.stderr)
+          f"load {load_s:.1f} s; backend {model.backend.name}, mode {args.mode}]", file=sys.stderr)
     return 0

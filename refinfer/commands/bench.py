@@ -1,0 +1,60 @@
+"""python -m refinfer bench [-m MODEL] [--threads 1,2] [--json FILE]
+
+Tokens per second of refinfer's backends and of llama.cpp on the same model and thread
+counts, as llama-bench reports them: pp512 (one 512-token prompt) and tg128 (128 tokens decoded
+one at a time), with peak memory, model size and the ratio to llama.cpp measured in the same
+run. llama.cpp comes from llama-cpp-python; without it its rows read "failed".
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+HELP = "throughput (pp512 / tg128 tokens/s) of refinfer's backends vs llama.cpp"
+
+
+def add_arguments(p):
+    p.add_argument("-m", "--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    p.add_argument("--backends", default="numba,numpy,llama.cpp",
+                   help="comma-separated engines among numba, numpy, llama.cpp (default all three)")
+    p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens of the pp test (default 512; 0 skips)")
+    p.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens of the tg test (default 128; 0 skips)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as a JSON array to FILE")
+
+
+def _ints(text, what):
+    from ..errors import RefinferError
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise RefinferError(f"--{what} must be comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise RefinferError(f"--{what} needs integers >= 1, got {text!r}")
+    return vals
+
+
+def run(args) -> int:
+    from ..bench import ENGINES, format_table, run_bench
+    from ..errors import RefinferError
+
+    threads = _ints(args.threads, "threads")
+    engines = [e.strip() for e in args.backends.split(",") if e.strip()]
+    bad = [e for e in engines if e not in ENGINES]
+    if bad or not engines:
+        raise RefinferError(f"unknown engine {', '.join(bad) or '(none)'}; choose from {', '.join(ENGINES)}")
+    if args.n_prompt < 0 or args.n_gen < 0 or args.n_prompt + args.n_gen == 0:
+        raise RefinferError("-p and -n must be >= 0 and not both 0")
+    model = args.model
+    if model is None:
+        from ..fetch import default_model_path
+        model = str(default_model_path())
+    rows = run_bench(model, threads, engines, args.n_prompt, args.n_gen,
+                     log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    sys.stdout.write(format_table(rows, model))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+            f.write("\n")
+    return 0
