@@ -12,6 +12,7 @@ import pytest
 
 import refinfer
 from llama_ref import llama_logits, noise_floor
+from models import load_llama
 from refinfer.forward import KVCache, forward
 from refinfer.metrics import compare_logits
 
@@ -34,8 +35,9 @@ def llama_tokenize(path, text, add_bos=True):
 
 
 def llama_greedy(path, prompt_ids, n):
-    """llama.cpp's greedy continuation and, per step, its top-2 logit margin."""
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt_ids) + n + 8, logits_all=True, verbose=False, n_threads=2)
+    """llama.cpp's greedy continuation and, per step, its top-2 logit margin, on the plain CPU
+    path like llama_logits (repacked q4_0 weights round differently)."""
+    llm = load_llama(path, n_ctx=len(prompt_ids) + n + 8, logits_all=True, verbose=False, n_threads=2)
     try:
         llm.eval(list(prompt_ids))
         toks, margins = [], []
