@@ -9,7 +9,6 @@ ChatML conversation written out by hand for the SmolLM2 chat template.
 from __future__ import annotations
 
 import ctypes
-import functools
 import pathlib
 
 import pytest
@@ -29,44 +28,42 @@ VOCABS = ["aquila", "baichuan", "bert-bge", "command-r", "deepseek-coder", "deep
 SEPARATOR = "\n__ggml_vocab_test__\n"
 
 
-@functools.lru_cache(maxsize=None)
-def _load(path: str):
-    metadata = GGUFFile(path).metadata
-    try:
-        return Tokenizer.from_gguf_metadata(metadata), metadata
-    except UnsupportedError as e:
-        return None, str(e)
+class Subject:
+    """A vocabulary file, refinfer's tokenizer for it and llama.cpp's (vocab_only)."""
 
-
-def _tokenizer(path: pathlib.Path) -> Tokenizer:
-    if not path.exists():
-        pytest.skip(f"{path.name} is not in this llama.cpp release")
-    tok, why = _load(str(path))
-    if tok is None:
-        pytest.skip(f"{path.name}: {why}")
-    return tok
-
-
-_LLAMAS: dict = {}
-
-
-def _llama(path: str):
-    if path not in _LLAMAS:
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        if not path.exists():
+            pytest.skip(f"{path.name} is not in this llama.cpp release")
+        try:
+            self.tok = Tokenizer.from_gguf_metadata(GGUFFile(path).metadata)
+        except UnsupportedError as e:
+            pytest.skip(f"{path.name}: {e}")
         llama_cpp = pytest.importorskip("llama_cpp")
         try:
-            _LLAMAS[path] = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+            self.llama = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
         except Exception as e:  # the oracle is unusable, not our bug
-            pytest.skip(f"llama.cpp cannot load {path}: {e}")
-    return _LLAMAS[path]
+            pytest.skip(f"llama.cpp cannot load {path.name}: {e}")
+
+    def close(self):
+        # Explicitly: at interpreter exit llama-cpp-python's finalizers fail noisily.
+        self.llama.close()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _close_llamas():
-    # Free the oracle models here: at interpreter exit llama-cpp-python's finalizers fail noisily.
-    yield
-    for llama in _LLAMAS.values():
-        llama.close()
-    _LLAMAS.clear()
+# Module-scoped and parametrized: pytest runs every test of one vocabulary before building the
+# next, so only one pair of (large) tokenizers is alive at a time.
+@pytest.fixture(scope="module", params=VOCABS)
+def subject(request, vocab_dir):
+    s = Subject(vocab_dir / f"ggml-vocab-{request.param}.gguf")
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    s = Subject(pathlib.Path(smollm2_path))
+    yield s
+    s.close()
 
 
 def _read_vectors(inp: pathlib.Path, out: pathlib.Path) -> list[tuple[str, list[int]]]:
@@ -88,10 +85,8 @@ def _read_vectors(inp: pathlib.Path, out: pathlib.Path) -> list[tuple[str, list[
     return [(text, [int(t) for t in line.split()]) for text, line in zip(cases, lines)]
 
 
-@pytest.mark.parametrize("name", VOCABS)
-def test_llama_cpp_vectors(vocab_dir, name):
-    path = vocab_dir / f"ggml-vocab-{name}.gguf"
-    tok = _tokenizer(path)
+def test_llama_cpp_vectors(subject):
+    path, tok = subject.path, subject.tok
     inp, out = path.with_name(path.name + ".inp"), path.with_name(path.name + ".out")
     if not inp.exists():
         pytest.skip(f"llama.cpp ships no test vectors for {path.name}")
@@ -147,9 +142,8 @@ def _oracle_detokenize(llama, ids, remove_special: bool, unparse_special: bool) 
     return buf.raw[:n]
 
 
-def _check_against_llama(path: pathlib.Path, data):
-    tok = _tokenizer(path)
-    llama = _llama(str(path))
+def _check_against_llama(subject: Subject, data):
+    tok, llama = subject.tok, subject.llama
     text = data.draw(_texts(tok), label="text")
     add_special = data.draw(st.booleans(), label="add_special")
     parse_special = data.draw(st.booleans(), label="parse_special")
@@ -177,25 +171,22 @@ _HYPOTHESIS = settings(max_examples=25, deadline=None, derandomize=True,
                        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-@pytest.mark.parametrize("name", VOCABS)
 @_HYPOTHESIS
 @given(data=st.data())
-def test_matches_llama_cpp(vocab_dir, name, data):
-    _check_against_llama(vocab_dir / f"ggml-vocab-{name}.gguf", data)
+def test_matches_llama_cpp(subject, data):
+    _check_against_llama(subject, data)
 
 
 @_HYPOTHESIS
 @given(data=st.data())
-def test_smollm2_matches_llama_cpp(smollm2_path, data):
-    _check_against_llama(pathlib.Path(smollm2_path), data)
+def test_smollm2_matches_llama_cpp(smollm2, data):
+    _check_against_llama(smollm2, data)
 
 
-@pytest.mark.parametrize("name", VOCABS)
-def test_special_tokens_match_llama_cpp(vocab_dir, name):
+def test_special_tokens_match_llama_cpp(subject):
     import llama_cpp
-    path = vocab_dir / f"ggml-vocab-{name}.gguf"
-    tok = _tokenizer(path)
-    vocab = llama_cpp.llama_model_get_vocab(_llama(str(path)).model)
+    tok = subject.tok
+    vocab = llama_cpp.llama_model_get_vocab(subject.llama.model)
     assert tok.n_vocab == llama_cpp.llama_vocab_n_tokens(vocab)
     assert (tok.bos_id, tok.eos_id) == tuple(None if i < 0 else i for i in (llama_cpp.llama_vocab_bos(vocab),
                                                                           llama_cpp.llama_vocab_eos(vocab)))
@@ -211,20 +202,19 @@ def test_special_tokens_match_llama_cpp(vocab_dir, name):
     assert all(tok.is_control(i) == bool(llama_cpp.llama_vocab_is_control(vocab, i)) for i in range(tok.n_vocab))
 
 
-@pytest.mark.parametrize("name", ["llama-spm", "gpt-2", "qwen2", "gemma-4"])
-def test_every_piece_matches_llama_cpp(vocab_dir, name):
-    # token_to_piece over the whole vocabulary: byte tokens, byte-level decoding, control tokens.
-    path = vocab_dir / f"ggml-vocab-{name}.gguf"
-    tok = _tokenizer(path)
-    llama = _llama(str(path))
+def test_pieces_match_llama_cpp(subject):
+    # token_to_piece: every token that is not a plain one (byte, control, user-defined, unused,
+    # unknown) and every 7th of the others.
+    from refinfer.tokenizer.vocab import ATTR_NORMAL
+    tok, llama = subject.tok, subject.llama
+    ids = [i for i in range(tok.n_vocab) if tok.attrs[i] != ATTR_NORMAL or i % 7 == 0]
     for special in (True, False):
-        ids = range(tok.n_vocab)
         assert [tok.token_to_piece(i, special=special) for i in ids] == \
             [_oracle_pieces(llama, [i], special) for i in ids]
 
 
-def test_smollm2_properties(smollm2_path):
-    tok = _tokenizer(pathlib.Path(smollm2_path))
+def test_smollm2_properties(smollm2):
+    tok = smollm2.tok
     assert (tok.model, tok.pre) == ("gpt2", "smollm")
     assert tok.tokens[tok.eos_id] == "<|im_end|>"
     # Found by text: llama.cpp's pick among <|endoftext|> and <|im_end|> follows its hash-map order
@@ -240,9 +230,9 @@ def test_smollm2_properties(smollm2_path):
 
 # ---- chat template ------------------------------------------------------------------------------
 
-def test_smollm2_chat_template(smollm2_path):
-    metadata = GGUFFile(smollm2_path).metadata
-    tok = _tokenizer(pathlib.Path(smollm2_path))
+def test_smollm2_chat_template(smollm2):
+    metadata = GGUFFile(smollm2.path).metadata
+    tok = smollm2.tok
     template = ChatTemplate.from_gguf_metadata(metadata, tok)
     conversation = [
         {"role": "system", "content": "You are terse."},
@@ -264,5 +254,5 @@ def test_smollm2_chat_template(smollm2_path):
     )
     rendered = template.render(conversation, add_generation_prompt=True)
     ids = tok.encode(rendered, add_special=True, parse_special=True)
-    assert ids == _llama(str(smollm2_path)).tokenize(rendered.encode("utf-8"), add_bos=True, special=True)
+    assert ids == smollm2.llama.tokenize(rendered.encode("utf-8"), add_bos=True, special=True)
     assert ids.count(tok.token_to_id["<|im_start|>"]) == 5
