@@ -129,7 +129,7 @@ class NumbaBackend(NumpyBackend):
             if lay is not None:
                 d, m = self.legacy_scales(w)
                 if kind == bd.Q8_0:
-                    mk.matvec_q8_0(out[0], x[0], w.raw.view(np.int8), d)
+                    mk.matvec_q8_0(out[0], x[0].reshape(-1, 32), w.raw.view(np.int8).reshape(w.shape[0], -1, 34), d)
                 elif lay[2] < 0:
                     mk.matvec_q4(out[0], x[0], w.raw, d, m, lay[0], lay[1], lay[3])
                 else:
