@@ -10,7 +10,7 @@ from ..errors import RefinferError
 
 import importlib.util
 
-BACKENDS = ("numpy", "numba")
+BACKENDS = ("numpy", "numba", "cuda")
 MODES = ("ideal", "ggml")
 # numba when it is installed: the same results (see tests/test_numba_backend.py), much faster
 DEFAULT_BACKEND = "numba" if importlib.util.find_spec("numba") is not None else "numpy"
@@ -26,4 +26,7 @@ def get_backend(name: str | None = None, mode: str = "ideal", **kw):
     if name == "numba":
         from .numba_backend import NumbaBackend
         return NumbaBackend(mode=mode, **kw)
+    if name == "cuda":
+        from .cuda_backend import CudaBackend
+        return CudaBackend(mode=mode, **kw)
     raise RefinferError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")

@@ -4,7 +4,9 @@ Every helper takes the bytes of one block (`blk`, a uint8 array starting at the 
 element index j, and returns what ggml's `dequantize_row_*` writes for that element, bit for
 bit: the same float32 operations in the same order (see refinfer/quant/<type>.py for the
 layouts). They use no NumPy array functions, so the same source also compiles as numba.cuda
-device functions. The float types take the whole row as `blk` (their block is one element).
+device functions, and runs as plain Python under the CUDA simulator (hence the int() around
+ldexp exponents: Python's math.ldexp accepts no NumPy integer). The float types take the whole
+row as `blk` (their block is one element).
 
 Integer-code helpers (`*_code`) return the signed integer q of w = d * q (+ m) that ggml's
 vec_dot multiplies against the q8 activation codes.
@@ -40,7 +42,7 @@ def fp16_to_f32(h):
     elif e == 31:
         v = np.float32(np.inf) if mant == 0 else np.float32(np.nan)
     else:
-        v = np.float32(math.ldexp(np.float64(1024 + mant), e - 25))   # (1.mant) * 2^(e-15)
+        v = np.float32(math.ldexp(np.float64(1024 + mant), int(e - 25)))   # (1.mant) * 2^(e-15)
     return -v if (h >> 15) & 1 else v
 
 
@@ -55,7 +57,7 @@ def bf16_to_f32(h):
     elif e == 255:
         v = np.float32(np.inf) if mant == 0 else np.float32(np.nan)
     else:
-        v = np.float32(math.ldexp(np.float64(128 + mant), e - 134))
+        v = np.float32(math.ldexp(np.float64(128 + mant), int(e - 134)))
     return -v if (h >> 15) & 1 else v
 
 
@@ -70,7 +72,7 @@ def f32_from_bytes(b0, b1, b2, b3):
     elif e == 255:
         v = np.float32(np.inf) if mant == 0 else np.float32(np.nan)
     else:
-        v = np.float32(math.ldexp(np.float64(0x800000 + mant), np.int32(e) - 150))
+        v = np.float32(math.ldexp(np.float64(0x800000 + mant), int(e - 150)))
     return -v if (u >> 31) & 1 else v
 
 
