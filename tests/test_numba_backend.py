@@ -124,6 +124,7 @@ def test_dequantize_random_bytes(name):
     t = quant.get_type(name)
     rng = np.random.default_rng(3)
     raw = rng.integers(0, 256, (7, 2 * t.type_size * (1 if t.block_size > 1 else 128)), dtype=np.uint8)
+    raw.setflags(write=False)
     with np.errstate(all="ignore"):
         ref = quant.dequantize(raw, name)
     out = np.empty_like(ref)
@@ -298,13 +299,14 @@ def _greedy(model, ids, n):
     return toks, np.concatenate(logits)
 
 
-@pytest.mark.parametrize("name", ["f32", *FTYPES])
+@pytest.mark.parametrize("name", ["q4_1", "f32", "q8_0", "q5_0"])
 def test_whole_model_same_greedy_tokens_and_logits(tiny_models, name):
+    """All 8 prompts for the default model's type and f32; 2 for the others (test time)."""
     import refinfer
     ref = refinfer.load(tiny_models[name], backend="numpy")
     fast = refinfer.load(tiny_models[name], backend="numba")
     worst = 0.0
-    for prompt in PROMPTS:
+    for prompt in PROMPTS if name in ("q4_1", "f32") else PROMPTS[:2]:
         ids = ref.tokenize(prompt)
         want, z_ref = _greedy(ref, ids, 64)
         got, z = _greedy(fast, ids, 64)

@@ -43,6 +43,16 @@ class NumbaFallbackWarning(UserWarning):
     pass
 
 
+def readonly(a):
+    """A read-only view: the loader's memory maps are read-only, and Numba compiles one
+    specialization per writability, so every caller passes the same kind."""
+    if not a.flags.writeable:
+        return a
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
 def coverage(mode="ideal", dtype=np.float32):
     """{(op, type): "native" | "fallback" | "shared"} for this backend in the given mode."""
     native = np.dtype(dtype) == np.float32 or mode == "ggml"
@@ -69,6 +79,7 @@ class NumbaBackend(NumpyBackend):
     def legacy_scales(self, w):  # -> (d float32[rows, nb], m float32[rows, nb])
         """The block scales of a 32-element-type matrix, decoded once (a quarter byte per
         weight); the QTensor is kept with them so that its id cannot be reused."""
+        w = getattr(w, "qtensor", w)
         hit = self._scales.get(id(w))
         if hit is None:
             ts, _, _, _, has_m = LEGACY_LAYOUT[w.qtype.name]
@@ -105,7 +116,7 @@ class NumbaBackend(NumpyBackend):
         if not self._kernel_ok("embed", w):
             return super().embed(out, w, ids)
         buf = np.empty(out.shape, np.float32)
-        mk.dequantize_rows(buf, w.raw, np.asarray(ids, dtype=np.int64), bd.KINDS[w.qtype.name])
+        mk.dequantize_rows(buf, readonly(w.raw), np.asarray(ids, dtype=np.int64), bd.KINDS[w.qtype.name])
         out[...] = buf
 
     def matmul(self, out, x, w):
@@ -114,6 +125,7 @@ class NumbaBackend(NumpyBackend):
             return super().matmul(out, x, w)
         x = np.ascontiguousarray(x, dtype=np.float32)
         kind = bd.KINDS[w.qtype.name]
+        w = _ReadOnly(w)
         res = out if out.flags.c_contiguous and out.dtype == np.float32 else np.empty(out.shape, np.float32)
         if self.mode == "ideal":
             self._matmul_ideal(res, x, w, kind)
@@ -219,6 +231,13 @@ class NumbaBackend(NumpyBackend):
             self._fallback("swiglu", "f32", f"dtype {self.dtype}")
             return super().swiglu(out, gate, up)
         ok.swiglu(out, gate, up, self.mode == "ggml")
+
+
+class _ReadOnly:
+    """The QTensor fields the kernels read, with raw as a read-only view."""
+
+    def __init__(self, w):
+        self.qtensor, self.raw, self.qtype, self.shape = w, readonly(w.raw), w.qtype, w.shape
 
 
 def mk_group(tname):

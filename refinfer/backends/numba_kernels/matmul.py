@@ -34,18 +34,24 @@ def decode_group(kind, blk, buf):
         bd.decode_kquant(kind, blk, buf, 0)
     elif kind >= bd.Q4_0:
         bd.decode_legacy(kind, blk, buf, 0)
+    elif kind == bd.F16:
+        for j in range(32):
+            buf[j] = bd.f16_value(blk, j)
+    elif kind == bd.BF16:
+        for j in range(32):
+            buf[j] = bd.bf16_value(blk, j)
     else:
         for j in range(32):
-            buf[j] = bd.value(kind, blk, j)
+            buf[j] = bd.f32_value(blk, j)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def dequantize_rows(out, raw, ids, kind):
     """out[i] = row ids[i] of W (ggml_get_rows): out float32[n, cols], raw uint8[rows, row_bytes]."""
     cols = out.shape[1]
     G = group_size(kind)
     gb = raw.shape[1] * G // cols  # bytes per group
-    for i in prange(len(ids)):
+    for i in range(len(ids)):
         row = raw[ids[i]]
         buf = np.empty(G, np.float32)
         for g in range(cols // G):
