@@ -139,7 +139,10 @@ def test_prefill_tiles_equal_dequantize(name):
     d, m = be.legacy_scales(w)
     ts, qs, qh, off, _ = LEGACY_LAYOUT[name]
     tile = np.empty((13, w.shape[1]), np.float32)
-    mk.tile_legacy(tile, w.raw, 28, d, m, name == "q8_0", ts, qs, qh, off)
+    if name == "q8_0":
+        mk.tile_q8_0(tile, w.raw.view(np.int8).reshape(41, -1, 34), 28, d)
+    else:
+        mk.tile_nibbles(tile, w.raw, 28, d, m, ts, qs, qh, off)
     np.testing.assert_array_equal(tile, quant.dequantize(w.raw[28:41], name))  # -0.0 == +0.0
 
 

@@ -162,7 +162,10 @@ class NumbaBackend(NumpyBackend):
             t = tile[: r1 - r0]
             if lay is not None:
                 d, m = self.legacy_scales(w)
-                mk.tile_legacy(t, w.raw, r0, d, m, kind == bd.Q8_0, lay[0], lay[1], lay[2], lay[3])
+                if kind == bd.Q8_0:
+                    mk.tile_q8_0(t, w.raw.view(np.int8).reshape(rows, -1, 34), r0, d)
+                else:
+                    mk.tile_nibbles(t, w.raw, r0, d, m, lay[0], lay[1], lay[2], lay[3])
             else:
                 mk.dequantize_tile(t, w.raw, r0, kind)
             out[:, r0:r1] = x @ t.T

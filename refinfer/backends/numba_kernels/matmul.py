@@ -318,17 +318,32 @@ def legacy_codes(blk, is_q8, qs, qh, off, codes):
 
 
 @njit(cache=True, parallel=True)
-def tile_legacy(out, raw, r0, d, m, is_q8, ts, qs, qh, off):
-    """Rows r0 .. r0 + len(out) of a 32-element-type W as float32 (a tile for BLAS)."""
+def tile_nibbles(out, raw, r0, d, m, ts, qs, qh, off):
+    """Rows r0 .. r0 + len(out) of a q4_0/q4_1/q5_0/q5_1 W as float32 (a tile for BLAS),
+    decoded as matvec_nibbles does (block slices, no per-element dispatch)."""
     nb = d.shape[1]
     for i in prange(out.shape[0]):
-        codes = np.empty(32, np.int32)
         for b in range(nb):
-            legacy_codes(raw[r0 + i, b * ts: (b + 1) * ts], is_q8, qs, qh, off, codes)
-            db, mb = d[r0 + i, b], m[r0 + i, b]
+            blk = raw[r0 + i, b * ts: (b + 1) * ts]
+            nib = blk[qs: qs + 16]
             o = out[i, b * 32: b * 32 + 32]
+            h = qh_word(blk, qh) if qh >= 0 else np.int64(0)
+            db, mb = d[r0 + i, b], m[r0 + i, b]
+            for j in range(16):
+                q = np.int64(nib[j])
+                o[j] = np.float32(((q & 15) | (((h >> j) & 1) << 4)) + off) * db + mb
+                o[j + 16] = np.float32(((q >> 4) | (((h >> (j + 16)) & 1) << 4)) + off) * db + mb
+
+
+@njit(cache=True, parallel=True)
+def tile_q8_0(out, blocks, r0, d):
+    """Rows r0 .. r0 + len(out) of a q8_0 W (blocks int8[rows, nb, 34]) as float32."""
+    nb = d.shape[1]
+    for i in prange(out.shape[0]):
+        for b in range(nb):
+            db = d[r0 + i, b]
             for j in range(32):
-                o[j] = np.float32(codes[j]) * db + mb
+                out[i, b * 32 + j] = np.float32(blocks[r0 + i, b, 2 + j]) * db
 
 
 @njit(cache=True, parallel=True)
