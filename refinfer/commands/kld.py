@@ -1,0 +1,104 @@
+"""python -m refinfer kld --base SRC --test SRC -f TEXT"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+HELP = "KL divergence, PPL ratio, RMS delta-p and same-top-p of test logits against base logits (llama-perplexity --kl-divergence)"
+
+SOURCES = """SRC is one of
+  MODEL.gguf | HF_DIR                         refinfer, ideal mode, numpy backend
+  refinfer[mode=ggml,backend=numba]:MODEL     refinfer with options
+  llama.cpp:MODEL.gguf                        llama.cpp through llama-cpp-python (default settings)
+  llama.cpp[variant=flash_attn]:MODEL.gguf    variants: default, single_token, flash_attn, kv_f32
+  logits:FILE.safetensors | FILE.safetensors  base logits saved with --save-base (float32)"""
+
+
+def add_arguments(p):
+    p.epilog = SOURCES
+    import argparse
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--base", required=True, metavar="SRC", help="the reference logits")
+    p.add_argument("--test", action="append", default=[], metavar="SRC", help="logits to judge (repeatable)")
+    p.add_argument("-f", "--file", default=None, help="text file (not needed when --base is a saved logits file)")
+    p.add_argument("-c", "--ctx", type=int, default=512, help="tokens per chunk, as llama-perplexity -c (default 512)")
+    p.add_argument("--chunks", type=int, default=None, help="use only the first N chunks")
+    p.add_argument("--save-base", metavar="FILE", default=None, help="save the base logits (float32) for later runs")
+    p.add_argument("--floor", nargs="?", const="", default=None, metavar="MODEL",
+                   help="also measure llama.cpp's noise floor on MODEL (default: the base's model file): its "
+                        "variants single_token, flash_attn and kv_f32 against its default, on the same chunks")
+    p.add_argument("--json", metavar="FILE", default=None, help="write every statistic to FILE as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _model_path(spec):
+    from ..perplexity import _SPEC
+    m = _SPEC.match(spec)
+    return m.group(3) if m else spec
+
+
+def _row(name, r):
+    return (f"{name:<46} {r['ppl_ratio']:9.5f} {r['ln_ppl_ratio']:+11.2e} {r['kld_mean']:10.3e} {r['kld_max']:10.3e} "
+            f"{100 * r['rms_dp']:8.4f}% {100 * r['same_top']:8.3f}% {r['nmse']:10.3e}")
+
+
+def run(args) -> int:
+    from ..errors import RefinferError
+    from ..perplexity import LogitsFileSource, format_kld, kl_divergence, parse_source
+    from .perplexity import read_text
+
+    if not args.test and args.floor is None:
+        raise RefinferError("nothing to compare: give --test SRC and/or --floor")
+    base = parse_source(args.base, n_ctx=args.ctx)
+    opened = [base]
+    try:
+        if isinstance(base, LogitsFileSource):
+            tokens, n_ctx = [int(t) for t in base.tokens], base.n_ctx
+            if args.ctx != n_ctx and args.ctx != 512:
+                raise RefinferError(f"{args.base} was saved with --ctx {n_ctx}, not {args.ctx}")
+        else:
+            if args.file is None:
+                raise RefinferError("-f TEXT is needed unless --base is a saved logits file")
+            tokens, n_ctx = base.tokenize(read_text(args.file)), args.ctx
+        tests = [parse_source(s, n_ctx=n_ctx) for s in args.test]
+        opened += tests
+        for t in tests:
+            if t.n_vocab != base.n_vocab:
+                raise RefinferError(f"{t.name} has {t.n_vocab} tokens in its vocabulary, the base {base.n_vocab}")
+        progress = not args.no_progress
+        results = kl_divergence(base, tests, tokens, n_ctx, args.chunks, progress, args.save_base) if tests else []
+        floor = {}
+        if args.floor is not None:
+            model = args.floor or _model_path(args.base)
+            if isinstance(base, LogitsFileSource) and not args.floor:
+                raise RefinferError("--floor needs a MODEL when the base is a logits file")
+            fbase = parse_source(f"llama.cpp:{model}", n_ctx=n_ctx)
+            opened.append(fbase)
+            variants = [parse_source(f"llama.cpp[variant={v}]:{model}", n_ctx=n_ctx)
+                        for v in ("single_token", "flash_attn", "kv_f32")]
+            opened += variants
+            floor = dict(zip((v.name for v in variants), kl_divergence(fbase, variants, tokens, n_ctx, args.chunks, progress)))
+    finally:
+        for s in opened:
+            s.close()
+
+    n_scored = results[0]["n"] if results else next(iter(floor.values()))["n"]
+    print(f"base: {base.name}\n{len(tokens)} tokens, chunks of {n_ctx}, {n_scored} scored positions (second half of each chunk)")
+    for t, r in zip(args.test, results):
+        print(f"\n### test: {t}")
+        print(format_kld(r))
+    if floor or len(results) > 1:
+        print(f"\n{'source':<46} {'PPL ratio':>9} {'ln ratio':>11} {'mean KLD':>10} {'max KLD':>10} "
+              f"{'RMS dp':>9} {'same top':>9} {'NMSE':>10}")
+        for t, r in zip(args.test, results):
+            print(_row(t if len(t) <= 46 else "..." + t[-43:], r))
+        if floor:
+            print("llama.cpp's noise floor (each variant against llama.cpp's default):")
+            for name, r in floor.items():
+                print(_row("  " + name.split("]")[0].replace("llama.cpp[variant=", ""), r))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"base": base.name, "n_ctx": n_ctx, "tests": dict(zip(args.test, results)), "floor": floor},
+                      f, indent=1)
+    return 0

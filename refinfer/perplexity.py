@@ -1,0 +1,316 @@
+"""Perplexity and KL divergence with llama-perplexity's chunking (tools/perplexity/perplexity.cpp).
+
+Chunking (perplexity() and kl_divergence() there):
+  - the whole text is tokenized once, with the special tokens the model asks for (BOS);
+  - it is cut into n_chunk = n_tokens // n_ctx chunks of n_ctx tokens; the tail is dropped, and
+    fewer than 2 * n_ctx tokens is an error;
+  - each chunk is evaluated from an empty KV cache; when the vocabulary adds BOS, the chunk's
+    first token is replaced by BOS for evaluation (targets keep the original tokens);
+  - only the second half is scored: with first = n_ctx // 2, logits at positions
+    first .. n_ctx - 2 predict tokens first + 1 .. n_ctx - 1, i.e. n_ctx - 1 - first per chunk;
+  - nll = log(sum_i exp(l_i - max)) - (l_tok - max), accumulated in double; PPL = exp(mean nll),
+    and its uncertainty is PPL * sqrt(var(nll) / (count - 1)).
+
+KL divergence: llama-perplexity stores base log-probabilities as uint16 over [max - 16, max] and
+drops base probabilities below e^-16; here the base logits stay float32 and KL(P_base || P_test)
+sums over the whole vocabulary in float64. The statistics and their names are llama.cpp's.
+
+A source of logits is anything with .chunk_logits(chunk_tokens) -> float32[n_ctx, vocab]
+(refinfer, llama.cpp, or a saved logits file); see parse_source.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+from .errors import RefinferError
+
+LOGITS_FORMAT = "refinfer-logits"
+
+
+def make_chunks(tokens, n_ctx: int) -> list:
+    if n_ctx < 4:
+        raise RefinferError(f"--ctx must be at least 4, got {n_ctx}")
+    if len(tokens) < 2 * n_ctx:
+        raise RefinferError(f"the text tokenizes to {len(tokens)} tokens; perplexity with a context of {n_ctx} "
+                            f"needs at least {2 * n_ctx} (llama-perplexity's rule)", hint="use a longer text or a smaller --ctx")
+    return [list(tokens[i * n_ctx:(i + 1) * n_ctx]) for i in range(len(tokens) // n_ctx)]
+
+
+def eval_tokens(chunk, add_bos, bos):
+    """The chunk as llama-perplexity evaluates it: its first token replaced by BOS if the
+    vocabulary adds BOS."""
+    chunk = list(chunk)
+    if add_bos and bos is not None:
+        chunk[0] = bos
+    return chunk
+
+
+def log_softmax64(logits) -> np.ndarray:  # float32[n, V] -> float64[n, V]
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def targets(chunk) -> np.ndarray:
+    """The tokens the scored positions predict: chunk[n_ctx // 2 + 1:]."""
+    return np.asarray(chunk[len(chunk) // 2 + 1:], dtype=np.int64)
+
+
+def mean_and_uncertainty(values):
+    v = np.asarray(values, dtype=np.float64)
+    mean = float(v.mean())
+    var = float(np.mean(v * v)) - mean * mean
+    return mean, math.sqrt(var / (len(v) - 1)) if var > 0 and len(v) > 10 else 0.0
+
+
+def _percentile(sorted_values, fraction):
+    # llama.cpp's percentile(): linear interpolation at fraction * (n - 1)
+    v = sorted_values
+    if fraction <= 0:
+        return float(v[0])
+    if fraction >= 1:
+        return float(v[-1])
+    p = fraction * (len(v) - 1)
+    ip = int(p)
+    p -= ip
+    return float((1 - p) * v[ip] + p * v[min(ip + 1, len(v) - 1)])
+
+
+def ppl_stats(nll) -> dict:
+    mean, unc = mean_and_uncertainty(nll)
+    ppl = math.exp(mean)
+    return {"ppl": ppl, "ppl_unc": ppl * unc, "count": len(nll)}
+
+
+def kld_stats(nll_base, nll_test, kld, p_diff, same_top, nmse_num=0.0, nmse_den=0.0) -> dict:
+    """llama-perplexity --kl-divergence's summary from per-position values."""
+    nb, nt = np.asarray(nll_base), np.asarray(nll_test)
+    n = len(nb)
+    lb, ub = mean_and_uncertainty(nb)
+    lt, ut = mean_and_uncertainty(nt)
+    cov = (float(np.mean(nt * nb)) - lt * lb) / (n - 1) if n >= 10 else 0.0
+    log_ratio_unc = math.sqrt(max(ut * ut + ub * ub - 2 * cov, 0.0))
+    k = np.sort(np.asarray(kld))
+    kmean, kunc = mean_and_uncertainty(k)
+    pd = np.asarray(p_diff)
+    mse, mse_unc = mean_and_uncertainty(pd * pd)
+    rms = math.sqrt(mse)
+    same = float(np.mean(same_top))
+    out = {
+        "n": n,
+        "ppl_test": math.exp(lt), "ppl_test_unc": math.exp(lt) * ut,
+        "ppl_base": math.exp(lb), "ppl_base_unc": math.exp(lb) * ub,
+        "cor_ln_ppl": cov / (ut * ub) if ut and ub else float("nan"),
+        "ln_ppl_ratio": lt - lb, "ln_ppl_ratio_unc": log_ratio_unc,
+        "ppl_ratio": math.exp(lt - lb), "ppl_ratio_unc": math.exp(lt - lb) * log_ratio_unc,
+        "ppl_diff": math.exp(lt) - math.exp(lb),
+        "kld_mean": kmean, "kld_mean_unc": kunc, "kld_max": float(k[-1]),
+        "kld_median": float(np.median(k)), "kld_min": float(k[0]),
+        "rms_dp": rms, "rms_dp_unc": 0.5 / rms * mse_unc if rms else 0.0,
+        "same_top": same, "same_top_unc": math.sqrt(same * (1 - same) / (n - 1)) if n > 1 else 0.0,
+        "nmse": nmse_num / nmse_den if nmse_den else 0.0,
+    }
+    for f in (0.999, 0.99, 0.95, 0.9, 0.1, 0.05, 0.01, 0.001):
+        out[f"kld_p{f * 100:g}"] = _percentile(k, f)
+    return out
+
+
+# ---- sources of logits ----------------------------------------------------------------------
+
+class RefinferSource:
+    def __init__(self, path, mode="ideal", backend="numpy"):
+        from .model import load
+        self.model = load(path, mode=mode, backend=backend)
+        self.name = f"refinfer[mode={mode},backend={backend}]:{path}"
+        self.n_vocab = self.model.config.vocab_size
+        tok = self.model.tokenizer
+        self.add_bos = bool(tok and tok.add_bos)
+        self.bos = tok.bos_id if tok else None
+
+    def tokenize(self, text):
+        return self.model.tokenize(text, add_special=True)
+
+    def chunk_logits(self, chunk):
+        return self.model.logits(eval_tokens(chunk, self.add_bos, self.bos))
+
+    def close(self):
+        pass
+
+
+class LlamaCppSource:
+    def __init__(self, path, variant="default", n_ctx=512):
+        from .llama_oracle import LlamaCpp
+        self.llm = LlamaCpp(path, variant=variant, n_ctx=n_ctx)
+        self.name = f"llama.cpp[variant={variant}]:{path}"
+        self.n_vocab, self.add_bos, self.bos = self.llm.n_vocab, self.llm.add_bos, self.llm.bos
+
+    def tokenize(self, text):
+        return self.llm.tokenize(text, add_special=True)
+
+    def chunk_logits(self, chunk):
+        return self.llm.logits(eval_tokens(chunk, self.add_bos, self.bos))
+
+    def close(self):
+        self.llm.close()
+
+
+class LogitsFileSource:
+    """Base logits saved by `kld --save-base`: the scored half of every chunk, float32."""
+
+    def __init__(self, path):
+        from .dump import read_safetensors
+        meta, arrays = read_safetensors(path, LOGITS_FORMAT)
+        if "tokens" not in arrays or "logits" not in arrays:
+            raise RefinferError(f"{path}: a logits file needs `tokens` and `logits` tensors")
+        self.tokens = arrays["tokens"]
+        self.logits = arrays["logits"]                      # [n_chunk, n_ctx - 1 - n_ctx // 2, V]
+        self.n_ctx = int(meta.get("n_ctx", 0))
+        n_chunk = self.logits.shape[0] if self.logits.ndim == 3 else -1
+        if self.n_ctx < 4 or n_chunk < 1 or self.tokens.shape != (n_chunk * self.n_ctx,) \
+                or self.logits.shape[1] != self.n_ctx - 1 - self.n_ctx // 2:
+            raise RefinferError(f"{path}: tokens {self.tokens.shape}, logits {self.logits.shape} and n_ctx {self.n_ctx} "
+                                "do not fit together")
+        self.name = f"logits:{path} (of {meta.get('source', '?')})"
+        self.n_vocab = self.logits.shape[2]
+        self.add_bos, self.bos = False, None
+        self._chunks = {tuple(self.tokens[i * self.n_ctx:(i + 1) * self.n_ctx]): i for i in range(n_chunk)}
+
+    def scored_logits(self, chunk):
+        i = self._chunks.get(tuple(chunk))
+        if i is None:
+            raise RefinferError(f"{self.name}: no saved logits for this chunk of tokens")
+        return self.logits[i]
+
+    def close(self):
+        pass
+
+
+_SPEC = re.compile(r"^(refinfer|llama\.cpp|logits)(?:\[([^\]]*)\])?:(.+)$")
+
+
+def parse_source(spec: str, n_ctx=512):
+    """refinfer[mode=ggml,backend=numpy]:PATH, llama.cpp[variant=flash_attn]:PATH, logits:FILE;
+    a bare path is refinfer's ideal mode (or a logits file if it holds one)."""
+    m = _SPEC.match(spec)
+    if m is None:
+        kind, opts, path = ("logits" if spec.endswith(".safetensors") else "refinfer"), "", spec
+    else:
+        kind, opts, path = m.group(1), m.group(2) or "", m.group(3)
+    kw = {}
+    for item in filter(None, (s.strip() for s in opts.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise RefinferError(f"source option {item!r} in {spec!r} is not key=value")
+        kw[key.strip()] = value.strip()
+    allowed = {"refinfer": {"mode", "backend"}, "llama.cpp": {"variant"}, "logits": set()}[kind]
+    if set(kw) - allowed:
+        raise RefinferError(f"{spec!r}: unknown option(s) {sorted(set(kw) - allowed)} for a {kind} source "
+                            f"(allowed: {sorted(allowed) or 'none'})")
+    if kind == "refinfer":
+        return RefinferSource(path, **kw)
+    if kind == "llama.cpp":
+        return LlamaCppSource(path, n_ctx=n_ctx, **kw)
+    return LogitsFileSource(path)
+
+
+def _scored_logits(src, chunk):  # -> float32[n_ctx - 1 - n_ctx // 2, V]: the scored second half
+    if isinstance(src, LogitsFileSource):
+        return np.asarray(src.scored_logits(chunk))
+    n_ctx = len(chunk)
+    return src.chunk_logits(chunk)[n_ctx // 2: n_ctx - 1]
+
+
+def _bar(total, desc, progress):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="chunk", disable=None if progress else True, leave=False)
+
+
+def perplexity(src, tokens, n_ctx=512, n_chunks=None, progress=False, on_chunk=None) -> dict:
+    """llama-perplexity's PPL of src over tokens: {ppl, ppl_unc, count, chunks: running PPL}."""
+    chunks = make_chunks(tokens, n_ctx)[:n_chunks]
+    nll, running = [], []
+    with _bar(len(chunks), "perplexity", progress) as bar:
+        for chunk in chunks:
+            lp, tgt = log_softmax64(_scored_logits(src, chunk)), targets(chunk)
+            nll.extend((-lp[np.arange(len(tgt)), tgt]).tolist())
+            running.append(math.exp(float(np.mean(nll))))
+            if on_chunk:
+                on_chunk(len(running), running[-1])
+            bar.update(1)
+    out = ppl_stats(nll)
+    out["chunks"] = running
+    out["n_ctx"] = n_ctx
+    return out
+
+
+def kl_divergence(base, tests, tokens, n_ctx=512, n_chunks=None, progress=False, save_base=None) -> list:
+    """llama-perplexity --kl-divergence statistics of each test source against base, over the
+    same chunks; base logits are computed once per chunk and kept in float32."""
+    chunks = make_chunks(tokens, n_ctx)[:n_chunks]
+    acc = [{"nll_base": [], "nll_test": [], "kld": [], "p_diff": [], "same_top": [], "num": 0.0, "den": 0.0}
+           for _ in tests]
+    saved = []
+    with _bar(len(chunks), "kld", progress) as bar:
+        for chunk in chunks:
+            zb = np.asarray(_scored_logits(base, chunk), dtype=np.float32)
+            if save_base is not None:
+                saved.append(zb)
+            lb = log_softmax64(zb)
+            tgt = targets(chunk)
+            rows = np.arange(len(tgt))
+            pb = np.exp(lb)
+            for src, a in zip(tests, acc):
+                zt = np.asarray(_scored_logits(src, chunk), dtype=np.float32)
+                if zt.shape != zb.shape:
+                    raise RefinferError(f"{src.name} gives logits {zt.shape}, the base {zb.shape}: different vocabularies?")
+                lt = log_softmax64(zt)
+                a["nll_base"].extend((-lb[rows, tgt]).tolist())
+                a["nll_test"].extend((-lt[rows, tgt]).tolist())
+                a["kld"].extend(np.sum(pb * (lb - lt), axis=-1).tolist())
+                a["p_diff"].extend((np.exp(lt[rows, tgt]) - pb[rows, tgt]).tolist())
+                a["same_top"].extend((np.argmax(zt, axis=-1) == np.argmax(zb, axis=-1)).tolist())
+                a["num"] += float(np.sum((zt.astype(np.float64) - zb) ** 2))
+                a["den"] += float(np.sum(zb.astype(np.float64) ** 2))
+            bar.update(1)
+    if save_base is not None:
+        from .dump import write_safetensors
+        write_safetensors(save_base, {"tokens": np.asarray([t for c in chunks for t in c], dtype="<i4"),
+                                      "logits": np.stack(saved)},
+                          {"format": LOGITS_FORMAT, "format_version": "1", "n_ctx": str(n_ctx), "source": base.name})
+    return [kld_stats(a["nll_base"], a["nll_test"], a["kld"], a["p_diff"], a["same_top"], a["num"], a["den"])
+            for a in acc]
+
+
+def format_kld(r: dict) -> str:
+    """The summary in llama-perplexity's layout and names."""
+    lines = [
+        "====== Perplexity statistics ======",
+        f"Mean PPL(Q)                   : {r['ppl_test']:10.6f} ± {r['ppl_test_unc']:10.6f}",
+        f"Mean PPL(base)                : {r['ppl_base']:10.6f} ± {r['ppl_base_unc']:10.6f}",
+        f"Cor(ln(PPL(Q)), ln(PPL(base))): {100 * r['cor_ln_ppl']:6.2f}%",
+        f"Mean ln(PPL(Q)/PPL(base))     : {r['ln_ppl_ratio']:10.6f} ± {r['ln_ppl_ratio_unc']:10.6f}",
+        f"Mean PPL(Q)/PPL(base)         : {r['ppl_ratio']:10.6f} ± {r['ppl_ratio_unc']:10.6f}",
+        f"Mean PPL(Q)-PPL(base)         : {r['ppl_diff']:10.6f}",
+        "",
+        "====== KL divergence statistics ======",
+        f"Mean    KLD: {r['kld_mean']:10.6f} ± {r['kld_mean_unc']:10.6f}",
+        f"Maximum KLD: {r['kld_max']:10.6f}",
+    ]
+    for f in (99.9, 99, 95, 90):
+        lines.append(f"{f:4.1f}%   KLD: {r[f'kld_p{f:g}']:10.6f}")
+    lines.append(f"Median  KLD: {r['kld_median']:10.6f}")
+    for f in (10, 5, 1, 0.1):
+        lines.append(f"{f:4.1f}%   KLD: {r[f'kld_p{f:g}']:10.6f}")
+    lines += [
+        f"Minimum KLD: {r['kld_min']:10.6f}",
+        "",
+        "====== Token probability statistics ======",
+        f"RMS Δp    : {100 * r['rms_dp']:6.3f} ± {100 * r['rms_dp_unc']:5.3f} %",
+        f"Same top p: {100 * r['same_top']:6.3f} ± {100 * r['same_top_unc']:5.3f} %",
+        f"Logit NMSE: {r['nmse']:.3e}   (refinfer addition: scored positions, full vocabulary)",
+    ]
+    return "\n".join(lines)
