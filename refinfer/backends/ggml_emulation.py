@@ -24,30 +24,33 @@ LANES = 8                      # floats per __m256
 _CHUNK = 1 << 22               # lane elements per step of the blocked loops (bounds memory)
 
 
-def fma_f32(a, b, c) -> np.ndarray:
+def fma_f32(a, b, c, out=None, work=None) -> np.ndarray:
     """float32 fma(a, b, c) = round32(a*b + c) with one rounding, as _mm256_fmadd_ps.
 
     a*b of two float32 is exact in float64. The float64 sum s = a*b + c can round; rounding s
     once more to float32 is still correct unless s sits exactly on a float32 midpoint (low 29
     mantissa bits = 1000...0) with a nonzero error, where round-to-odd breaks the tie the way
     the exact sum would. Subnormal float32 results are not special-cased (they do not occur in
-    these kernels' accumulators)."""
-    p = np.multiply(np.asarray(a, np.float64), np.asarray(b, np.float64))
-    c64 = np.asarray(c, np.float64)
-    s = p + c64
-    bits = s.view(np.int64)
-    tie = (bits & 0x1FFFFFFF) == 0x10000000
+    these kernels' accumulators). `out` (float32, may be c) and `work` (float64) are optional
+    buffers of the result's shape: hot loops pass them to avoid allocating."""
+    shape = np.broadcast_shapes(np.shape(a), np.shape(b), np.shape(c))
+    s = np.empty(shape, np.float64) if work is None else work
+    np.multiply(a, b, out=s, dtype=np.float64)                        # exact product
+    np.add(s, c, out=s)
+    low = s.view(np.uint32).reshape(shape + (2,))[..., 0]             # low mantissa word (little-endian)
+    tie = np.bitwise_and(low, np.uint32(0x1FFFFFFF)) == np.uint32(0x10000000)
     if tie.any():
-        p, c64 = np.broadcast_to(p, s.shape), np.broadcast_to(c64, s.shape)
         idx = np.nonzero(tie)
-        si, pi, ci = s[idx], p[idx], c64[idx]
+        pi = np.broadcast_to(a, shape)[idx].astype(np.float64) * np.broadcast_to(b, shape)[idx]
+        ci, si = np.broadcast_to(c, shape)[idx].astype(np.float64), s[idx]
         bb = si - pi
         err = (pi - (si - bb)) + (ci - bb)                            # TwoSum: the exact remainder
-        away = np.where(np.sign(err) == np.sign(si), 1, -1)
-        bits = bits.copy()
-        bits[idx] += np.where(err != 0, away, 0)                      # round to odd: off the tie
-        s = bits.view(np.float64)
-    return s.astype(np.float32)
+        bits = si.view(np.int64) + np.where(err == 0, 0, np.where(np.sign(err) == np.sign(si), 1, -1))
+        s[idx] = bits.view(np.float64)                                # round to odd: off the tie
+    if out is None:
+        return s.astype(np.float32)
+    np.copyto(out, s, casting="same_kind")
+    return out
 
 
 def hsum8(v) -> np.ndarray:
@@ -81,19 +84,26 @@ def quant_dot(wq, wd, xq, xd, wm=None, xs=None) -> np.ndarray:
     rows, nb, _ = wq.shape
     T = xq.shape[0]
     out = np.empty((T, rows), np.float32)
-    xl = np.ascontiguousarray(xq.reshape(T, nb, LANES, 4).transpose(1, 2, 0, 3))     # [nb, 8, T, 4]
+    # The lane sums as one BLAS matmul per block: activation row t is expanded into 8 rows
+    # (one per lane) that keep only that lane's 4 elements; exact, since the sums stay < 2^24.
+    lane_mask = (np.arange(32)[None, :] // 4 == np.arange(LANES)[:, None]).astype(np.float32)  # [8, 32]
+    xe = (xq.transpose(1, 0, 2)[:, None, :, :] * lane_mask[None, :, None, :]).reshape(nb, LANES * T, 32)
     step = max(1, _CHUNK // (LANES * T))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        wl = np.ascontiguousarray(wq[r0:r1].reshape(r1 - r0, nb, LANES, 4).transpose(1, 2, 3, 0))  # [nb, 8, 4, R]
         acc = np.zeros((LANES, T, r1 - r0), np.float32)
         summs = np.zeros((T, r1 - r0), np.float32)
+        sumi = np.empty((LANES * T, r1 - r0), np.float32)
+        work = np.empty(acc.shape, np.float64)
         for b in range(nb):
-            sumi = np.matmul(xl[b], wl[b])                            # [8, T, R] exact integers
+            np.matmul(xe[b], wq[r0:r1, b, :].T, out=sumi)              # exact integer lane sums
             dd = xd[:, b, None] * wd[None, r0:r1, b]                   # [T, R] float32 product
-            acc = fma_f32(dd, sumi, acc)
+            if b == 0:                                                 # fma(dd, s, 0): the exact product, rounded once
+                np.copyto(acc, np.multiply(dd, sumi.reshape(acc.shape), out=work, dtype=np.float64), casting="same_kind")
+            else:
+                fma_f32(dd, sumi.reshape(acc.shape), acc, out=acc, work=work)
             if wm is not None:
-                summs = fma_f32(wm[None, r0:r1, b], xs[:, b, None], summs)
+                fma_f32(wm[None, r0:r1, b], xs[:, b, None], summs, out=summs)
         out[:, r0:r1] = hsum8(acc) + summs if wm is not None else hsum8(acc)
     return out
 
