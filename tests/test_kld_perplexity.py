@@ -1,0 +1,195 @@
+"""perplexity and kld: llama-perplexity's chunking and statistics, checked against direct
+formulas and against llama.cpp's own perplexity on the same chunks, judged by llama.cpp's spread
+under its own settings (flash attention, one-token decode, F32 KV cache)."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import numpy as np
+import pytest
+
+from refinfer.cli import main
+from refinfer.perplexity import (eval_tokens, kl_divergence, make_chunks, parse_source, perplexity, targets)
+from refinfer.errors import RefinferError
+
+FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "formats" / "fixtures"
+TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+        "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, "
+        "it was the season of Darkness, it was the spring of hope, it was the winter of despair. ") * 6
+
+
+def test_chunking_follows_llama_perplexity():
+    toks = list(range(100, 100 + 2 * 16 + 5))
+    chunks = make_chunks(toks, 16)
+    assert len(chunks) == 2 and chunks[1] == toks[16:32]          # the tail of 5 tokens is dropped
+    assert list(targets(chunks[0])) == toks[9:16]                  # first = 8 scores positions 8..14
+    assert eval_tokens(chunks[1], True, 1)[:2] == [1, toks[17]]    # BOS replaces the first token
+    assert eval_tokens(chunks[1], False, 1) == chunks[1]
+    with pytest.raises(RefinferError, match="at least 64"):
+        make_chunks(toks[:40], 32)
+
+
+class ArraySource:
+    """Logits from an array: chunk_logits looks the chunk up by its first token position."""
+
+    def __init__(self, logits, tokens, n_ctx):
+        self.logits, self.n_ctx, self.tokens = logits, n_ctx, tokens
+        self.name, self.n_vocab, self.add_bos, self.bos = "array", logits.shape[1], False, None
+
+    def chunk_logits(self, chunk):
+        i = next(i for i in range(0, len(self.tokens), self.n_ctx) if self.tokens[i: i + self.n_ctx] == list(chunk))
+        return self.logits[i: i + self.n_ctx]
+
+
+def test_statistics_equal_direct_formulas():
+    rng = np.random.default_rng(0)
+    V, n_ctx = 50, 32
+    tokens = rng.integers(0, V, 3 * n_ctx).tolist()
+    zb = (rng.standard_normal((len(tokens), V)) * 3).astype(np.float32)
+    zt = (zb + rng.standard_normal(zb.shape) * 0.3).astype(np.float32)
+    base, test = ArraySource(zb, tokens, n_ctx), ArraySource(zt, tokens, n_ctx)
+    (r,) = kl_divergence(base, [test], tokens, n_ctx)
+    (same,) = kl_divergence(base, [base], tokens, n_ctx)
+    # direct, position by position, in Python floats
+    kl, nb, nt, dp, top = [], [], [], [], []
+    for c in range(3):
+        for j in range(n_ctx // 2, n_ctx - 1):
+            i, tok = c * n_ctx + j, tokens[c * n_ctx + j + 1]
+            pb = np.exp(zb[i].astype(float) - zb[i].max()); pb /= pb.sum()
+            pt = np.exp(zt[i].astype(float) - zt[i].max()); pt /= pt.sum()
+            kl.append(float(np.sum(pb * np.log(pb / pt))))
+            nb.append(-math.log(pb[tok])); nt.append(-math.log(pt[tok])); dp.append(pt[tok] - pb[tok])
+            top.append(np.argmax(zb[i]) == np.argmax(zt[i]))
+    assert r["n"] == 3 * (n_ctx - 1 - n_ctx // 2) == len(kl)
+    assert r["kld_mean"] == pytest.approx(np.mean(kl), rel=1e-9)
+    assert r["kld_max"] == pytest.approx(max(kl), rel=1e-9)
+    assert r["ppl_base"] == pytest.approx(math.exp(np.mean(nb)), rel=1e-9)
+    assert r["ppl_test"] == pytest.approx(math.exp(np.mean(nt)), rel=1e-9)
+    assert r["ppl_ratio"] == pytest.approx(math.exp(np.mean(nt) - np.mean(nb)), rel=1e-9)
+    assert r["rms_dp"] == pytest.approx(math.sqrt(np.mean(np.square(dp))), rel=1e-9)
+    assert r["same_top"] == pytest.approx(np.mean(top))
+    assert r["kld_p99"] == pytest.approx(np.percentile(kl, 99), rel=1e-6)   # llama.cpp's interpolation is numpy's linear
+    assert same["kld_mean"] == 0 and same["ppl_ratio"] == 1 and same["same_top"] == 1 and same["rms_dp"] == 0
+    p = perplexity(base, tokens, n_ctx)
+    assert p["ppl"] == pytest.approx(r["ppl_base"], rel=1e-12) and p["count"] == r["n"]
+
+
+def llama_uint16_kld(zb, zt):
+    """llama-perplexity's KLD, transcribed: base log-probs stored as uint16 over [max-16, max]
+    (log_softmax with a log_prob array), then summed over base probabilities above e^-16."""
+    zb, zt = zb.astype(np.float32), zt.astype(np.float32)
+    mx, mn = zb.max(), max(zb.min(), zb.max() - 16)
+    lse = np.float32(np.log(np.sum(np.exp(zb - mx), dtype=np.float64)))
+    scale = np.float32((mx - mn) / np.float32(65535))
+    q = np.where(zb > mn, np.rint((zb - mn) / scale), 0)
+    lpb = scale * q + (mn - mx - lse)
+    lt = zt - (zt.max() + np.float32(np.log(np.sum(np.exp(zt - zt.max()), dtype=np.float64))))
+    keep = lpb > -16
+    return float(np.sum(np.exp(lpb[keep]) * (lpb[keep] - lt[keep])))
+
+
+def test_float32_base_agrees_with_llama_uint16_kld_up_to_its_storage_error():
+    rng = np.random.default_rng(1)
+    V, n_ctx = 4000, 16
+    tokens = rng.integers(0, V, 2 * n_ctx).tolist()
+    zb = (rng.standard_normal((len(tokens), V)) * 4).astype(np.float32)
+    zt = (zb + rng.standard_normal(zb.shape) * 0.05).astype(np.float32)
+    (r,) = kl_divergence(ArraySource(zb, tokens, n_ctx), [ArraySource(zt, tokens, n_ctx)], tokens, n_ctx)
+    rows = [c * n_ctx + j for c in range(2) for j in range(n_ctx // 2, n_ctx - 1)]
+    theirs = np.mean([llama_uint16_kld(zb[i], zt[i]) for i in rows])
+    # same quantity; uint16 storage (step (max-min)/65535) and the e^-16 cut move it slightly
+    assert r["kld_mean"] == pytest.approx(theirs, rel=0.05)
+
+
+# ---- against llama.cpp ------------------------------------------------------------------------
+
+def _ppl(spec, text, n_ctx, n_chunks=None):
+    src = parse_source(spec, n_ctx=n_ctx)
+    try:
+        return perplexity(src, src.tokenize(text), n_ctx, n_chunks)["ppl"]
+    finally:
+        src.close()
+
+
+def floor_and_refinfer(path, text, n_ctx, variants, n_chunks=None):
+    default = _ppl(f"llama.cpp:{path}", text, n_ctx, n_chunks)
+    floor = {v: _ppl(f"llama.cpp[variant={v}]:{path}", text, n_ctx, n_chunks) / default - 1 for v in variants}
+    ours = {m: _ppl(f"refinfer[mode={m}]:{path}", text, n_ctx, n_chunks) / default - 1 for m in ("ideal", "ggml")}
+    return default, floor, ours
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q5_1", "f16"])
+def test_perplexity_on_generated_models_within_llama_cpp_floor(qtype, record_property):
+    pytest.importorskip("llama_cpp")
+    path = FIXTURES / f"tiny-llama-{qtype}.gguf"
+    default, floor, ours = floor_and_refinfer(path, TEXT, 64, ("single_token", "flash_attn", "kv_f32"), n_chunks=3)
+    spread = max(abs(v) for v in floor.values())
+    print(f"\n[{qtype}] llama.cpp PPL {default:.4f}; relative to it: llama.cpp variants {floor}; refinfer {ours}")
+    record_property(f"ppl_{qtype}", {"llama_cpp": default, "floor": floor, "refinfer": ours})
+    assert abs(ours["ggml"]) <= spread + 1e-6, (ours, floor)
+    # ideal mode skips the q8 activation quantization every llama.cpp setting shares, so the
+    # tiny models' floor (~1e-6) is no yardstick for it; it stays at rounding level anyway
+    assert abs(ours["ideal"]) < 1e-2, ours
+
+
+def test_smollm2_perplexity_within_llama_cpp_floor(smollm2_path, record_property):
+    """One real-model run: 4 chunks of 128 tokens. llama.cpp's one-token-decode variant is left
+    out here only for time (it decodes 512 times); `kld --floor` measures it."""
+    pytest.importorskip("llama_cpp")
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    default, floor, ours = floor_and_refinfer(smollm2_path, text, 128, ("flash_attn", "kv_f32"), n_chunks=4)
+    spread = max(abs(v) for v in floor.values())
+    print(f"\n[SmolLM2 Q4_1] llama.cpp PPL {default:.4f}; relative: llama.cpp variants {floor}; refinfer {ours}")
+    record_property("ppl_smollm2", {"llama_cpp": default, "floor": floor, "refinfer": ours})
+    assert abs(ours["ggml"]) <= spread, (ours, floor)
+    assert abs(ours["ideal"]) <= max(spread, 0.0044), (ours, floor)
+
+
+# ---- the commands -----------------------------------------------------------------------------
+
+def test_perplexity_and_kld_commands(tmp_path, capsys):
+    pytest.importorskip("llama_cpp")
+    path = FIXTURES / "tiny-llama-q8_0.gguf"
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    assert main(["perplexity", "-m", str(path), "-f", str(text), "-c", "64", "--chunks", "2", "--mode", "ggml",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("[1]") and "Final estimate: PPL = " in out
+    ppl = float(out.split("PPL = ")[1].split()[0])
+    assert ppl == pytest.approx(_ppl(f"refinfer[mode=ggml]:{path}", TEXT, 64, 2), rel=1e-4)
+
+    saved = tmp_path / "base.safetensors"
+    args = ["kld", "--base", f"llama.cpp:{path}", "--test", f"refinfer[mode=ggml]:{path}", "-f", str(text), "-c", "64",
+            "--chunks", "2", "--no-progress"]
+    assert main(args + ["--save-base", str(saved), "--json", str(tmp_path / "a.json"), "--floor"]) == 0
+    out = capsys.readouterr().out
+    for name in ("Mean PPL(Q)", "Mean PPL(base)", "Mean ln(PPL(Q)/PPL(base))", "Mean PPL(Q)/PPL(base)",
+                 "Mean    KLD:", "Maximum KLD:", "99.0%   KLD:", "Median  KLD:", "RMS Δp", "Same top p:",
+                 "llama.cpp's noise floor", "single_token", "flash_attn", "kv_f32"):
+        assert name in out, name
+    a = json.loads((tmp_path / "a.json").read_text())
+    r = a["tests"][f"refinfer[mode=ggml]:{path}"]
+    assert r["n"] == 2 * 31 and r["kld_mean"] < 1e-4 and r["same_top"] > 0.95
+    assert len(a["floor"]) == 3
+    # the saved float32 base gives the same numbers without -f
+    assert main(["kld", "--base", str(saved), "--test", f"refinfer[mode=ggml]:{path}", "--no-progress",
+                 "--json", str(tmp_path / "b.json")]) == 0
+    capsys.readouterr()
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert b["tests"][f"refinfer[mode=ggml]:{path}"] == pytest.approx(r)
+
+
+def test_command_errors(tmp_path, capsys):
+    path = FIXTURES / "tiny-llama-q8_0.gguf"
+    short = tmp_path / "s.txt"
+    short.write_text("too short")
+    assert main(["perplexity", "-m", str(path), "-f", str(short), "-c", "64"]) == 2
+    assert "needs at least 128" in capsys.readouterr().err
+    assert main(["kld", "--base", f"refinfer[variant=x]:{path}", "--test", str(path), "-f", str(short)]) == 2
+    assert "unknown option" in capsys.readouterr().err
+    assert main(["kld", "--base", str(tmp_path / "none.safetensors"), "--test", str(path)]) == 2
+    assert "cannot read" in capsys.readouterr().err
