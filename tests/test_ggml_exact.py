@@ -75,7 +75,7 @@ def test_decode_every_intermediate_equals_llama_cpp(tiny_models, qtype):
     """One token per llama_decode call: batch-1 kernels (ggml_vec_dot_*, ggml_vec_dot_f16). The
     callback keeps the last call's tensors; every step's logits are compared too."""
     path = tiny_models[qtype]
-    ids = PROMPT[:24]
+    ids = PROMPT[:10]
     with LlamaCpp(path, variant="single_token", n_ctx=len(ids), capture=True) as llm:
         ref_logits = llm.logits(ids)
         ref = dict(llm.captured)

@@ -18,7 +18,8 @@ ggml   llama.cpp's CPU arithmetic (x86 AVX2 + FMA + F16C build; sources in ggml/
          (ggml_compute_forward_rms_norm_f32); softmax and SwiGLU use ggml's SIMD expf
          (ggml_v_expf) and softmax sums 8-lane groups in double (ggml_vec_soft_max_f32);
        - RoPE angles: theta_i = pos * theta_scale^i built by repeated float multiplication,
-         theta_scale = powf(base, -2/n_dims) (ggml_rope_cache_init), glibc's sincosf, and the rotation with FMA contraction (rotate_pairs).
+         theta_scale = powf(base, -2/n_dims) (ggml_rope_cache_init), glibc's sincosf, and the
+         rotation with FMA contraction (rotate_pairs).
        Not covered: K-quant and bf16/f32 weight matmuls keep a float64 sum over exact
        products (within ~1e-7 relative of ggml).
 """
@@ -212,16 +213,17 @@ class NumpyBackend:
             p /= p.sum(axis=-1, keepdims=True)
             out[...] = np.matmul(p, vh).transpose(1, 0, 2).astype(self.dtype)
         else:
-            self._attention_ggml(out, q, k, v, mask, scale)
+            self._attention_ggml(out, q, k, v, mask)
 
     @staticmethod
-    def _attention_ggml(out, q, k, v, mask, scale):
+    def _attention_ggml(out, q, k, v, mask):
         """llama.cpp's non-flash attention with an F16 cache (build_attn_mha): kq = mul_mat(k, q)
         with Q rounded to F16, soft_max_ext(kq, mask, scale), kqv = mul_mat(v, kq) with the
         probabilities rounded to F16 and V stored transposed. Both matmuls are F16 x F16: the
-        tinyBLAS order for a batch, ggml_vec_dot_f16 for one token. The KV length is padded to a
-        multiple of 256 (llama.cpp's n_kv) with masked zero entries; they add exact zeros but
-        decide which lane each real position lands in."""
+        tinyBLAS order for a batch (when it takes the shape), ggml_vec_dot_f16 for one token.
+        The KV length is padded to a multiple of 256 (llama.cpp's n_kv for a context of 256 or
+        more) with masked zero entries: they add exact zeros but decide which lane each real
+        position lands in. Query rows are taken in chunks only to bound memory."""
         T, n_heads, hd = q.shape
         S, n_kv, _ = k.shape
         group = n_heads // n_kv
@@ -231,21 +233,19 @@ class NumpyBackend:
         v16 = np.zeros((n_kv, hd, S_pad), np.float32)                         # V transposed
         k16[:, :S] = k.transpose(1, 0, 2)
         v16[:, :, :S] = v.transpose(1, 2, 0)
-        kh = np.repeat(k16, group, axis=0)                                    # [n_heads, S_pad, hd]
-        vh = np.repeat(v16, group, axis=0)                                    # [n_heads, hd, S_pad]
-        q16 = round_f16(q).transpose(1, 0, 2)                                 # [n_heads, T, hd]
+        kh = np.repeat(k16, group, axis=0)[:, None]                           # [n_heads, 1, S_pad, hd]
+        vh = np.repeat(v16, group, axis=0)[:, None]                           # [n_heads, 1, hd, S_pad]
+        q16 = round_f16(q).transpose(1, 0, 2)[:, :, None, :]                  # [n_heads, T, 1, hd]
         full_mask = np.full((T, S_pad), -np.inf, np.float32)
         full_mask[:, :S] = np.where(mask, -np.inf, 0).astype(np.float32)
-        if T > 1:
-            kq = ge.f16_dot_tinyblas(q16[:, :, None, :], kh[:, None, :, :])    # [n_heads, T, S_pad]
-        else:
-            kq = ge.f16_dot_vec(q16[:, :, None, :], kh[:, None, :, :])
-        p16 = round_f16(ge.soft_max(kq, scale, full_mask))                   # [n_heads, T, S_pad]
-        if T > 1:
-            kqv = ge.f16_dot_tinyblas(p16[:, :, None, :], vh[:, None, :, :])   # [n_heads, T, hd]
-        else:
-            kqv = ge.f16_dot_vec(p16[:, :, None, :], vh[:, None, :, :])
-        out[...] = kqv.transpose(1, 0, 2)
+        kq_dot = ge.f16_dot_tinyblas if T > 1 and hd % 8 == 0 else ge.f16_dot_vec
+        kqv_dot = ge.f16_dot_tinyblas if T > 1 and hd % 4 == 0 else ge.f16_dot_vec
+        step = max(1, (1 << 22) // (8 * n_heads * S_pad))
+        for t0 in range(0, T, step):
+            t1 = min(T, t0 + step)
+            kq = kq_dot(q16[:, t0:t1], kh)                                    # [n_heads, Tc, S_pad]
+            p16 = round_f16(ge.soft_max(kq, scale, full_mask[t0:t1]))
+            out[t0:t1] = kqv_dot(p16[:, :, None, :], vh).transpose(1, 0, 2)   # [Tc, n_heads, hd]
 
     def swiglu(self, out, gate, up):
         """out = silu(gate) * up, silu(g) = g / (1 + exp(-g))."""
