@@ -3,8 +3,9 @@ same two numeric modes (see numpy_backend.py for what `ideal` and `ggml` mean).
 
 Quantized matmuls read the stored blocks directly:
   one token (decode)   a fused dequantize-dot per output row (numba_kernels/matmul.py);
-  several (prefill)    ideal: tiles of rows dequantized to float32, then a BLAS matmul;
-                       ggml: the same integer block dots as one token, for every token.
+  several (prefill)    ideal: tiles of rows dequantized to float32, then a BLAS matmul
+                       (and the reference's attention, whose batched matmuls are BLAS);
+                       ggml: the same kernels as one token, for every token.
 ggml mode quantizes the activations to the weight's vec_dot type first: q8_0/q8_1 in Numba
 with the x86 rounding, q8_K through the reference quantizer.
 
@@ -176,7 +177,7 @@ class NumbaBackend(NumpyBackend):
             xq, xd, xs = self.quantize_act_q8(x)
             ts, qs, qh, off, has_m = LEGACY_LAYOUT[w.qtype.name]
             d, m = self.legacy_scales(w)
-            mk.matmul_q8_fast(out, xq, xd, xs, w.raw, d, m, has_m, kind == bd.Q8_0, ts, qs, qh, off)
+            mk.matmul_q8(out, xq, xd, xs, w.raw, d, m, has_m, kind == bd.Q8_0, ts, qs, qh, off)
             return
         if vd == "q8_K":   # quantize_row_q8_K is the reference quantizer on x86
             xx = quant.dequantize(quant.quantize(x, "q8_K"), "q8_K")

@@ -3,7 +3,8 @@
 Tokens per second of refinfer's backends and of llama.cpp on the same model and thread
 counts, as llama-bench reports them: pp512 (one 512-token prompt) and tg128 (128 tokens decoded
 one at a time), with peak memory, model size and the ratio to llama.cpp measured in the same
-run. llama.cpp comes from llama-cpp-python; without it its rows read "failed".
+run. t/CPU-s divides by the process's CPU time instead of wall time: on a busy machine that is
+closer to what an idle core would do. llama.cpp comes from llama-cpp-python; without it its rows read "failed".
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ def add_arguments(p):
                    help="comma-separated engines among numba, numpy, llama.cpp (default all three)")
     p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens of the pp test (default 512; 0 skips)")
     p.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens of the tg test (default 128; 0 skips)")
+    p.add_argument("-r", "--reps", type=int, default=1,
+                   help="run every engine this many times, in turn, and keep its best (default 1)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as a JSON array to FILE")
 
 
@@ -44,13 +47,15 @@ def run(args) -> int:
     bad = [e for e in engines if e not in ENGINES]
     if bad or not engines:
         raise RefinferError(f"unknown engine {', '.join(bad) or '(none)'}; choose from {', '.join(ENGINES)}")
+    if args.reps < 1:
+        raise RefinferError(f"--reps must be >= 1, got {args.reps}")
     if args.n_prompt < 0 or args.n_gen < 0 or args.n_prompt + args.n_gen == 0:
         raise RefinferError("-p and -n must be >= 0 and not both 0")
     model = args.model
     if model is None:
         from ..fetch import default_model_path
         model = str(default_model_path())
-    rows = run_bench(model, threads, engines, args.n_prompt, args.n_gen,
+    rows = run_bench(model, threads, engines, args.n_prompt, args.n_gen, reps=args.reps,
                      log=lambda msg: print(msg, file=sys.stderr, flush=True))
     sys.stdout.write(format_table(rows, model))
     if args.json:

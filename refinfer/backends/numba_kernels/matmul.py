@@ -163,38 +163,6 @@ def block_dots(sumi, xq, raw, kind):
                 sumi[t, r, b] = s
 
 
-@njit(cache=True, parallel=True)
-def matmul_q8(out, xq, xd, xs, raw, kind):
-    """ggml mode for q4_0/q4_1/q5_0/q5_1/q8_0 weights against q8_0/q8_1 activations (xq int8
-    codes [T, cols], xd/xs float32 [T, nb] their fp16-rounded d and s): per block the exact
-    int32 sumi, then out = sum of fp32(d_w * d_x) * sumi (+ m_w * s_x), summed in float64 as
-    the reference does, rounded once to float32."""
-    rows = raw.shape[0]
-    T, cols = xq.shape
-    nb = cols // 32
-    ts = raw.shape[1] // nb
-    has_m = kind == bd.Q4_1 or kind == bd.Q5_1
-    for r in prange(rows):
-        row = raw[r]
-        codes = np.empty(32, np.int32)
-        acc = np.zeros(T, np.float64)
-        for b in range(nb):
-            blk = row[b * ts:(b + 1) * ts]
-            dw = bd.f16_at(blk, 0)
-            mw = bd.f16_at(blk, 2) if has_m else np.float32(0)
-            for j in range(32):
-                codes[j] = bd.legacy_code(kind, blk, j)
-            for t in range(T):
-                s = np.int32(0)
-                for j in range(32):
-                    s += codes[j] * np.int32(xq[t, b * 32 + j])
-                acc[t] += np.float64(dw * xd[t, b]) * np.float64(s)
-                if has_m:
-                    acc[t] += np.float64(mw) * np.float64(xs[t, b])
-        for t in range(T):
-            out[t, r] = acc[t]
-
-
 @njit(cache=True)
 def quantize_act_q8(x, xq, xd, xs):
     """Activation rows x float32[T, cols] -> q8_0/q8_1 as the x86 quantize_row_q8_0/_q8_1:
@@ -220,9 +188,8 @@ def quantize_act_q8(x, xq, xd, xs):
 
 
 # ---- fast paths for the 32-element types -------------------------------------------------------
-# w = float32(c) * d + m with c the integer code, d and m the block's fp16 scale and minimum,
-# decoded once per matrix into float32[rows, nb] arrays (m = 0 for q4_0/q5_0/q8_0; adding 0.0
-# only turns -0.0 into +0.0, which no dot product can see). A q4/q5 code is
+# w = c * d + m with c the integer code and d, m the block's fp16 scale and minimum, decoded once
+# per matrix into float32[rows, nb] arrays (m = 0 for q4_0/q5_0/q8_0). A q4/q5 code is
 #   c = (nibble | qh_bit << 4) + off
 # with the nibble at qs[j] (low, element j) or qs[j - 16] (high, element j >= 16), qh_bit from
 # the little-endian uint32 at qh (0 when the type has none), off = -8, 0, -16, 0 for q4_0,
@@ -234,29 +201,47 @@ def qh_word(row, o):
             | (np.int64(row[o + 3]) << 24))
 
 
+@njit(cache=True)
+def block_sums(x):  # float32[cols] -> float64[cols // 32]: the sum of x over each block
+    nb = x.shape[0] // 32
+    xs = np.empty(nb, np.float64)
+    for b in range(nb):
+        s = 0.0
+        for j in range(32):
+            s += x[b * 32 + j]
+        xs[b] = s
+    return xs
+
+
 @njit(cache=True, parallel=True)
 def matvec_nibbles(out, x, raw, d, m, ts, qs, qh, off):
-    """ideal, one token, q4_0/q4_1/q5_0/q5_1: out float32[rows] = W @ x with each weight
-    decoded to its float32 value (as dequantize_row_*) before the multiply; 32 lane sums.
-    Bytes and activations are read through slices of one block: with a constant-offset slice
-    LLVM emits contiguous vector loads (indexing raw[r, o + j] keeps Numba's negative-index
-    check per element and ends up as byte-by-byte inserts)."""
+    """ideal, one token, q4_0/q4_1/q5_0/q5_1: out float32[rows] = W @ x with
+    sum_j (c_j d + m) x_j = sum_j (c_j d) x_j + m sum_j x_j: the c_j d products are the
+    dequantized values of q4_0/q5_0 exactly, and the minimum term of q4_1/q5_1 is one float64
+    multiply-add per block (a different rounding from dequantize-then-dot, within float32
+    accuracy; see tests/test_numba_backend.py). 32 float32 lane sums per row.
+    Bytes and activations are read through slices of one block: with them LLVM emits
+    contiguous vector loads (indexing raw[r, o + j] keeps Numba's negative-index check per
+    element and ends up as byte-by-byte inserts)."""
     rows, nb = d.shape
+    xs = block_sums(x)
     for r in prange(rows):
         lanes = np.zeros(LANES, np.float32)
+        macc = 0.0
         for b in range(nb):
             blk = raw[r, b * ts: (b + 1) * ts]
             nib = blk[qs: qs + 16]
             xb = x[b * 32: b * 32 + 32]
             h = qh_word(blk, qh) if qh >= 0 else np.int64(0)
-            db, mb = d[r, b], m[r, b]
+            db = d[r, b]
+            macc += m[r, b] * xs[b]
             for j in range(16):
                 q = np.int64(nib[j])
                 c0 = ((q & 15) | (((h >> j) & 1) << 4)) + off
                 c1 = ((q >> 4) | (((h >> (j + 16)) & 1) << 4)) + off
-                lanes[j] += (np.float32(c0) * db + mb) * xb[j]
-                lanes[j + 16] += (np.float32(c1) * db + mb) * xb[j + 16]
-        acc = 0.0
+                lanes[j] += (np.float32(c0) * db) * xb[j]
+                lanes[j + 16] += (np.float32(c1) * db) * xb[j + 16]
+        acc = macc
         for j in range(LANES):
             acc += lanes[j]
         out[r] = acc
@@ -266,17 +251,20 @@ def matvec_nibbles(out, x, raw, d, m, ts, qs, qh, off):
 def matvec_q4(out, x, raw, d, m, ts, qs, off):
     """ideal, one token, q4_0/q4_1: matvec_nibbles without the fifth bit (no 64-bit shifts)."""
     rows, nb = d.shape
+    xs = block_sums(x)
     for r in prange(rows):
         lanes = np.zeros(LANES, np.float32)
+        macc = 0.0
         for b in range(nb):
             nib = raw[r, b * ts + qs: b * ts + qs + 16]
             xb = x[b * 32: b * 32 + 32]
-            db, mb = d[r, b], m[r, b]
+            db = d[r, b]
+            macc += m[r, b] * xs[b]
             for j in range(16):
                 q = np.int32(nib[j])
-                lanes[j] += (np.float32((q & 15) + off) * db + mb) * xb[j]
-                lanes[j + 16] += (np.float32((q >> 4) + off) * db + mb) * xb[j + 16]
-        acc = 0.0
+                lanes[j] += (np.float32((q & 15) + off) * db) * xb[j]
+                lanes[j + 16] += (np.float32((q >> 4) + off) * db) * xb[j + 16]
+        acc = macc
         for j in range(LANES):
             acc += lanes[j]
         out[r] = acc
@@ -347,9 +335,11 @@ def tile_q8_0(out, blocks, r0, d):
 
 
 @njit(cache=True, parallel=True)
-def matmul_q8_fast(out, xq, xd, xs, raw, d, m, has_m, is_q8, ts, qs, qh, off):
-    """ggml mode, q4_0/q4_1/q5_0/q5_1/q8_0: the arithmetic of matmul_q8 with the scales
-    decoded once per matrix and the codes unpacked without a per-element dispatch."""
+def matmul_q8(out, xq, xd, xs, raw, d, m, has_m, is_q8, ts, qs, qh, off):
+    """ggml mode for q4_0/q4_1/q5_0/q5_1/q8_0 weights against q8_0/q8_1 activations (xq int8
+    codes [T, cols], xd/xs float32 [T, nb] their fp16-rounded d and s): per block the exact
+    int32 sumi, then out = sum of fp32(d_w * d_x) * sumi (+ m_w * s_x), in float64, rounded
+    once to float32 (ggml_vec_dot_*_q8_* up to the order of the float additions)."""
     rows, nb = d.shape
     T = xq.shape[0]
     for r in prange(rows):
