@@ -28,6 +28,8 @@ class Model:
 
     def new_cache(self, max_len=None) -> KVCache:
         n = self.config.max_seq_len if max_len is None else min(int(max_len), self.config.max_seq_len)
+        if hasattr(self.backend, "new_kv_cache"):   # a backend that keeps the cache in its own memory
+            return self.backend.new_kv_cache(self.config, n)
         return KVCache(self.config, n, dtype=self.backend.dtype)
 
     # ---- text <-> tokens ------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -13,6 +14,12 @@ import tempfile
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# numba.cuda reads NUMBA_ENABLE_CUDASIM once, when it is first imported. Without an NVIDIA
+# driver the cuda backend's tests run its kernels in numba's CUDA simulator; with one they run
+# on the GPU, unchanged (and the tests marked `gpu` run too).
+if not (os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi")):
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import warnings
 
 import numpy as np
@@ -38,6 +37,7 @@ WEIGHT_OPS = ("embed", "matmul")
 ACT_OPS = ("rmsnorm", "rope", "store_kv", "attention", "swiglu")
 SHARED_OPS = ("rope_cos_sin",)      # once per forward pass: every backend uses the reference's
 THREADS = 128                       # threads per block (at most device.MAX_THREADS)
+SIMULATOR_THREADS = 4               # the simulator runs each thread as a Python thread
 TOKEN_TILE = 8                      # tokens per thread block in a prompt matmul
 
 
@@ -46,7 +46,9 @@ class CudaFallbackWarning(UserWarning):
 
 
 def simulated() -> bool:
-    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+    """True when numba.cuda runs kernels in its simulator (NUMBA_ENABLE_CUDASIM=1)."""
+    from numba import config
+    return bool(config.ENABLE_CUDASIM)
 
 
 def require_cuda():
@@ -101,9 +103,11 @@ class DeviceKVCache:
 class CudaBackend(NumpyBackend):
     name = "cuda"
 
-    def __init__(self, mode="ideal", dtype=np.float32, threads=THREADS, token_tile=TOKEN_TILE):
+    def __init__(self, mode="ideal", dtype=np.float32, threads=None, token_tile=TOKEN_TILE):
         super().__init__(mode=mode, dtype=dtype)
         self.cuda = require_cuda()
+        if threads is None:
+            threads = SIMULATOR_THREADS if simulated() else THREADS
         from .cuda_kernels import matmul as mk
         from .cuda_kernels import ops as ok
         from .cuda_kernels.device import MAX_THREADS
