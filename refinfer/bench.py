@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-ENGINES = ("numba", "numpy", "llama.cpp")
+ENGINES = ("numba", "numpy", "cuda", "llama.cpp")
 
 
 def bench_tokens(n, vocab_size):
@@ -62,20 +62,21 @@ def _worker_refinfer(model, backend, threads, n_prompt, n_gen):
     from .model import load
     m = load(model, backend=backend)
     cfg, w, be = m.config, m.weights, m.backend
+    new_cache = getattr(be, "new_kv_cache", lambda cfg, n: KVCache(cfg, n, dtype=be.dtype))  # cuda: in GPU memory
     toks = bench_tokens(max(n_prompt, n_gen + 1), cfg.vocab_size)
     # warm-up (compiles or loads the cached kernels): a 2-token prompt and one decode step
-    cache = KVCache(cfg, 8, dtype=be.dtype)
+    cache = new_cache(cfg, 8)
     forward(cfg, w, be, toks[:2], cache, all_logits=False)
     forward(cfg, w, be, toks[2:3], cache, all_logits=False)
     startup = time.perf_counter() - t_start
     res = {"startup_s": startup}
     if n_prompt:
-        cache = KVCache(cfg, n_prompt, dtype=be.dtype)
+        cache = new_cache(cfg, n_prompt)
         with _Timer() as t:
             forward(cfg, w, be, toks[:n_prompt], cache, all_logits=False)
         _rates(res, "pp", n_prompt, t)
     if n_gen:
-        cache = KVCache(cfg, n_gen + 1, dtype=be.dtype)
+        cache = new_cache(cfg, n_gen + 1)
         z = forward(cfg, w, be, toks[:1], cache, all_logits=False)
         with _Timer() as t:
             for i in range(n_gen):
