@@ -19,7 +19,8 @@ def add_arguments(p):
     p.add_argument("-m", "--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     p.add_argument("--backends", default="numba,numpy,llama.cpp",
-                   help="comma-separated engines among numba, numpy, llama.cpp (default all three)")
+                   help="comma-separated engines among numba, numpy, cuda (GPU), llama.cpp "
+                        "(default numba,numpy,llama.cpp)")
     p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens of the pp test (default 512; 0 skips)")
     p.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens of the tg test (default 128; 0 skips)")
     p.add_argument("-r", "--reps", type=int, default=1,
