@@ -191,12 +191,12 @@ class CudaBackend(NumpyBackend):
             self.mk.matmul_q8(kind, tile)[grid, self.threads](d_out, xq, xd, xs, self.device_weights(w))
         else:
             if self.mode == "ggml":      # the activations as ggml's vec_dot type sees them
-                x = self._vec_dot_activations(x, vd)
+                x = self.vec_dot_activations(x, vd)
             self.mk.matmul_float(kind, tile)[grid, self.threads](d_out, self._put(x), self.device_weights(w))
         out[...] = d_out.copy_to_host()
 
     @staticmethod
-    def _vec_dot_activations(x, vd):
+    def vec_dot_activations(x, vd):
         if vd == "q8_K":   # x86 quantize_row_q8_K is the reference quantizer
             return quant.dequantize(quant.quantize(np.ascontiguousarray(x, np.float32), "q8_K"), "q8_K")
         if vd == "f16":
