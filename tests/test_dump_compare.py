@@ -163,17 +163,17 @@ def test_bad_inputs_are_clear_errors(dumps, tiny_q4_0, tmp_path, capsys):
 
 
 def test_smollm2_first_divergence_search_against_llama_cpp(smollm2_path, tmp_path, capsys):
-    """On the real model: ideal mode stays inside the default tolerance everywhere, ggml mode is
-    llama.cpp's arithmetic tensor for tensor."""
-    prompt = "The capital of France is Paris, and the capital of Italy is"
-    for mode, table in (("ideal", None), ("ggml", {"default": {"nmse": 1e-10}})):
-        path = tmp_path / f"{mode}.safetensors"
-        assert main(["dump", "-m", str(smollm2_path), "-p", prompt, "-o", str(path), "--mode", mode, "--no-progress"]) == 0
-        args = ["compare", path, "--llama-cpp", smollm2_path]
-        if table:
-            (tmp_path / "t.json").write_text(json.dumps(table))
-            args += ["--tolerance-table", tmp_path / "t.json"]
-        rc, out, _ = run_cli(capsys, *args)
-        print(out.splitlines()[-1])
-        assert rc == 0, out
-        assert "OK: 363 tensors" in out
+    """On the real model, ideal mode stays inside the default tolerance on every tensor of all 30
+    layers (ggml mode's tensor-for-tensor equality is checked on the generated models above:
+    its exact q8 block arithmetic is slow on a 30-layer model)."""
+    path = tmp_path / "ideal.safetensors"
+    assert main(["dump", "-m", str(smollm2_path), "-p", "The capital of France is Paris, and the capital of Italy is",
+                 "-o", str(path), "--no-progress"]) == 0
+    rc, out, _ = run_cli(capsys, "compare", path, "--llama-cpp", smollm2_path)
+    print(out.splitlines()[-1])
+    assert rc == 0, out
+    assert "OK: 363 tensors" in out
+    # and a deliberately tight rule on the attention scores is reported at the first layer
+    (tmp_path / "t.json").write_text(json.dumps({"tensors": {"kq-*": {"nmse": 1e-12}}}))
+    rc, out, _ = run_cli(capsys, "compare", path, "--llama-cpp", smollm2_path, "--tolerance-table", tmp_path / "t.json")
+    assert rc == 1 and "FIRST DIVERGENCE: kq-0 (nmse" in out

