@@ -189,13 +189,13 @@ class LogitsFileSource:
         pass
 
 
-_SPEC = re.compile(r"^(refinfer|llama\.cpp|logits)(?:\[([^\]]*)\])?:(.+)$")
+SOURCE_SPEC = re.compile(r"^(refinfer|llama\.cpp|logits)(?:\[([^\]]*)\])?:(.+)$")
 
 
 def parse_source(spec: str, n_ctx=512):
     """refinfer[mode=ggml,backend=numpy]:PATH, llama.cpp[variant=flash_attn]:PATH, logits:FILE;
     a bare path is refinfer's ideal mode (or a logits file if it holds one)."""
-    m = _SPEC.match(spec)
+    m = SOURCE_SPEC.match(spec)
     if m is None:
         kind, opts, path = ("logits" if spec.endswith(".safetensors") else "refinfer"), "", spec
     else:

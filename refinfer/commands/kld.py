@@ -22,7 +22,8 @@ def add_arguments(p):
     p.add_argument("--base", required=True, metavar="SRC", help="the reference logits")
     p.add_argument("--test", action="append", default=[], metavar="SRC", help="logits to judge (repeatable)")
     p.add_argument("-f", "--file", default=None, help="text file (not needed when --base is a saved logits file)")
-    p.add_argument("-c", "--ctx", type=int, default=512, help="tokens per chunk, as llama-perplexity -c (default 512)")
+    p.add_argument("-c", "--ctx", type=int, default=None,
+                   help="tokens per chunk, as llama-perplexity -c (default 512, or the saved base's)")
     p.add_argument("--chunks", type=int, default=None, help="use only the first N chunks")
     p.add_argument("--save-base", metavar="FILE", default=None, help="save the base logits (float32) for later runs")
     p.add_argument("--floor", nargs="?", const="", default=None, metavar="MODEL",
@@ -33,8 +34,8 @@ def add_arguments(p):
 
 
 def _model_path(spec):
-    from ..perplexity import _SPEC
-    m = _SPEC.match(spec)
+    from ..perplexity import SOURCE_SPEC
+    m = SOURCE_SPEC.match(spec)
     return m.group(3) if m else spec
 
 
@@ -50,17 +51,17 @@ def run(args) -> int:
 
     if not args.test and args.floor is None:
         raise RefinferError("nothing to compare: give --test SRC and/or --floor")
-    base = parse_source(args.base, n_ctx=args.ctx)
+    base = parse_source(args.base, n_ctx=args.ctx or 512)
     opened = [base]
     try:
         if isinstance(base, LogitsFileSource):
             tokens, n_ctx = [int(t) for t in base.tokens], base.n_ctx
-            if args.ctx != n_ctx and args.ctx != 512:
+            if args.ctx not in (None, n_ctx):
                 raise RefinferError(f"{args.base} was saved with --ctx {n_ctx}, not {args.ctx}")
         else:
             if args.file is None:
                 raise RefinferError("-f TEXT is needed unless --base is a saved logits file")
-            tokens, n_ctx = base.tokenize(read_text(args.file)), args.ctx
+            tokens, n_ctx = base.tokenize(read_text(args.file)), args.ctx or 512
         tests = [parse_source(s, n_ctx=n_ctx) for s in args.test]
         opened += tests
         for t in tests:

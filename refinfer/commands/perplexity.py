@@ -31,14 +31,14 @@ def read_text(path):
 
 
 def run(args) -> int:
-    from ..perplexity import parse_source, perplexity
+    from ..perplexity import SOURCE_SPEC, parse_source, perplexity
 
     text = read_text(args.file)
     spec = args.model
     if spec is None:
         from ..fetch import default_model_path
         spec = str(default_model_path())
-    if ":" not in spec.split("/")[0] or len(spec) > 1 and spec[1] == ":":
+    if SOURCE_SPEC.match(spec) is None:  # a plain path: refinfer with --mode and --backend
         spec = f"refinfer[mode={args.mode},backend={args.backend}]:{spec}"
     src = parse_source(spec, n_ctx=args.ctx)
     try:
