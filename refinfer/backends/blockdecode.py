@@ -84,8 +84,9 @@ def round_f16(x):
         return np.float32(x)
     m, e = math.frexp(np.float64(x))     # |x| = m * 2^e, 0.5 <= |m| < 1
     ulp = max(e - 11, -24)              # binary16 keeps 11 significant bits, down to 2^-24
-    r = np.rint(math.ldexp(np.float64(x), -ulp))   # exact scaling by a power of two
-    v = math.ldexp(r, ulp)
+    # exact scaling by a power of two, then round() half to even (np.rint does not compile for CUDA)
+    r = round(math.ldexp(np.float64(x), -ulp))
+    v = math.ldexp(np.float64(r), ulp)
     if abs(v) > 65504.0:
         return np.float32(math.copysign(np.inf, v))
     return np.float32(v)

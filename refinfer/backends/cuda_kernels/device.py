@@ -16,6 +16,7 @@ from numba import cuda
 from .. import blockdecode as _cpu
 
 MAX_THREADS = 256   # threads per block the kernels' shared-memory reductions are sized for
+SCRATCH = MAX_THREADS + 1   # their float64 scratch (a constant: shared array sizes are compile-time)
 
 
 def _device_module():
@@ -53,7 +54,7 @@ def group_size(kind):
 @cuda.jit(device=True)
 def block_sum(scratch, v):
     """Sum of v over the threads of the block, returned to every thread. scratch is a shared
-    float64[MAX_THREADS + 1]; thread 0 adds the partial sums in thread order (deterministic)."""
+    float64[SCRATCH]; thread 0 adds the partial sums in thread order (deterministic)."""
     tid, nt = cuda.threadIdx.x, cuda.blockDim.x
     scratch[tid] = v
     cuda.syncthreads()

@@ -21,7 +21,7 @@ import functools
 import numpy as np
 from numba import cuda
 
-from .device import MAX_THREADS, bd, block_sum, decode_group, group_size
+from .device import SCRATCH, bd, block_sum, decode_group, group_size
 
 
 @functools.cache
@@ -74,7 +74,7 @@ def matmul_float(kind, tile):
                 for j in range(G):
                     s += np.float64(buf[j]) * np.float64(x[t0 + i, g * G + j])
                 acc[i] += s
-        scratch = cuda.shared.array(MAX_THREADS + 1, np.float64)
+        scratch = cuda.shared.array(SCRATCH, np.float64)
         for i in range(nt_tok):
             total = block_sum(scratch, acc[i])
             if tid == 0:
@@ -104,8 +104,8 @@ def quantize_act_q8(x, xq, xd, xs):
     idv = np.float32(127) / amax if amax != 0 else np.float32(0)
     total = np.float32(0)
     for j in range(32):
-        c = np.rint(x[t, b * 32 + j] * idv)
-        xq[t, b * 32 + j] = np.int8(c)
+        c = round(x[t, b * 32 + j] * idv)           # half to even, an integer in -127..127
+        xq[t, b * 32 + j] = c
         total += np.float32(c)
     xd[t, b] = bd.round_f16(d)
     xs[t, b] = bd.round_f16(d * total)
@@ -145,7 +145,7 @@ def matmul_q8(kind, tile):
                 acc[i] += np.float64(dw * xd[t, b]) * np.float64(s)
                 if has_m:
                     acc[i] += np.float64(mw) * np.float64(xs[t, b])
-        scratch = cuda.shared.array(MAX_THREADS + 1, np.float64)
+        scratch = cuda.shared.array(SCRATCH, np.float64)
         for i in range(nt_tok):
             total = block_sum(scratch, acc[i])
             if tid == 0:

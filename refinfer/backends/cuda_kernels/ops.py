@@ -14,7 +14,7 @@ import math
 import numpy as np
 from numba import cuda
 
-from .device import MAX_THREADS, bd, block_max, block_sum
+from .device import SCRATCH, bd, block_max, block_sum
 
 
 @cuda.jit
@@ -26,7 +26,7 @@ def rmsnorm(out, x, weight, eps, ggml):
     t = cuda.blockIdx.x
     tid, nt = cuda.threadIdx.x, cuda.blockDim.x
     n = x.shape[1]
-    scratch = cuda.shared.array(MAX_THREADS + 1, np.float64)
+    scratch = cuda.shared.array(SCRATCH, np.float64)
     s = 0.0
     for i in range(tid, n, nt):
         if ggml:
@@ -112,7 +112,7 @@ def softmax(p, pos0, ggml):
     h, t = cuda.blockIdx.x // T, cuda.blockIdx.x % T
     tid, nt = cuda.threadIdx.x, cuda.blockDim.x
     n = pos0 + t + 1
-    scratch = cuda.shared.array(MAX_THREADS + 1, np.float64)
+    scratch = cuda.shared.array(SCRATCH, np.float64)
     mx = -math.inf
     for s in range(tid, n, nt):
         mx = max(mx, p[h, t, s])
