@@ -39,6 +39,17 @@ def _model_path(spec):
     return m.group(3) if m else spec
 
 
+def _short(spec):
+    """A source spec with the model's directory left out, for table rows."""
+    import os
+    from ..perplexity import SOURCE_SPEC
+    m = SOURCE_SPEC.match(spec)
+    if m is None:
+        return os.path.basename(spec)
+    opts = f"[{m.group(2)}]" if m.group(2) else ""
+    return f"{m.group(1)}{opts}:{os.path.basename(m.group(3))}"
+
+
 def _row(name, r):
     return (f"{name:<46} {r['ppl_ratio']:9.5f} {r['ln_ppl_ratio']:+11.2e} {r['kld_mean']:10.3e} {r['kld_max']:10.3e} "
             f"{100 * r['rms_dp']:8.4f}% {100 * r['same_top']:8.3f}% {r['nmse']:10.3e}")
@@ -93,7 +104,7 @@ def run(args) -> int:
         print(f"\n{'source':<46} {'PPL ratio':>9} {'ln ratio':>11} {'mean KLD':>10} {'max KLD':>10} "
               f"{'RMS dp':>9} {'same top':>9} {'NMSE':>10}")
         for t, r in zip(args.test, results):
-            print(_row(t if len(t) <= 46 else "..." + t[-43:], r))
+            print(_row(_short(t)[:46], r))
         if floor:
             print("llama.cpp's noise floor (each variant against llama.cpp's default):")
             for name, r in floor.items():
