@@ -295,6 +295,18 @@ def test_generate_command(tiny_cuda_models):
     assert out == generate("numpy")[0]
 
 
+# ---- compiled for a real GPU -----------------------------------------------------------------------
+def test_kernels_compile_for_a_real_gpu():
+    """The simulator runs any Python; tests/cuda_ptx_check.py compiles every kernel to PTX as
+    numba.cuda does for a GPU (skipped without the CUDA compiler libraries)."""
+    script = os.path.join(os.path.dirname(__file__), "cuda_ptx_check.py")
+    p = subprocess.run([sys.executable, script], env=dict(os.environ, NUMBA_ENABLE_CUDASIM="0"),
+                       capture_output=True, text=True, timeout=900)
+    if p.stdout.startswith("SKIP"):
+        pytest.skip(p.stdout.strip())
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+
+
 # ---- real GPU only ---------------------------------------------------------------------------------
 @pytest.mark.gpu
 @gpu
