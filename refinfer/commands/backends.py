@@ -35,6 +35,9 @@ def coverage_matrix(mode="ideal"):
         if name == "numpy":
             continue
         cols[name] = numba_cov if name == "numba" else None
+    if numba_cov is not None:   # the cuda backend's kernels (running them needs numba-cuda and a GPU)
+        from ..backends.cuda_backend import coverage as cuda_coverage
+        cols["cuda"] = cuda_coverage(mode)
     ref = {k: ("shared" if k[0] in SHARED_OPS else "reference") for k in keys}
     out = {"numpy": ref}
     for name, cov in cols.items():
