@@ -221,6 +221,21 @@ def test_error_without_gpu_outside_the_simulator():
     assert "--backend numba" in out and "NUMBA_ENABLE_CUDASIM=1" in out
 
 
+@pytest.mark.skipif(not simulated(), reason="a GPU is present")
+def test_error_without_the_cuda_compiler_libraries():
+    """A GPU (pretended here) but no NVVM/NVRTC: said at get_backend, not at the first kernel."""
+    code = ("from numba import cuda\ncuda.is_available = lambda: True\n"
+            "from refinfer.backends import get_backend\n"
+            "try:\n    get_backend('cuda')\n"
+            "except Exception as e:\n    print(type(e).__name__, e, '|', e.hint)\n")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300).stdout
+    if not out:
+        pytest.skip("the CUDA compiler libraries are installed here")
+    assert out.startswith("UnsupportedError backend 'cuda' found a GPU but cannot compile kernels"), out
+    assert 'pip install "numba-cuda[cu13]"' in out
+
+
 # ---- whole model -----------------------------------------------------------------------------------
 N_VOCAB = 300   # llama-spm's specials and 256 byte tokens, then its first pieces: a small output matmul
 

@@ -55,15 +55,28 @@ def require_cuda():
     """numba.cuda, or a RefinferError that says what is missing and how to get it."""
     if importlib.util.find_spec("numba_cuda") is None:
         raise UnsupportedError("backend 'cuda' needs the numba-cuda package, which is not installed",
-                               hint='pip install "refinfer[cuda]"   (or: pip install numba-cuda; '
-                                    'numba-cuda[cu12] also brings the CUDA 12 compiler libraries)')
+                               hint='pip install "refinfer[cuda]"   (or: pip install numba-cuda)')
     from numba import cuda
+    if simulated():
+        return cuda
     if not cuda.is_available():
         raise UnsupportedError("backend 'cuda' found no usable CUDA GPU: numba.cuda.is_available() is False "
                                "(no NVIDIA GPU or driver visible to this process)",
                                hint="use --backend numba to run on the CPU; to run the CUDA kernels without a GPU "
                                     "(in numba's simulator, very slowly, for tests) set NUMBA_ENABLE_CUDASIM=1")
+    try:    # the kernels are compiled on first use: find the compiler libraries now
+        cuda.compile_ptx(_probe, "void(int32)", cc=(7, 5))
+    except Exception as e:  # the library loaders raise various types
+        raise UnsupportedError(f"backend 'cuda' found a GPU but cannot compile kernels: the CUDA compiler "
+                               f"libraries (NVVM, NVRTC) did not load ({type(e).__name__}: "
+                               f"{str(e).strip().splitlines()[0][:300]})",
+                               hint='pip install "numba-cuda[cu13]" (or [cu12] for a CUDA 12 driver), '
+                                    "or install a CUDA toolkit and set CUDA_HOME") from None
     return cuda
+
+
+def _probe(i):
+    pass
 
 
 def coverage(mode="ideal", dtype=np.float32):
@@ -131,9 +144,6 @@ class CudaBackend(NumpyBackend):
             raw = np.ascontiguousarray(w.raw).reshape(w.shape[0], -1)
             hit = self._weights[id(w)] = (w, self.cuda.to_device(raw))
         return hit[1]
-
-    def weight_bytes_on_device(self) -> int:
-        return sum(int(d.nbytes) for _, d in self._weights.values())
 
     # ---- fallbacks -------------------------------------------------------------------------
     def _fallback(self, op, tname, why):
