@@ -80,15 +80,15 @@ def bench_type(name, mode, rows, cols, reps):
     kind = bd.KINDS[name]
     d_w = be.device_weights(w)
     d_out = cuda.device_array((1, rows), np.float32)
-    grid = (rows, 1)
+    grid, threads = (rows, 1), be.matmul_threads(w)
     if mode == "ggml" and VEC_DOT_TYPE[name] in ("q8_0", "q8_1"):
         xq, xd, xs = be.quantize_act_q8(cuda.to_device(x))
         kernel = be.mk.matmul_q8(kind, 1)
-        t = timed(cuda, lambda: kernel[grid, be.threads](d_out, xq, xd, xs, d_w), reps)
+        t = timed(cuda, lambda: kernel[grid, threads](d_out, xq, xd, xs, d_w), reps)
     else:
         d_x = cuda.to_device(be.vec_dot_activations(x, VEC_DOT_TYPE[name]) if mode == "ggml" else x)
         kernel = be.mk.matmul_float(kind, 1)
-        t = timed(cuda, lambda: kernel[grid, be.threads](d_out, d_x, d_w), reps)
+        t = timed(cuda, lambda: kernel[grid, threads](d_out, d_x, d_w), reps)
     return {"type": name, "mode": mode, "rows": rows, "cols": cols, "weight_bytes": w.nbytes,
             "kernel_us": t * 1e6, "GB/s": w.nbytes / t / 1e9, "rel_err": err}
 

@@ -193,17 +193,22 @@ class CudaBackend(NumpyBackend):
         kind = bd.KINDS[w.qtype.name]
         T, rows = out.shape
         tile = 1 if T == 1 else self.tile
-        grid = (rows, _blocks(T, tile))
+        grid, threads = (rows, _blocks(T, tile)), self.matmul_threads(w)
         d_out = self.cuda.device_array((T, rows), np.float32)
         vd = VEC_DOT_TYPE[w.qtype.name]
         if self.mode == "ggml" and vd in ("q8_0", "q8_1"):
             xq, xd, xs = self.quantize_act_q8(self._put(x))
-            self.mk.matmul_q8(kind, tile)[grid, self.threads](d_out, xq, xd, xs, self.device_weights(w))
+            self.mk.matmul_q8(kind, tile)[grid, threads](d_out, xq, xd, xs, self.device_weights(w))
         else:
             if self.mode == "ggml":      # the activations as ggml's vec_dot type sees them
                 x = self.vec_dot_activations(x, vd)
-            self.mk.matmul_float(kind, tile)[grid, self.threads](d_out, self._put(x), self.device_weights(w))
+            self.mk.matmul_float(kind, tile)[grid, threads](d_out, self._put(x), self.device_weights(w))
         out[...] = d_out.copy_to_host()
+
+    def matmul_threads(self, w):
+        """Threads per output row: no more than the row has groups, rounded up to a warp (32)."""
+        groups = w.shape[1] // (256 if w.qtype.name.endswith("_K") else 32)
+        return min(self.threads, 32 * _blocks(groups, 32))
 
     @staticmethod
     def vec_dot_activations(x, vd):
