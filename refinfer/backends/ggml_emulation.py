@@ -21,7 +21,7 @@ import numpy as np
 
 F32 = np.float32
 LANES = 8                      # floats per __m256
-_CHUNK = 1 << 22               # lane elements per step of the blocked loops (bounds memory)
+_CHUNK = 1 << 17               # lane elements per step of the blocked loops: cache-sized
 
 
 def fma_f32(a, b, c, out=None, work=None) -> np.ndarray:
