@@ -20,7 +20,7 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--backend", default=None, help="compute backend: numba (the default when installed) or numpy")
+    p.add_argument("--backend", default=None, help="compute backend: numba (the default when installed), numpy (the reference) or cuda (NVIDIA GPU, extra [cuda])")
     p.add_argument("--mode", default="ideal", choices=["ideal", "ggml"],
                    help="numerics: ideal (exact float) or ggml (llama.cpp's CPU roundings)")
 
