@@ -1,8 +1,11 @@
 """Quantized matmul kernels, reading the stored blocks directly (no dense copy of the weights).
 
-Rows of W are independent, so every kernel runs `prange` over output rows. A block is decoded
-with the blockdecode helpers into a small float32 buffer (32 values, or 256 for a K-quant
-super-block) that stays in L1, then multiplied into the activations.
+Rows of W are independent, so every kernel runs `prange` over output rows. The generic kernels
+(K-quants, f16, bf16, and every type's exact dequantization) decode a block with the
+blockdecode helpers into a small float32 buffer (32 values, or 256 for a K-quant super-block)
+that stays in L1, then multiply it into the activations. The 32-element types have their own
+kernels further down, with the block scales decoded once per matrix and no dispatch per
+element: they carry SmolLM2-style q4/q8_0 models.
 
 Float sums are not reassociated (fastmath is off), so instead of one running sum per row the
 ideal kernels keep 32 independent lane sums, lane j collecting every element j (mod 32): that
