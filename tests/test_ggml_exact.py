@@ -269,3 +269,21 @@ def test_f16_matmul_orders_differ_and_round_f16_is_f16():
     w = round_f16(rng.standard_normal((1, 256)).astype(np.float32))
     assert np.array_equal(x, x.astype(np.float16).astype(np.float32))
     assert not np.array_equal(ge.f16_dot_tinyblas(x, w), ge.f16_dot_vec(x, w))
+
+
+def test_smollm2_prefill_and_decode_equal_llama_cpp(smollm2_path):
+    """The real model (Q4_1 and Q8_0 weights, tied Q8_0 output, GQA 9/3 heads, 30 layers):
+    every intermediate of a short prefill, then one-token decode steps, bit for bit."""
+    ids = [1, 504, 3458, 282, 5248, 28, 411, 5352, 30, 1485, 2369, 28]
+    ref_logits, ref = llama_intermediates(smollm2_path, ids)
+    model = refinfer.load(smollm2_path, mode="ggml")
+    mine = {}
+    got = model.logits(ids, tap=lambda n, a: mine.__setitem__(n, np.array(a, np.float32)))
+    _assert_taps_equal(mine, ref, "SmolLM2 prefill")
+    np.testing.assert_array_equal(got, ref_logits)
+    steps = ids[:4]
+    with LlamaCpp(smollm2_path, variant="single_token", n_ctx=len(steps)) as llm:
+        ref_steps = llm.logits(steps)
+    cache = KVCache(model.config, len(steps))
+    got_steps = np.concatenate([forward(model.config, model.weights, model.backend, [t], cache) for t in steps])
+    np.testing.assert_array_equal(got_steps, ref_steps)

@@ -84,24 +84,24 @@ def quant_dot(wq, wd, xq, xd, wm=None, xs=None) -> np.ndarray:
     rows, nb, _ = wq.shape
     T = xq.shape[0]
     out = np.empty((T, rows), np.float32)
-    # The lane sums as one BLAS matmul per block: activation row t is expanded into 8 rows
-    # (one per lane) that keep only that lane's 4 elements; exact, since the sums stay < 2^24.
-    lane_mask = (np.arange(32)[None, :] // 4 == np.arange(LANES)[:, None]).astype(np.float32)  # [8, 32]
-    xe = (xq.transpose(1, 0, 2)[:, None, :, :] * lane_mask[None, :, None, :]).reshape(nb, LANES * T, 32)
+    xl = np.ascontiguousarray(xq.reshape(T, nb, LANES, 4).transpose(1, 2, 3, 0))        # [nb, 8, 4, T]
     step = max(1, _CHUNK // (LANES * T))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
+        wl = np.ascontiguousarray(wq[r0:r1].reshape(r1 - r0, nb, LANES, 4).transpose(1, 2, 3, 0))  # [nb, 8, 4, R]
         acc = np.zeros((LANES, T, r1 - r0), np.float32)
         summs = np.zeros((T, r1 - r0), np.float32)
-        sumi = np.empty((LANES * T, r1 - r0), np.float32)
+        sumi = np.empty(acc.shape, np.float32)
         work = np.empty(acc.shape, np.float64)
         for b in range(nb):
-            np.matmul(xe[b], wq[r0:r1, b, :].T, out=sumi)              # exact integer lane sums
+            # lane l: the 4 products of elements 4l..4l+3 (maddubs + madd), exact integers.
+            # einsum rather than BLAS: k = 4 is too small for a GEMM to pay for its threads.
+            np.einsum("ljt,ljr->ltr", xl[b], wl[b], out=sumi)
             dd = xd[:, b, None] * wd[None, r0:r1, b]                   # [T, R] float32 product
             if b == 0:                                                 # fma(dd, s, 0): the exact product, rounded once
-                np.copyto(acc, np.multiply(dd, sumi.reshape(acc.shape), out=work, dtype=np.float64), casting="same_kind")
+                np.copyto(acc, np.multiply(dd, sumi, out=work, dtype=np.float64), casting="same_kind")
             else:
-                fma_f32(dd, sumi.reshape(acc.shape), acc, out=acc, work=work)
+                fma_f32(dd, sumi, acc, out=acc, work=work)
             if wm is not None:
                 fma_f32(wm[None, r0:r1, b], xs[:, b, None], summs, out=summs)
         out[:, r0:r1] = hsum8(acc) + summs if wm is not None else hsum8(acc)
