@@ -136,7 +136,7 @@ def _tokenizer_for(meta, path):
     return None
 
 
-def load(path=None, backend=None, mode="ideal", dtype=np.float32) -> Model:  # backend None: numba if installed
+def load(path=None, backend=None, mode="ideal", dtype=np.float32) -> Model:  # backend None: see backends.get_backend
     """Load a GGUF file or HF safetensors directory (None: the default model, fetched on first use)."""
     if path is None:
         from .fetch import default_model_path
