@@ -6,9 +6,9 @@ and inherit the reference (with one visible warning) for the rest.
 
 from __future__ import annotations
 
-from ..errors import RefinferError
-
 import importlib.util
+
+from ..errors import RefinferError
 
 BACKENDS = ("numpy", "numba", "cuda")
 MODES = ("ideal", "ggml")

@@ -20,28 +20,25 @@ def add_arguments(p):
 
 
 def coverage_matrix(mode="ideal"):
-    """{backend: {(op, type): status}} for every backend that imports here."""
+    """{backend: {(op, type): status}}. A backend module reports its own pairs through a
+    coverage(mode) function; one that cannot be imported here is "unavailable"."""
+    import importlib
+
     from ..backends import BACKENDS
-    from ..backends.numba_backend import SHARED_OPS
-    cols, keys = {}, None
-    try:
-        from ..backends.numba_backend import coverage
-        numba_cov = coverage(mode)
-    except ImportError:  # numba not installed: every pair falls back
-        numba_cov = None
-    if numba_cov is not None:
-        keys = list(numba_cov)
+    from ..backends.numba_backend import SHARED_OPS, coverage as numba_coverage
+    keys = list(numba_coverage(mode))   # the full (op, type) list: every op x every loader type
+    out = {"numpy": {k: ("shared" if k[0] in SHARED_OPS else "reference") for k in keys}}
     for name in BACKENDS:
         if name == "numpy":
             continue
-        cols[name] = numba_cov if name == "numba" else None
-    if numba_cov is not None:   # the cuda backend's kernels (running them needs numba-cuda and a GPU)
-        from ..backends.cuda_backend import coverage as cuda_coverage
-        cols["cuda"] = cuda_coverage(mode)
-    ref = {k: ("shared" if k[0] in SHARED_OPS else "reference") for k in keys}
-    out = {"numpy": ref}
-    for name, cov in cols.items():
-        out[name] = cov if cov is not None else {k: "fallback" for k in keys}
+        try:
+            cov = importlib.import_module(f"refinfer.backends.{name}_backend").coverage(mode)
+        except (ImportError, AttributeError):
+            cov = {}
+            status = "unavailable"
+        else:
+            status = "fallback"
+        out[name] = {k: cov.get(k, status) for k in keys}
     return out
 
 
