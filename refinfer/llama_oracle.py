@@ -51,7 +51,7 @@ def _ggml_base(llama_cpp):
     return lib
 
 
-def llama_intermediates(model_path, tokens, *, n_threads=2, flash_attn=False, kv_f32=False):
+def llama_intermediates(model_path, tokens, *, n_threads=1, flash_attn=False, kv_f32=False):
     """Run tokens through llama.cpp in one batch; returns (logits float32[T, vocab],
     {name: float32 array in NumPy order, i.e. ggml ne reversed}) for every contiguous F32
     tensor its graph computes (names such as attn_norm-0, Qcur-0, kqv_out-0, l_out-0)."""
@@ -84,9 +84,13 @@ class LlamaCpp:
     The model is loaded with use_extra_bufts = False: llama.cpp otherwise moves q4_0/q4_1/q8_0
     weights into repacked or AMX buffers, which round differently from the plain CPU kernels
     (and crash llama-cpp-python 0.3.36 on AMX machines). The KV cache is cleared before every
-    logits() call, as llama-perplexity clears it before every chunk."""
+    logits() call, as llama-perplexity clears it before every chunk.
 
-    def __init__(self, model_path, variant="default", n_ctx=512, n_threads=2, capture=False, kv_f32=False,
+    One thread by default: the logits do not depend on the thread count (checked bit for bit on
+    q4_1, f16 and SmolLM2), and on a busy machine ggml's spin-waiting threads make two threads
+    up to 100x slower than one."""
+
+    def __init__(self, model_path, variant="default", n_ctx=512, n_threads=1, capture=False, kv_f32=False,
                  n_batch=None):
         if variant not in VARIANTS:
             raise RefinferError(f"unknown llama.cpp variant {variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -202,7 +206,7 @@ class LlamaCpp:
         self.close()
 
 
-def llama_logits(model_path, tokens, variant="default", n_threads=2) -> np.ndarray:
+def llama_logits(model_path, tokens, variant="default", n_threads=1) -> np.ndarray:
     """float32[len(tokens), vocab] teacher-forced logits from llama.cpp under one variant."""
     with LlamaCpp(model_path, variant=variant, n_ctx=len(tokens), n_threads=n_threads) as llm:
         return llm.logits(tokens)

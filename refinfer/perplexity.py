@@ -142,9 +142,9 @@ class RefinferSource:
 
 
 class LlamaCppSource:
-    def __init__(self, path, variant="default", n_ctx=512):
+    def __init__(self, path, variant="default", n_ctx=512, n_threads=1):
         from .llama_oracle import LlamaCpp
-        self.llm = LlamaCpp(path, variant=variant, n_ctx=n_ctx)
+        self.llm = LlamaCpp(path, variant=variant, n_ctx=n_ctx, n_threads=n_threads)
         self.name = f"llama.cpp[variant={variant}]:{path}"
         self.n_vocab, self.add_bos, self.bos = self.llm.n_vocab, self.llm.add_bos, self.llm.bos
 
@@ -192,7 +192,7 @@ class LogitsFileSource:
 SOURCE_SPEC = re.compile(r"^(refinfer|llama\.cpp|logits)(?:\[([^\]]*)\])?:(.+)$")
 
 
-def parse_source(spec: str, n_ctx=512):
+def parse_source(spec: str, n_ctx=512, n_threads=1):
     """refinfer[mode=ggml,backend=numpy]:PATH, llama.cpp[variant=flash_attn]:PATH, logits:FILE;
     a bare path is refinfer's ideal mode (or a logits file if it holds one)."""
     m = SOURCE_SPEC.match(spec)
@@ -213,7 +213,7 @@ def parse_source(spec: str, n_ctx=512):
     if kind == "refinfer":
         return RefinferSource(path, **kw)
     if kind == "llama.cpp":
-        return LlamaCppSource(path, n_ctx=n_ctx, **kw)
+        return LlamaCppSource(path, n_ctx=n_ctx, n_threads=n_threads, **kw)
     return LogitsFileSource(path)
 
 

@@ -30,6 +30,7 @@ def add_arguments(p):
                    help="also measure llama.cpp's noise floor on MODEL (default: the base's model file): its "
                         "variants single_token, flash_attn and kv_f32 against its default, on the same chunks")
     p.add_argument("--json", metavar="FILE", default=None, help="write every statistic to FILE as JSON")
+    p.add_argument("-t", "--threads", type=int, default=1, help="threads for llama.cpp sources (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -62,7 +63,7 @@ def run(args) -> int:
 
     if not args.test and args.floor is None:
         raise RefinferError("nothing to compare: give --test SRC and/or --floor")
-    base = parse_source(args.base, n_ctx=args.ctx or 512)
+    base = parse_source(args.base, n_ctx=args.ctx or 512, n_threads=args.threads)
     opened = [base]
     try:
         if isinstance(base, LogitsFileSource):
@@ -73,7 +74,7 @@ def run(args) -> int:
             if args.file is None:
                 raise RefinferError("-f TEXT is needed unless --base is a saved logits file")
             tokens, n_ctx = base.tokenize(read_text(args.file)), args.ctx or 512
-        tests = [parse_source(s, n_ctx=n_ctx) for s in args.test]
+        tests = [parse_source(s, n_ctx=n_ctx, n_threads=args.threads) for s in args.test]
         opened += tests
         for t in tests:
             if t.n_vocab != base.n_vocab:
@@ -85,9 +86,9 @@ def run(args) -> int:
             model = args.floor or _model_path(args.base)
             if isinstance(base, LogitsFileSource) and not args.floor:
                 raise RefinferError("--floor needs a MODEL when the base is a logits file")
-            fbase = parse_source(f"llama.cpp:{model}", n_ctx=n_ctx)
+            fbase = parse_source(f"llama.cpp:{model}", n_ctx=n_ctx, n_threads=args.threads)
             opened.append(fbase)
-            variants = [parse_source(f"llama.cpp[variant={v}]:{model}", n_ctx=n_ctx)
+            variants = [parse_source(f"llama.cpp[variant={v}]:{model}", n_ctx=n_ctx, n_threads=args.threads)
                         for v in ("single_token", "flash_attn", "kv_f32")]
             opened += variants
             floor = dict(zip((v.name for v in variants), kl_divergence(fbase, variants, tokens, n_ctx, args.chunks, progress)))

@@ -16,6 +16,7 @@ def add_arguments(p):
     p.add_argument("--chunks", type=int, default=None, help="score only the first N chunks (llama-perplexity --chunks)")
     p.add_argument("--mode", default="ideal", choices=["ideal", "ggml"], help="refinfer numerics for a plain model path")
     p.add_argument("--backend", default="numpy", help="refinfer backend for a plain model path (default numpy)")
+    p.add_argument("-t", "--threads", type=int, default=1, help="threads for llama.cpp sources (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -40,7 +41,7 @@ def run(args) -> int:
         spec = str(default_model_path())
     if SOURCE_SPEC.match(spec) is None:  # a plain path: refinfer with --mode and --backend
         spec = f"refinfer[mode={args.mode},backend={args.backend}]:{spec}"
-    src = parse_source(spec, n_ctx=args.ctx)
+    src = parse_source(spec, n_ctx=args.ctx, n_threads=args.threads)
     try:
         tokens = src.tokenize(text)
         line = []
