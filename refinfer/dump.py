@@ -85,25 +85,31 @@ def _kq(q, k, ggml_mode):  # q[T, heads, hd], k[T, n_kv, hd] -> [heads, T, T]
     return np.einsum("thd,shd->hts", q.astype(np.float64), kh).astype(np.float32)
 
 
-def capture_refinfer(model, tokens, progress=False) -> dict:
-    """{name: float32 array} of one teacher-forced forward pass of a refinfer Model."""
+def capture_refinfer(model, tokens, progress=False, skip=()) -> dict:
+    """{name: float32 array} of one teacher-forced forward pass of a refinfer Model, leaving out
+    names that match a glob in skip (kq-N is T x T per head: skip it for long prompts)."""
     from tqdm import tqdm
     cfg = model.config
     T = len(tokens)
     out = {}
     bar = tqdm(total=cfg.n_layers, desc="dump", unit="layer", disable=None if progress else True, leave=False)
 
+    def wanted(name):
+        return not any(fnmatch.fnmatchcase(name, pat) for pat in skip)
+
+    q = {}
+
     def tap(name, value):
-        a = np.array(value, dtype=np.float32)  # a copy: forward() reuses its buffers
-        if name.startswith("kqv_out-"):
-            a = a.reshape(T, -1)
-        out[name] = a
         m = _LAYER_NAME.match(name)
-        if m and m.group(1) == "Kcur":
-            i = m.group(2)
-            out[f"kq-{i}"] = _kq(out[f"Qcur-{i}"], a, model.mode == "ggml")
         if m and m.group(1) == "l_out":
             bar.update(1)
+        if m and m.group(1) == "Qcur":
+            q[m.group(2)] = np.array(value, dtype=np.float32)
+        if m and m.group(1) == "Kcur" and wanted(f"kq-{m.group(2)}"):
+            out[f"kq-{m.group(2)}"] = _kq(q.pop(m.group(2)), value, model.mode == "ggml")
+        if wanted(name):
+            a = np.array(value, dtype=np.float32)  # a copy: forward() reuses its buffers
+            out[name] = a.reshape(T, -1) if name.startswith("kqv_out-") else a
 
     try:
         model.logits(tokens, tap=tap)
@@ -112,7 +118,7 @@ def capture_refinfer(model, tokens, progress=False) -> dict:
     return out
 
 
-def capture_llama_cpp(model_path, tokens) -> dict:
+def capture_llama_cpp(model_path, tokens, skip=()) -> dict:
     """The same tensors from llama.cpp's own graph (eval callback), renamed and cut to the
     shapes above: llama.cpp calls the embeddings `embd` and computes kq-N against its whole
     padded KV cache, of which the first T columns are the prompt's."""
@@ -122,7 +128,7 @@ def capture_llama_cpp(model_path, tokens) -> dict:
     out = {}
     for name, a in raw.items():
         name = "inp_embd" if name == "embd" else name
-        if not is_known(name):
+        if not is_known(name) or any(fnmatch.fnmatchcase(name, pat) for pat in skip):
             continue
         if name.startswith("kq-"):
             a = a[..., :T]
@@ -285,7 +291,7 @@ def diff_tensor(name, a, b, limit) -> TensorDiff:
         b = b.reshape(a.shape)
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     fa, fb = np.isfinite(a64), np.isfinite(b64)
-    if not np.array_equal(fa, fb) or not np.array_equal(a64[~fa], b64[~fb]):
+    if not np.array_equal(fa, fb) or not np.array_equal(a64[~fa], b64[~fb], equal_nan=True):
         return TensorDiff(name, a.shape, math.inf, math.inf, 0.0, limit, False, "non-finite values differ")
     d = np.where(fa, b64 - a64, 0.0)
     a0, b0 = np.where(fa, a64, 0.0), np.where(fb, b64, 0.0)

@@ -177,3 +177,13 @@ def test_smollm2_first_divergence_search_against_llama_cpp(smollm2_path, tmp_pat
     (tmp_path / "t.json").write_text(json.dumps({"tensors": {"kq-*": {"nmse": 1e-12}}}))
     rc, out, _ = run_cli(capsys, "compare", path, "--llama-cpp", smollm2_path, "--tolerance-table", tmp_path / "t.json")
     assert rc == 1 and "FIRST DIVERGENCE: kq-0 (nmse" in out
+
+
+def test_skip_leaves_tensors_out_and_compare_reports_them(dumps, tiny_q4_0, tmp_path, capsys):
+    path = tmp_path / "noq.safetensors"
+    assert main(["dump", "-m", str(tiny_q4_0), "-p", PROMPT, "-o", str(path), "--mode", "ggml", "--no-progress",
+                 "--skip", "kq-*", "--skip", "ffn_swiglu-1"]) == 0
+    d = read_dump(path)
+    assert set(d.tensors) == expected_names(2) - {"kq-0", "kq-1", "ffn_swiglu-1"}
+    rc, out, _ = run_cli(capsys, "compare", dumps["llama.cpp"], path)
+    assert rc == 0 and "kq-0               only in the reference" in out

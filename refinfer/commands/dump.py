@@ -15,6 +15,9 @@ def add_arguments(p):
     p.add_argument("--mode", default="ideal", choices=["ideal", "ggml"], help="refinfer numerics (default ideal)")
     p.add_argument("--backend", default="numpy",
                    help="numpy, numba, or llama.cpp (llama.cpp's own tensors through llama-cpp-python; GGUF only)")
+    p.add_argument("--skip", action="append", default=[], metavar="GLOB",
+                   help="leave out tensors matching GLOB (repeatable), e.g. 'kq-*' for long prompts: "
+                        "kq-N holds heads x T x T floats per layer")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -44,10 +47,10 @@ def run(args) -> int:
     if args.backend == "llama.cpp":
         if not str(model.path).endswith(".gguf"):
             raise RefinferError(f"{model.path}: llama.cpp reads GGUF files only")
-        tensors = capture_llama_cpp(model.path, ids)
+        tensors = capture_llama_cpp(model.path, ids, skip=args.skip)
         engine, mode = "llama.cpp", "llama.cpp-default"
     else:
-        tensors = capture_refinfer(model, ids, progress=not args.no_progress)
+        tensors = capture_refinfer(model, ids, progress=not args.no_progress, skip=args.skip)
         engine, mode = "refinfer", args.mode
     import pathlib
     mp = pathlib.Path(model.path)
