@@ -70,25 +70,31 @@ def hsum8_reduce(v) -> np.ndarray:
     return (h[0] + h[1]) + (h[2] + h[3])
 
 
-def quant_dot(wq, wd, xq, xd, wm=None, xs=None) -> np.ndarray:
+def weight_lanes(wq) -> np.ndarray:
+    """Weight codes float32[rows, nb, 32] -> [nb, 8, 4, rows]: block, lane, element of the lane,
+    row; the layout quant_dot reads (made once per weight matrix)."""
+    rows, nb, _ = wq.shape
+    return np.ascontiguousarray(wq.reshape(rows, nb, LANES, 4).transpose(1, 2, 3, 0))
+
+
+def quant_dot(wl, wd, xq, xd, wm=None, xs=None) -> np.ndarray:
     """out[T, rows] = dot of quantized weight rows with q8_0/q8_1 activation rows, as
     ggml_vec_dot_{q4_0,q5_0,q8_0}_q8_0 and ggml_vec_dot_{q4_1,q5_1}_q8_1 (AVX2) and
     tinyBLAS_Q0_AVX (llamafile sgemm; every variant: gemm, gemm4xN, gemmMx4) compute it.
 
-    wq float32[rows, nb, 32] integer codes as the kernel sees them (q4_0: q - 8, q5_0: q - 16,
+    wl: weight_lanes of the integer codes as the kernel sees them (q4_0: q - 8, q5_0: q - 16,
     q8_0: q; q4_1/q5_1: the unsigned codes), wd/wm float32[rows, nb]; xq float32[T, nb, 32]
     codes, xd/xs float32[T, nb] (the fp16 values). Per block b, lane l holds the exact integer
     sum of elements 4l..4l+3 (maddubs + madd), and acc_l = fma(fp32(wd*xd), sum_l, acc_l).
     The result is hsum8(acc), plus for q8_1 summs = fma(wm, xs, summs) taken block by block
     (the C `summs += m*s`, contracted), added last."""
-    rows, nb, _ = wq.shape
+    nb, rows = wl.shape[0], wl.shape[-1]
     T = xq.shape[0]
     out = np.empty((T, rows), np.float32)
     xl = np.ascontiguousarray(xq.reshape(T, nb, LANES, 4).transpose(1, 2, 3, 0))        # [nb, 8, 4, T]
     step = max(1, _CHUNK // (LANES * T))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        wl = np.ascontiguousarray(wq[r0:r1].reshape(r1 - r0, nb, LANES, 4).transpose(1, 2, 3, 0))  # [nb, 8, 4, R]
         acc = np.zeros((LANES, T, r1 - r0), np.float32)
         summs = np.zeros((T, r1 - r0), np.float32)
         sumi = np.empty(acc.shape, np.float32)
@@ -96,7 +102,7 @@ def quant_dot(wq, wd, xq, xd, wm=None, xs=None) -> np.ndarray:
         for b in range(nb):
             # lane l: the 4 products of elements 4l..4l+3 (maddubs + madd), exact integers.
             # einsum rather than BLAS: k = 4 is too small for a GEMM to pay for its threads.
-            np.einsum("ljt,ljr->ltr", xl[b], wl[b], out=sumi)
+            np.einsum("ljt,ljr->ltr", xl[b], wl[b, :, :, r0:r1], out=sumi)
             dd = xd[:, b, None] * wd[None, r0:r1, b]                   # [T, R] float32 product
             if b == 0:                                                 # fma(dd, s, 0): the exact product, rounded once
                 np.copyto(acc, np.multiply(dd, sumi, out=work, dtype=np.float64), casting="same_kind")
