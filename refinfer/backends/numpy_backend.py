@@ -76,11 +76,12 @@ class NumpyBackend:
             self._dense[key] = w.dequantize().astype(self.dtype if self.mode == "ideal" else np.float64)
         return self._dense[key]
 
-    def _q8_parts(self, w):
+    def _q8_parts(self, w, lanes=False):
         """Integer decomposition of a q4_0/q4_1/q5_0/q5_1/q8_0 matrix as ggml's dot kernels
-        see it: w = d * q + m, with q the integer codes (q4_0/q5_0 with the offset removed,
-        q4_1/q5_1 unsigned) in quant_dot's lane layout [nb, 8, 4, rows], d and m float32[rows, nb]."""
-        key = ("q8", id(w))
+        see it: w = d * q + m, with q float32[rows, nb, 32] integer codes (q4_0/q5_0 with the
+        offset removed, q4_1/q5_1 unsigned), d and m float32[rows, nb]. lanes=True gives q in
+        quant_dot's layout [nb, 8, 4, rows] instead (what matmul keeps cached)."""
+        key = ("lanes" if lanes else "q8", id(w))
         if key not in self._dense:
             t = w.qtype
             rows = w.shape[0]
@@ -89,8 +90,8 @@ class NumpyBackend:
             d = fp16_to_f32(b["d"])
             m = fp16_to_f32(b["m"]) if "m" in t.layout.names else np.zeros_like(d)
             unit = quant.dequantize(self._unit_scale(blocks, t), t)  # codes: d := 1, m := 0
-            q = ge.weight_lanes(unit.reshape(rows, -1, 32).astype(np.float32))
-            self._dense[key] = (q, d.reshape(rows, -1), m.reshape(rows, -1))
+            q = unit.reshape(rows, -1, 32).astype(np.float32)
+            self._dense[key] = (ge.weight_lanes(q) if lanes else q, d.reshape(rows, -1), m.reshape(rows, -1))
         return self._dense[key]
 
     @staticmethod
@@ -114,7 +115,7 @@ class NumpyBackend:
             return
         vd = VEC_DOT_TYPE.get(w.qtype.name)
         if vd in ("q8_0", "q8_1"):
-            q, d, m = self._q8_parts(w)                    # [nb, 8, 4, rows], [rows, nb], [rows, nb]
+            q, d, m = self._q8_parts(w, lanes=True)        # [nb, 8, 4, rows], [rows, nb], [rows, nb]
             dx, sx, qx = quantize_act_q8(x)                # [T, nb], [T, nb], [T, nb, 32]
             out[...] = ge.quant_dot(q, d, qx, dx, *((m, sx) if vd == "q8_1" else ()))
         elif vd == "q8_K":
