@@ -15,8 +15,8 @@ KL divergence: llama-perplexity stores base log-probabilities as uint16 over [ma
 drops base probabilities below e^-16; here the base logits stay float32 and KL(P_base || P_test)
 sums over the whole vocabulary in float64. The statistics and their names are llama.cpp's.
 
-A source of logits is anything with .chunk_logits(chunk_tokens) -> float32[n_ctx, vocab]
-(refinfer, llama.cpp, or a saved logits file); see parse_source.
+A source of logits is refinfer, llama.cpp, a saved logits file or an OpenAI-compatible server;
+see parse_source.
 """
 
 from __future__ import annotations
@@ -189,14 +189,93 @@ class LogitsFileSource:
         pass
 
 
-SOURCE_SPEC = re.compile(r"^(refinfer|llama\.cpp|logits)(?:\[([^\]]*)\])?:(.+)$")
+class OpenAISource:
+    """An OpenAI-compatible completions endpoint (llama.cpp server, vLLM, ...): each chunk's token
+    ids are sent as the prompt with echo and logprobs, and the server's per-position log-prob of
+    the actual token and its top-k log-probs come back.
+
+    PPL and same-top-p are exact (the target's log-prob and the top token are reported). The
+    protocol gives only the top k of each distribution, so the rest of the vocabulary shares the
+    remaining probability evenly: KLD and NMSE against this source are approximations that
+    improve with `top`. Top-k entries are keyed by token text; keys of the form token_id:N
+    (vLLM's return_tokens_as_token_ids) are used directly, other texts are matched against the
+    pieces of the vocabulary of `vocab` (a GGUF or HF model with the server's tokenizer)."""
+
+    def __init__(self, url, vocab=None, model=None, top="20", timeout="600"):
+        self.url, self.model, self.top, self.timeout = url, model, int(top), float(timeout)
+        self.name = f"openai:{url}"
+        self.add_bos, self.bos, self._ids, self.n_vocab = False, None, None, None
+        if vocab is not None:
+            from .model import load
+            tok = load(vocab).tokenizer
+            if tok is None:
+                raise RefinferError(f"{vocab}: no tokenizer to map the server's token texts to ids")
+            self.n_vocab, self.add_bos, self.bos = tok.n_vocab, tok.add_bos, tok.bos_id
+            self._ids = {}
+            for i in range(tok.n_vocab):
+                self._ids.setdefault(tok.token_to_piece(i).decode("utf-8", "replace"), i)
+            self.tokenize = lambda text: tok.encode(text, add_special=True)
+
+    def _post(self, prompt):
+        import json
+        import urllib.error
+        import urllib.request
+        body = {"prompt": prompt, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": self.top}
+        if self.model:
+            body["model"] = self.model
+        req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return json.loads(r.read())
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise RefinferError(f"{self.url}: request failed: {e}",
+                                hint="the URL is the completions endpoint, e.g. http://localhost:8080/v1/completions") from None
+
+    def _id(self, key):
+        if key.startswith("token_id:") and key[9:].isdigit():
+            return int(key[9:])
+        if self._ids is None or key not in self._ids:
+            raise RefinferError(f"{self.url}: cannot map token text {key!r} to an id",
+                                hint="give the model whose tokenizer the server uses: openai[vocab=MODEL]:URL")
+        return self._ids[key]
+
+    def scored_logits(self, chunk):
+        """Approximate log-probs float32[n_ctx - 1 - n_ctx // 2, n_vocab] of the scored half."""
+        if self.n_vocab is None:
+            raise RefinferError(f"{self.url}: the vocabulary size is unknown", hint="openai[vocab=MODEL]:URL")
+        n_ctx, first = len(chunk), len(chunk) // 2
+        try:
+            lp = self._post(eval_tokens(chunk, self.add_bos, self.bos))["choices"][0]["logprobs"]
+            token_lp, top_lp = lp["token_logprobs"], lp["top_logprobs"]
+        except (KeyError, IndexError, TypeError):
+            raise RefinferError(f"{self.url}: the reply has no choices[0].logprobs with token_logprobs and "
+                                "top_logprobs (does the server support echo with logprobs?)") from None
+        if len(token_lp) < n_ctx or len(top_lp) < n_ctx:
+            raise RefinferError(f"{self.url}: {len(token_lp)} echoed log-probs for a prompt of {n_ctx} tokens")
+        out = np.empty((n_ctx - 1 - first, self.n_vocab), dtype=np.float64)
+        for row, j in enumerate(range(first + 1, n_ctx)):     # log-probs of tokens first+1 .. n_ctx-1
+            known = {self._id(k): float(v) for k, v in (top_lp[j] or {}).items()}
+            known[int(chunk[j])] = float(token_lp[j])
+            rest = max(1.0 - sum(math.exp(v) for v in known.values()), 1e-30)
+            out[row] = math.log(rest / max(self.n_vocab - len(known), 1))
+            out[row, list(known)] = list(known.values())
+        return out.astype(np.float32)
+
+    def close(self):
+        pass
+
+
+SOURCE_SPEC = re.compile(r"^(refinfer|llama\.cpp|logits|openai)(?:\[([^\]]*)\])?:(.+)$")
 
 
 def parse_source(spec: str, n_ctx=512, n_threads=1):
     """refinfer[mode=ggml,backend=numpy]:PATH, llama.cpp[variant=flash_attn]:PATH, logits:FILE;
-    a bare path is refinfer's ideal mode (or a logits file if it holds one)."""
+    openai[vocab=MODEL,top=20,model=NAME]:URL (or a bare http(s) URL); a bare path is refinfer's
+    ideal mode (or a logits file if it ends in .safetensors)."""
     m = SOURCE_SPEC.match(spec)
-    if m is None:
+    if m is None and spec.startswith(("http://", "https://")):
+        kind, opts, path = "openai", "", spec
+    elif m is None:
         kind, opts, path = ("logits" if spec.endswith(".safetensors") else "refinfer"), "", spec
     else:
         kind, opts, path = m.group(1), m.group(2) or "", m.group(3)
@@ -206,7 +285,8 @@ def parse_source(spec: str, n_ctx=512, n_threads=1):
         if not eq:
             raise RefinferError(f"source option {item!r} in {spec!r} is not key=value")
         kw[key.strip()] = value.strip()
-    allowed = {"refinfer": {"mode", "backend"}, "llama.cpp": {"variant"}, "logits": set()}[kind]
+    allowed = {"refinfer": {"mode", "backend"}, "llama.cpp": {"variant"}, "logits": set(),
+               "openai": {"vocab", "model", "top", "timeout"}}[kind]
     if set(kw) - allowed:
         raise RefinferError(f"{spec!r}: unknown option(s) {sorted(set(kw) - allowed)} for a {kind} source "
                             f"(allowed: {sorted(allowed) or 'none'})")
@@ -214,11 +294,13 @@ def parse_source(spec: str, n_ctx=512, n_threads=1):
         return RefinferSource(path, **kw)
     if kind == "llama.cpp":
         return LlamaCppSource(path, n_ctx=n_ctx, n_threads=n_threads, **kw)
+    if kind == "openai":
+        return OpenAISource(path, **kw)
     return LogitsFileSource(path)
 
 
 def _scored_logits(src, chunk):  # -> float32[n_ctx - 1 - n_ctx // 2, V]: the scored second half
-    if isinstance(src, LogitsFileSource):
+    if isinstance(src, (LogitsFileSource, OpenAISource)):
         return np.asarray(src.scored_logits(chunk))
     n_ctx = len(chunk)
     return src.chunk_logits(chunk)[n_ctx // 2: n_ctx - 1]

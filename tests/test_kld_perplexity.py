@@ -195,3 +195,84 @@ def test_command_errors(tmp_path, capsys):
     assert "unknown option" in capsys.readouterr().err
     assert main(["kld", "--base", str(tmp_path / "none.safetensors"), "--test", str(path)]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+# ---- an OpenAI-compatible server ----------------------------------------------------------------
+
+@pytest.fixture
+def fake_server():
+    """A completions endpoint answering echo + logprobs requests from llama.cpp's logits of a
+    fixture model, keyed by token id (vLLM's return_tokens_as_token_ids) or by token text."""
+    import http.server
+    import threading
+    from refinfer.llama_oracle import LlamaCpp
+    path = FIXTURES / "tiny-llama-q8_0.gguf"
+    llm = LlamaCpp(path, n_ctx=64)
+    tok = refinfer_tokenizer(path)
+    state = {"by_text": False}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            ids = req["prompt"]
+            z = llm.logits(ids).astype(np.float64)
+            lp = z - z.max(axis=-1, keepdims=True)
+            lp -= np.log(np.exp(lp).sum(axis=-1, keepdims=True))
+            key = (lambda i: tok.token_to_piece(i).decode("utf-8", "replace")) if state["by_text"] else (lambda i: f"token_id:{i}")
+            token_lp, top_lp = [None], [None]
+            for j in range(1, len(ids)):
+                row = lp[j - 1]
+                top = np.argsort(-row)[: req["logprobs"]]
+                token_lp.append(float(row[ids[j]]))
+                top_lp.append({key(int(i)): float(row[i]) for i in top})
+            body = json.dumps({"choices": [{"text": "", "logprobs": {"token_logprobs": token_lp,
+                                                                     "top_logprobs": top_lp}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/v1/completions", path, state
+    server.shutdown()
+    llm.close()
+
+
+def refinfer_tokenizer(path):
+    import refinfer
+    return refinfer.load(path).tokenizer
+
+
+def test_openai_compatible_server_source(fake_server):
+    pytest.importorskip("llama_cpp")
+    url, path, state = fake_server
+    tokens = refinfer_tokenizer(path).encode(TEXT)
+    base = parse_source(f"llama.cpp:{path}", n_ctx=64)
+    try:
+        kld = {}
+        for by_text, top in ((False, 40), (True, 40), (False, 4000)):
+            state["by_text"] = by_text
+            srv = parse_source(f"openai[vocab={path},top={top}]:{url}", n_ctx=64)
+            (r,) = kl_divergence(base, [srv], tokens, 64, n_chunks=2)
+            # the target's log-prob and the top token come from the server: PPL and same-top exact
+            # (up to the float32 rounding of the log-probs)
+            assert r["ppl_ratio"] == pytest.approx(1.0, abs=1e-6) and r["same_top"] == 1.0, r
+            kld[by_text, top] = r["kld_mean"]
+        # token texts give the ids' answer, but for texts several ids share (byte tokens shown
+        # as U+FFFD), which go to the first of them
+        assert kld[True, 40] == pytest.approx(kld[False, 40], rel=1e-2)
+        # the untold tail is spread evenly, so KLD is an approximation that improves with top
+        # (these random models are nearly flat over 32000 tokens: the worst case)
+        assert kld[False, 4000] < 0.5 * kld[False, 40], kld
+    finally:
+        base.close()
+    with pytest.raises(RefinferError, match="vocabulary size is unknown"):
+        parse_source(url).scored_logits(tokens[:64])
+    state["by_text"] = True
+    with pytest.raises(RefinferError, match="cannot map token text"):
+        parse_source(url)._id("no such token text")

@@ -12,7 +12,10 @@ SOURCES = """SRC is one of
   refinfer[mode=ggml,backend=numba]:MODEL     refinfer with options
   llama.cpp:MODEL.gguf                        llama.cpp through llama-cpp-python (default settings)
   llama.cpp[variant=flash_attn]:MODEL.gguf    variants: default, single_token, flash_attn, kv_f32
-  logits:FILE.safetensors | FILE.safetensors  base logits saved with --save-base (float32)"""
+  logits:FILE.safetensors | FILE.safetensors  base logits saved with --save-base (float32)
+  openai[vocab=MODEL,top=20]:URL | URL        an OpenAI-compatible completions endpoint (echo +
+                                              logprobs): PPL and same-top exact, KLD approximate
+                                              (only the top-k of each distribution is returned)"""
 
 
 def add_arguments(p):
