@@ -204,7 +204,7 @@ class OpenAISource:
     def __init__(self, url, vocab=None, model=None, top="20", timeout="600"):
         self.url, self.model, self.top, self.timeout = url, model, int(top), float(timeout)
         self.name = f"openai:{url}"
-        self.add_bos, self.bos, self._ids, self.n_vocab = False, None, None, None
+        self.add_bos, self.bos, self._ids, self.n_vocab, self._tok = False, None, None, None, None
         if vocab is not None:
             from .model import load
             tok = load(vocab).tokenizer
@@ -214,7 +214,12 @@ class OpenAISource:
             self._ids = {}
             for i in range(tok.n_vocab):
                 self._ids.setdefault(tok.token_to_piece(i).decode("utf-8", "replace"), i)
-            self.tokenize = lambda text: tok.encode(text, add_special=True)
+            self._tok = tok
+
+    def tokenize(self, text):
+        if self._tok is None:
+            raise RefinferError(f"{self.url}: no tokenizer to cut the text into tokens", hint="openai[vocab=MODEL]:URL")
+        return self._tok.encode(text, add_special=True)
 
     def _post(self, prompt):
         import json

@@ -39,7 +39,7 @@ def run(args) -> int:
     if spec is None:
         from ..fetch import default_model_path
         spec = str(default_model_path())
-    if SOURCE_SPEC.match(spec) is None:  # a plain path: refinfer with --mode and --backend
+    if SOURCE_SPEC.match(spec) is None and not spec.startswith(("http://", "https://")):  # a plain path: refinfer
         spec = f"refinfer[mode={args.mode},backend={args.backend}]:{spec}"
     src = parse_source(spec, n_ctx=args.ctx, n_threads=args.threads)
     try:
