@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 HELP = "KL divergence, PPL ratio, RMS delta-p and same-top-p of test logits against base logits (llama-perplexity --kl-divergence)"
 
