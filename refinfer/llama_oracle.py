@@ -206,9 +206,9 @@ class LlamaCpp:
         self.close()
 
 
-def llama_logits(model_path, tokens, variant="default", n_threads=1) -> np.ndarray:
+def llama_logits(model_path, tokens, variant="default", n_threads=1, n_ctx=None) -> np.ndarray:
     """float32[len(tokens), vocab] teacher-forced logits from llama.cpp under one variant."""
-    with LlamaCpp(model_path, variant=variant, n_ctx=len(tokens), n_threads=n_threads) as llm:
+    with LlamaCpp(model_path, variant=variant, n_ctx=n_ctx or len(tokens), n_threads=n_threads) as llm:
         return llm.logits(tokens)
 
 

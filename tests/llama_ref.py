@@ -13,7 +13,7 @@ def llama_logits(path, tokens, variant="default", n_ctx=None) -> np.ndarray:
     """float32[len(tokens), vocab] teacher-forced logits from llama.cpp."""
     pytest.importorskip("llama_cpp")
     from refinfer.llama_oracle import llama_logits as _logits
-    return _logits(path, tokens, variant)
+    return _logits(path, tokens, variant, n_ctx=n_ctx)
 
 
 def noise_floor(path, tokens):
