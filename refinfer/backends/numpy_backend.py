@@ -21,7 +21,9 @@ ggml   llama.cpp's CPU arithmetic (x86 AVX2 + FMA + F16C build; sources in ggml/
          theta_scale = powf(base, -2/n_dims) (ggml_rope_cache_init), glibc's sincosf, and the
          rotation with FMA contraction (rotate_pairs).
        Not covered: K-quant and bf16/f32 weight matmuls keep a float64 sum over exact
-       products (within ~1e-7 relative of ggml).
+       products (within ~1e-7 relative of ggml); llama.cpp's repacked weights (q4_0 with
+       AVX2 when loaded with extra buffer types, its default) and flash attention, which
+       round differently: ggml mode is the plain CPU path (use_extra_bufts = false).
 """
 
 from __future__ import annotations
