@@ -75,3 +75,15 @@ def tiny_llama_f16(tmp_path_factory, vocab_dir) -> pathlib.Path:
     from models import make_tiny_llama_gguf
     path = tmp_path_factory.mktemp("tiny_llama") / "tiny-llama-f16.gguf"
     return make_tiny_llama_gguf(path, vocab_gguf=vocab_dir / "ggml-vocab-llama-spm.gguf", dtype="f16")
+
+
+@pytest.fixture(scope="session")
+def tiny_quantized(tiny_llama_f32, tmp_path_factory) -> dict:
+    """The generated f32 model ("f32") and llama.cpp's pure quantizations of it, by type name."""
+    pytest.importorskip("llama_cpp")
+    from models import LLAMA_FTYPES, llama_quantize
+    d = tmp_path_factory.mktemp("tiny_quantized")
+    out = {"f32": tiny_llama_f32}
+    for name in LLAMA_FTYPES:
+        out[name] = llama_quantize(tiny_llama_f32, d / f"tiny-{name}.gguf", name)
+    return out

@@ -18,8 +18,8 @@ from refinfer.metrics import compare_logits
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-# llama.cpp's LLAMA_FTYPE_* for the types the generated models are quantized to
-FTYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q8_0": 7, "f16": 1}
+# the types the generated model is quantized to by llama.cpp (the tiny_quantized fixture)
+QTYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16"]
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "1, 2, 3, 5, 8,",
            "In a hole in the ground there lived", "Q: What is 2+2?\nA:", "Le chat est", "import numpy as np\n"]
 TEXT = ("The quick brown fox jumps over the lazy dog. Numerical reference implementations are read more "
@@ -63,23 +63,7 @@ def refinfer_greedy(model, prompt_ids, n):
     return out
 
 
-@pytest.fixture(scope="module")
-def tiny_quantized(tiny_llama_f32, tmp_path_factory):
-    """The generated f32 model quantized by llama.cpp (llama_model_quantize, pure) to each type."""
-    out = {}
-    d = tmp_path_factory.mktemp("tiny_q")
-    for name, ftype in FTYPES.items():
-        dst = d / f"tiny-{name}.gguf"
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = ftype
-        params.pure = True
-        rc = llama_cpp.llama_model_quantize(str(tiny_llama_f32).encode(), str(dst).encode(), params)
-        assert rc == 0, f"llama_model_quantize failed for {name}"
-        out[name] = dst
-    return out
-
-
-@pytest.mark.parametrize("qtype", list(FTYPES))
+@pytest.mark.parametrize("qtype", QTYPES)
 def test_ggml_mode_logits_match_llama_cpp_on_generated_models(tiny_quantized, qtype, record_property):
     path = tiny_quantized[qtype]
     ids = llama_tokenize(path, TEXT)[:96]
@@ -91,7 +75,7 @@ def test_ggml_mode_logits_match_llama_cpp_on_generated_models(tiny_quantized, qt
     assert r["nmse"] <= 1e-6, r
 
 
-@pytest.mark.parametrize("qtype", list(FTYPES))
+@pytest.mark.parametrize("qtype", QTYPES)
 def test_ideal_mode_on_generated_models_is_close_to_llama_cpp(tiny_quantized, qtype, record_property):
     path = tiny_quantized[qtype]
     ids = llama_tokenize(path, TEXT)[:96]
@@ -104,7 +88,7 @@ def test_ideal_mode_on_generated_models_is_close_to_llama_cpp(tiny_quantized, qt
     assert r["nmse"] < 1e-2 and r["same_top"] >= 0.8, r
 
 
-@pytest.mark.parametrize("qtype", list(FTYPES))
+@pytest.mark.parametrize("qtype", QTYPES)
 def test_ggml_mode_greedy_generation_equals_llama_cpp(tiny_quantized, qtype, record_property):
     path = tiny_quantized[qtype]
     model = refinfer.load(path, mode="ggml")

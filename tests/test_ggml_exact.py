@@ -28,24 +28,9 @@ from refinfer.weights import QTensor
 llama_cpp = pytest.importorskip("llama_cpp")
 from refinfer.llama_oracle import LlamaCpp, llama_intermediates  # noqa: E402
 
-# llama.cpp's LLAMA_FTYPE_* for each weight type of the generated models
-FTYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q8_0": 7, "f16": 1}
+# the types the generated model is quantized to by llama.cpp (the tiny_quantized fixture)
+QTYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16"]
 PROMPT = [1] + list(range(300, 347))   # 48 tokens: tile edges of every tinyBLAS shape are hit
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tiny_llama_f32, tmp_path_factory):
-    """The generated f32 model quantized by llama.cpp (pure: every 2-D tensor) to each type."""
-    out = {}
-    d = tmp_path_factory.mktemp("ggml_exact")
-    for name, ftype in FTYPES.items():
-        dst = d / f"tiny-{name}.gguf"
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = ftype
-        params.pure = True
-        assert llama_cpp.llama_model_quantize(str(tiny_llama_f32).encode(), str(dst).encode(), params) == 0
-        out[name] = dst
-    return out
 
 
 def _assert_taps_equal(mine: dict, theirs: dict, context: str):
@@ -60,9 +45,9 @@ def _assert_taps_equal(mine: dict, theirs: dict, context: str):
                                f"{bad[0]}: {a[bad[0]]!r} vs llama.cpp {b[bad[0]]!r}")
 
 
-@pytest.mark.parametrize("qtype", list(FTYPES))
-def test_prefill_every_intermediate_equals_llama_cpp(tiny_models, qtype):
-    path = tiny_models[qtype]
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_prefill_every_intermediate_equals_llama_cpp(tiny_quantized, qtype):
+    path = tiny_quantized[qtype]
     ref_logits, ref = llama_intermediates(path, PROMPT)
     mine = {}
     got = refinfer.load(path, mode="ggml").logits(PROMPT, tap=lambda n, a: mine.__setitem__(n, np.array(a, np.float32)))
@@ -70,11 +55,11 @@ def test_prefill_every_intermediate_equals_llama_cpp(tiny_models, qtype):
     np.testing.assert_array_equal(got, ref_logits)
 
 
-@pytest.mark.parametrize("qtype", list(FTYPES))
-def test_decode_every_intermediate_equals_llama_cpp(tiny_models, qtype):
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_decode_every_intermediate_equals_llama_cpp(tiny_quantized, qtype):
     """One token per llama_decode call: batch-1 kernels (ggml_vec_dot_*, ggml_vec_dot_f16). The
     callback keeps the last call's tensors; every step's logits are compared too."""
-    path = tiny_models[qtype]
+    path = tiny_quantized[qtype]
     ids = PROMPT[:10]
     with LlamaCpp(path, variant="single_token", n_ctx=len(ids), capture=True) as llm:
         ref_logits = llm.logits(ids)

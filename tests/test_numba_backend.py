@@ -269,23 +269,6 @@ def test_fallback_warns_once_per_op_and_type():
 # ---- whole model --------------------------------------------------------------------------------
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "1, 2, 3, 5, 8,",
            "In a hole in the ground there lived", "Q: What is 2+2?\nA:", "Le chat est", "import numpy as np\n"]
-FTYPES = {"q4_1": 3, "q8_0": 7, "q5_0": 8}
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tiny_llama_f32, tmp_path_factory):
-    """The generated f32 model, and llama.cpp's pure quantizations of it."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    out = {"f32": tiny_llama_f32}
-    d = tmp_path_factory.mktemp("tiny_numba")
-    for name, ftype in FTYPES.items():
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = ftype
-        params.pure = True
-        dst = d / f"tiny-{name}.gguf"
-        assert llama_cpp.llama_model_quantize(str(tiny_llama_f32).encode(), str(dst).encode(), params) == 0
-        out[name] = dst
-    return out
 
 
 def _greedy(model, ids, n):
@@ -301,11 +284,11 @@ def _greedy(model, ids, n):
 
 
 @pytest.mark.parametrize("name", ["q4_1", "f32", "q8_0", "q5_0"])
-def test_whole_model_same_greedy_tokens_and_logits(tiny_models, name):
+def test_whole_model_same_greedy_tokens_and_logits(tiny_quantized, name):
     """All 8 prompts for the default model's type and f32; 2 for the others (test time)."""
     import refinfer
-    ref = refinfer.load(tiny_models[name], backend="numpy")
-    fast = refinfer.load(tiny_models[name], backend="numba")
+    ref = refinfer.load(tiny_quantized[name], backend="numpy")
+    fast = refinfer.load(tiny_quantized[name], backend="numba")
     worst = 0.0
     for prompt in PROMPTS if name in ("q4_1", "f32") else PROMPTS[:2]:
         ids = ref.tokenize(prompt)

@@ -10,21 +10,12 @@ import sys
 import numpy as np
 import pytest
 
-from models import gguf_to_hf_dir, load_llama, make_tiny_llama_gguf
+from models import gguf_to_hf_dir, llama_quantize, load_llama, make_tiny_llama_gguf
 from refinfer.cli import main as cli_main
 from refinfer.gguf_file import GGUFFile, write_gguf
 from refinfer.quantize_model import FTYPES, quantize_model
 
 llama_cpp = pytest.importorskip("llama_cpp")
-
-
-def llama_quantize(src, dst, qtype):
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FTYPES[qtype]  # LLAMA_FTYPE_MOSTLY_*
-    params.pure = True
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    assert rc == 0, f"llama_model_quantize returned {rc}"
-    return dst
 
 
 def run_cli(*args):
