@@ -87,26 +87,10 @@ def _worker_refinfer(model, backend, threads, n_prompt, n_gen):
 
 
 def _worker_llama_cpp(model, threads, n_prompt, n_gen, plain):
-    import llama_cpp
+    from .llama_oracle import open_llama
     t_start = time.perf_counter()
-    lib = llama_cpp.llama_cpp
-    default_params = lib.llama_model_default_params
-
-    def params():
-        # plain: keep weights in ordinary CPU buffers (no AMX / repacked layouts), the path
-        # whose arithmetic refinfer's ggml mode follows, and a workaround for builds whose
-        # AMX kernels crash on quantized models
-        p = default_params()
-        p.use_extra_bufts = not plain
-        return p
-
-    lib.llama_model_default_params = params
-    try:
-        llm = llama_cpp.Llama(model_path=os.fspath(model), n_ctx=max(n_prompt, n_gen + 1) + 8,
-                              n_batch=max(n_prompt, 1), n_ubatch=max(n_prompt, 1), n_threads=threads,
-                              n_threads_batch=threads, verbose=False)
-    finally:
-        lib.llama_model_default_params = default_params
+    llm = open_llama(model, plain=plain, n_ctx=max(n_prompt, n_gen + 1) + 8, n_batch=max(n_prompt, 1),
+                     n_ubatch=max(n_prompt, 1), n_threads=threads, n_threads_batch=threads, verbose=False)
     toks = bench_tokens(max(n_prompt, n_gen + 1), llm.n_vocab())
     llm.eval(toks[:2])  # warm-up
     llm.reset()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import pathlib
 
 import numpy as np
@@ -49,6 +50,27 @@ def _ggml_base(llama_cpp):
     lib.ggml_backend_tensor_get.restype = None
     lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
     return lib
+
+
+def open_llama(model_path, *, plain=True, **kwargs):
+    """llama_cpp.Llama(model_path=model_path, **kwargs). plain=True keeps the weights in ordinary
+    CPU buffers (llama_model_params.use_extra_bufts = False, which Llama() does not expose): no
+    AMX tiles or repacked interleaved blocks. That is the path whose arithmetic refinfer's ggml
+    mode reproduces, and a workaround for builds whose AMX kernels crash on quantized models."""
+    llama_cpp = _llama_cpp()
+    lib = llama_cpp.llama_cpp  # the module Llama.__init__ takes its default params from
+    default_params = lib.llama_model_default_params
+
+    def params():
+        p = default_params()
+        p.use_extra_bufts = not plain
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=os.fspath(model_path), **kwargs)
+    finally:
+        lib.llama_model_default_params = default_params
 
 
 def llama_intermediates(model_path, tokens, *, n_threads=1, flash_attn=False, kv_f32=False):

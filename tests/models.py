@@ -153,28 +153,15 @@ def make_tiny_llama_gguf(path, *, vocab_gguf, seed=0, dim=64, hidden_dim=160, n_
 
 
 def load_llama(path, **kwargs):
-    """llama_cpp.Llama(model_path=path, **kwargs) on llama.cpp's plain CPU path.
+    """llama_cpp.Llama on llama.cpp's plain CPU path (refinfer.llama_oracle.open_llama).
 
     llama.cpp moves q4_0/q4_1/q8_0 (and K-quant) weights into "extra" CPU buffer types when the
-    CPU has them: AMX tiles or repacked interleaved blocks. On an AMX-capable Xeon with
-    llama-cpp-python 0.3.36 the first decode then dies with a segmentation fault (q5_0/q5_1 and
-    float weights are unaffected). Those kernels also round differently from the plain CPU
-    path described in the numerics notes, so the oracle is pinned to the plain path:
-    llama_model_params.use_extra_bufts = False, which Llama() does not expose."""
-    import llama_cpp
-    lib = llama_cpp.llama_cpp  # the module Llama.__init__ takes its default params from
-    default_params = lib.llama_model_default_params
-
-    def plain_cpu_params():
-        p = default_params()
-        p.use_extra_bufts = False
-        return p
-
-    lib.llama_model_default_params = plain_cpu_params
-    try:
-        return llama_cpp.Llama(model_path=os.fspath(path), **kwargs)
-    finally:
-        lib.llama_model_default_params = default_params
+    CPU has them: AMX tiles or repacked interleaved blocks. On an AMX-capable Xeon with a native
+    llama-cpp-python 0.3.36 build the first decode then dies with a segmentation fault, and those
+    kernels round differently from the plain CPU path described in the numerics notes, so the
+    oracle is pinned to the plain path."""
+    from refinfer.llama_oracle import open_llama
+    return open_llama(path, plain=True, **kwargs)
 
 
 def write_safetensors(path, arrays):
