@@ -29,6 +29,7 @@ from refinfer.backends.cuda_backend import CudaBackend, CudaFallbackWarning, cov
 from refinfer.backends.numpy_backend import NumpyBackend, quantize_act_q8  # noqa: E402
 from refinfer.errors import UnsupportedError  # noqa: E402
 from test_numba_backend import MODES, PROMPTS, TOLERANCES, _acts, _run_op, _weights  # noqa: E402
+from test_numba_backend import _check as check_against_table  # noqa: E402
 
 ROWS, COLS = 37, 256          # 256: one K-quant super-block, eight 32-element blocks
 THREADS, TILE = 7, 2          # neither divides anything above; T = 3 leaves a partial tile
@@ -48,18 +49,7 @@ gpu = pytest.mark.skipif(simulated(), reason="needs a real CUDA GPU (running in 
 
 
 def _check(op, mode, got, ref):
-    metric, bound, reason = TABLE[(op, mode)]
-    got, ref = np.asarray(got), np.asarray(ref)
-    assert got.shape == ref.shape
-    if metric == "exact":
-        np.testing.assert_array_equal(got, ref, err_msg=f"{op}/{mode}: {reason}")
-        return
-    diff = got.astype(np.float64) - ref.astype(np.float64)
-    if metric == "rel":
-        err = np.max(np.abs(diff)) / np.max(np.abs(ref))
-    else:
-        err = np.sum(diff ** 2) / np.sum(ref.astype(np.float64) ** 2)
-    assert err <= bound, f"{op}/{mode}: {metric} {err:.3g} > {bound} ({reason})"
+    check_against_table(op, mode, got, ref, table=TABLE)
 
 
 @pytest.fixture(autouse=True)

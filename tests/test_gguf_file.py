@@ -7,10 +7,7 @@ writer, so each test controls exactly which field is wrong and knows its offset.
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
-import tracemalloc
 from datetime import timedelta
 
 import numpy as np
@@ -18,7 +15,8 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from refinfer.errors import FormatError, RefinferError, UnsupportedError
+from fuzzing import read_bounded
+from refinfer.errors import FormatError, UnsupportedError
 from refinfer.gguf_file import GGUFFile, UnsupportedTensorTypeError, open_gguf, write_gguf
 from refinfer.quant import TYPES_BY_ID, quantize
 
@@ -431,25 +429,16 @@ FUZZ = settings(max_examples=300, deadline=timedelta(seconds=5), derandomize=Tru
                 suppress_health_check=[HealthCheck.too_slow])
 
 
+def _read_gguf(path):
+    f = GGUFFile(path)
+    for name in f.tensors:
+        f.raw(name)
+        f.dequantize(name)
+
+
 def parse_bounded(data: bytes):
-    """Parse and fully read a candidate file; fail the test on any non-RefinferError exception
-    or on more than 8 MB of Python/NumPy allocation (the file is under 400 bytes)."""
-    with tempfile.TemporaryDirectory() as d:
-        p = os.path.join(d, "f.gguf")
-        with open(p, "wb") as fh:
-            fh.write(data)
-        tracemalloc.start()
-        try:
-            f = GGUFFile(p)
-            for name in f.tensors:
-                f.raw(name)
-                f.dequantize(name)
-        except RefinferError:
-            pass
-        finally:
-            peak = tracemalloc.get_traced_memory()[1]
-            tracemalloc.stop()
-        assert peak < 8 * 2**20, f"parsing allocated {peak} bytes"
+    """Parse and fully read a candidate file: success or RefinferError, bounded allocation."""
+    read_bounded(data, ".gguf", _read_gguf)
 
 
 @FUZZ

@@ -4,10 +4,7 @@ sharded checkpoints with an index, and corrupt, truncated and inconsistent varia
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
-import tracemalloc
 from datetime import timedelta
 
 import numpy as np
@@ -18,7 +15,8 @@ safetensors = pytest.importorskip("safetensors")
 from safetensors import TensorSpec, serialize  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from refinfer.errors import FormatError, RefinferError, UnsupportedError  # noqa: E402
+from fuzzing import read_bounded
+from refinfer.errors import FormatError, UnsupportedError  # noqa: E402
 from refinfer.safetensors_file import SafetensorsCheckpoint  # noqa: E402
 
 
@@ -309,22 +307,14 @@ FUZZ = settings(max_examples=200, deadline=timedelta(seconds=5), derandomize=Tru
                 suppress_health_check=[HealthCheck.too_slow])
 
 
+def _read_checkpoint(path):
+    ck = SafetensorsCheckpoint(path)
+    for name in ck.tensors:
+        ck.get(name)
+
+
 def parse_bounded(data: bytes):
-    with tempfile.TemporaryDirectory() as d:
-        p = os.path.join(d, "m.safetensors")
-        with open(p, "wb") as fh:
-            fh.write(data)
-        tracemalloc.start()
-        try:
-            ck = SafetensorsCheckpoint(p)
-            for name in ck.tensors:
-                ck.get(name)
-        except RefinferError:
-            pass
-        finally:
-            peak = tracemalloc.get_traced_memory()[1]
-            tracemalloc.stop()
-        assert peak < 8 * 2**20, f"parsing allocated {peak} bytes"
+    read_bounded(data, ".safetensors", _read_checkpoint)
 
 
 @FUZZ

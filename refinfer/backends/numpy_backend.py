@@ -34,7 +34,6 @@ import numpy as np
 
 from .. import quant
 from . import ggml_emulation as ge
-from ..quant import q8_0 as _q8_0
 from ..quant._common import F32, f32_to_fp16_bits, fp16_to_f32
 
 # vec_dot type of each weight type in llama.cpp's CPU backend (type_traits_cpu[...].vec_dot_type)

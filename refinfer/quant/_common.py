@@ -95,13 +95,6 @@ def split_nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
-def pack_nibbles(codes: np.ndarray) -> np.ndarray:
-    """codes[..., 32] (0..15) -> qs[..., 16], inverse of split_nibbles."""
-    codes = codes.astype(np.uint8)
-    half = codes.shape[-1] // 2
-    return (codes[..., :half] & 0x0F) | ((codes[..., half:] & 0x0F) << 4)
-
-
 def unpack_qh(qh: np.ndarray) -> np.ndarray:
     """qh[..., 4] bytes, read as a little-endian uint32 -> bits[..., 32]: bit i is element i's
     5th bit (q5_0/q5_1)."""

@@ -13,7 +13,7 @@ min(15, trunc(x/d + 8.5)) computed with the UNROUNDED float32 d and id = 1/d.
 import numpy as np
 
 from ._common import (F32, BlockType, as_blocks, blocks_to_bytes, c_float_to_int8, f32_to_fp16_bits,
-                      first_absmax, fp16_to_f32, new_blocks, pack_nibbles, safe_reciprocal, split_nibbles)
+                      first_absmax, fp16_to_f32, new_blocks, safe_reciprocal, split_nibbles)
 
 QK4_0 = 32
 block_q4_0 = np.dtype([("d", "<u2"), ("qs", "u1", (QK4_0 // 2,))])
