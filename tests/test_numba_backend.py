@@ -134,18 +134,22 @@ def test_dequantize_random_bytes(name):
     np.testing.assert_array_equal(out, ref)  # NaN == NaN here
 
 
-@pytest.mark.parametrize("name", list(LEGACY_LAYOUT))
-def test_prefill_tiles_equal_dequantize(name):
-    w = _weights(name, rows=41)
-    be = NumbaBackend()
-    d, m = be.legacy_scales(w)
-    ts, qs, qh, off, _ = LEGACY_LAYOUT[name]
-    tile = np.empty((13, w.shape[1]), np.float32)
-    if name == "q8_0":
-        mk.tile_q8_0(tile, w.raw.view(np.int8).reshape(41, -1, 34), 28, d)
+@pytest.mark.parametrize("name", [t for t in WEIGHT_TYPES if t != "f32"])
+def test_repacked_tiles_equal_dequantize(name):
+    """The ideal-mode layout loses nothing: a prefill tile decoded from the repacked codes and
+    scales (rows from the second group on, the padded last group included) is exactly the
+    reference's dequantization."""
+    w = _weights(name, rows=45, cols=512)
+    p = NumbaBackend().repacked(w)
+    R = p.group
+    tile = np.empty((45 - R, w.shape[1]), np.float32)
+    if p.layout == "nibbles":
+        mk.tile_nibbles(tile, 1, p.codes, p.d, p.m, p.off, p.has_m)
+    elif p.layout == "int8":
+        mk.tile_int8(tile, 1, p.codes, p.d, p.m, p.has_m)
     else:
-        mk.tile_nibbles(tile, w.raw, 28, d, m, ts, qs, qh, off)
-    np.testing.assert_array_equal(tile, quant.dequantize(w.raw[28:41], name))  # -0.0 == +0.0
+        tile[...] = p.codes[1].T[: 45 - R]
+    np.testing.assert_array_equal(tile, quant.dequantize(w.raw[R:45], name))  # -0.0 == +0.0
 
 
 # ---- exact: ggml-mode integer parts ------------------------------------------------------------

@@ -1,11 +1,12 @@
 """The `numba` backend: the reference's ops as compiled, multi-threaded Numba kernels, in the
 same two numeric modes (see numpy_backend.py for what `ideal` and `ggml` mean).
 
-Quantized matmuls read the stored blocks directly:
-  one token (decode)   a fused dequantize-dot per output row (numba_kernels/matmul.py);
-  several (prefill)    ideal: tiles of rows dequantized to float32, then a BLAS matmul
-                       (and the reference's attention, whose batched matmuls are BLAS);
-                       ggml: the same kernels as one token, for every token.
+Quantized matmuls (numba_kernels/matmul.py):
+  ideal   weights repacked once (repack.py): integer codes and float32 scales, R rows side
+          by side. One token (decode): a fused dot over the codes, vectorized across rows.
+          Several (prefill): tiles of rows dequantized to float32, then a BLAS matmul (and
+          the reference's attention, whose batched matmuls are BLAS).
+  ggml    the stored blocks as they are, the same kernels for one token and for several.
 ggml mode quantizes the activations to the weight's vec_dot type first: q8_0/q8_1 in Numba
 with the x86 rounding, q8_K through the reference quantizer.
 
@@ -25,6 +26,7 @@ from .numba_kernels import matmul as mk
 from .numba_kernels import ops as ok
 from ..quant._common import fp16_to_f32
 from .numpy_backend import VEC_DOT_TYPE, NumpyBackend
+from .repack import repack
 
 WEIGHT_TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0",
                 "q2_K", "q3_K", "q4_K", "q5_K", "q6_K")
@@ -76,6 +78,16 @@ class NumbaBackend(NumpyBackend):
         self._native = self.dtype == np.float32   # the kernels are float32 (ggml mode always is)
         self._warned = set()
         self._scales = {}   # id(QTensor) -> (QTensor, d, m): the fp16 block scales as float32
+        self._repacked = {}  # id(QTensor) -> (QTensor, Repacked): ideal mode's weight layout
+
+    def repacked(self, w):
+        """w in the ideal-mode kernels' layout (repack.py), made on first use; the QTensor is
+        kept with it so that its id cannot be reused."""
+        w = getattr(w, "qtensor", w)
+        hit = self._repacked.get(id(w))
+        if hit is None:
+            hit = self._repacked[id(w)] = (w, repack(w))
+        return hit[1]
 
     def legacy_scales(self, w):  # -> (d float32[rows, nb], m float32[rows, nb])
         """The block scales of a 32-element-type matrix, decoded once (a quarter byte per
@@ -136,39 +148,32 @@ class NumbaBackend(NumpyBackend):
             out[...] = res
 
     def _matmul_ideal(self, out, x, w, kind):
-        T = x.shape[0]
-        lay = LEGACY_LAYOUT.get(w.qtype.name)
-        if T == 1:
-            if lay is not None:
-                d, m = self.legacy_scales(w)
-                if kind == bd.Q8_0:
-                    mk.matvec_q8_0(out[0], x[0].reshape(-1, 32), w.raw.view(np.int8).reshape(w.shape[0], -1, 34), d)
-                elif lay[2] < 0:
-                    mk.matvec_q4(out[0], x[0], w.raw, d, m, lay[0], lay[1], lay[3])
-                else:
-                    mk.matvec_nibbles(out[0], x[0], w.raw, d, m, lay[0], lay[1], lay[2], lay[3])
-            elif kind == bd.F32:
-                mk.matvec_f32_dense(out[0], x[0], self._f32_view(w))
+        p = self.repacked(w)
+        if x.shape[0] == 1:
+            if p.layout == "nibbles":
+                mk.matvec_nibbles(out[0], x[0], p.codes, p.d, p.m, p.off, p.has_m)
+            elif p.layout == "int8":
+                mk.matvec_int8(out[0], x[0], p.codes, p.d, p.m, p.has_m)
             else:
-                mk.matvec_f32(out[0], x[0], w.raw, kind)
+                mk.matvec_float(out[0], x[0], p.codes)
             return
         rows, cols = w.shape
         if kind == bd.F32:
             out[...] = x @ self._f32_view(w).T
             return
-        step = max(1, TILE_BYTES // (4 * cols))
-        tile = np.empty((min(step, rows), cols), np.float32)
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
+        R = p.group
+        G = p.codes.shape[0]
+        step = max(1, TILE_BYTES // (4 * cols * R))          # groups per tile
+        tile = np.empty((min(step, G) * R, cols), np.float32)
+        for g0 in range(0, G, step):
+            r0, r1 = g0 * R, min(rows, (g0 + step) * R)
             t = tile[: r1 - r0]
-            if lay is not None:
-                d, m = self.legacy_scales(w)
-                if kind == bd.Q8_0:
-                    mk.tile_q8_0(t, w.raw.view(np.int8).reshape(rows, -1, 34), r0, d)
-                else:
-                    mk.tile_nibbles(t, w.raw, r0, d, m, lay[0], lay[1], lay[2], lay[3])
+            if p.layout == "nibbles":
+                mk.tile_nibbles(t, g0, p.codes, p.d, p.m, p.off, p.has_m)
+            elif p.layout == "int8":
+                mk.tile_int8(t, g0, p.codes, p.d, p.m, p.has_m)
             else:
-                mk.dequantize_tile(t, w.raw, r0, kind)
+                t[...] = p.codes[g0: g0 + step].transpose(0, 2, 1).reshape(-1, cols)[: r1 - r0]
             out[:, r0:r1] = x @ t.T
 
     def _matmul_ggml(self, out, x, w, kind):

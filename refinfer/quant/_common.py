@@ -112,16 +112,20 @@ class BlockType:
 
     dequantize_blocks: uint8[n, type_size] -> float32[n, block_size]
     quantize_blocks:   float32[n, block_size] -> uint8[n, type_size]  (None: not implemented)
+    codes:             uint8[n, type_size] -> (q int8/uint8[n, S, B], d float32[n, S], m float32[n, S]
+                       or None): the integer codes of w = d * q + m per sub-block of B elements,
+                       with d and m the float32 values dequantize_row_* computes (None: a float type)
     """
 
     def __init__(self, name, type_id, block_size, layout, dequantize_blocks, quantize_blocks,
-                 *, ggml_quantize=None, activation_only=False):
+                 *, ggml_quantize=None, activation_only=False, codes=None):
         self.name = name
         self.type_id = type_id
         self.block_size = block_size
         self.layout = np.dtype(layout)
         self.type_size = self.layout.itemsize
         self.dequantize_blocks = dequantize_blocks
+        self.codes = codes
         self.quantize_blocks = quantize_blocks
         self.ggml_quantize = ggml_quantize  # the ggml function whose bytes quantize_blocks equals
         self.activation_only = activation_only  # q8_1/q8_K: vec_dot types, never in model files

@@ -41,17 +41,23 @@ def pack_crumbs(L):  # uint8[n, 256] (0..3) -> uint8[n, 64]
     return np.bitwise_or.reduce(shifted, axis=2).reshape(len(L), 64)
 
 
-def dequantize_blocks(raw):  # uint8[n, 84] -> float32[n, 256]
+def codes(raw):  # uint8[n, 84] -> (q uint8[n, 16, 16], dl float32[n, 16], -ml float32[n, 16])
+    """Sub-block codes and scales: w = dl * q - ml (dequantize_row_q2_K) as d * q + m, m = -ml."""
     b = as_blocks(raw, block_q2_K)
     n = len(b)
     d = fp16_to_f32(b["d"])[:, None]
     dmin = fp16_to_f32(b["dmin"])[:, None]
-    q = unpack_crumbs(b["qs"]).reshape(n, 16, 16).astype(np.float32)
     with np.errstate(all="ignore"):  # random bytes: inf/NaN scales propagate as in C
         dl = d * (b["scales"] & 0xF).astype(np.float32)  # [n, 16]
         ml = dmin * (b["scales"] >> 4).astype(np.float32)
-        y = dl[:, :, None] * q - ml[:, :, None]
-    return y.reshape(n, QK_K)
+    return unpack_crumbs(b["qs"]).reshape(n, 16, 16), dl, -ml
+
+
+def dequantize_blocks(raw):  # uint8[n, 84] -> float32[n, 256]
+    q, dl, m = codes(raw)
+    with np.errstate(all="ignore"):
+        y = dl[:, :, None] * q.astype(np.float32) + m[:, :, None]
+    return y.reshape(len(q), QK_K)
 
 
 def _quantize(x):  # float32[n, 256] -> uint8[n, 84]
@@ -82,4 +88,4 @@ def quantize_blocks(x):  # float32[n, 256] -> uint8[n, 84]
 
 
 BLOCK = BlockType("q2_K", 10, QK_K, block_q2_K, dequantize_blocks, quantize_blocks,
-                  ggml_quantize="quantize_row_q2_K_ref")
+                  ggml_quantize="quantize_row_q2_K_ref", codes=codes)

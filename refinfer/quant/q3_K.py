@@ -89,16 +89,22 @@ def make_q3_quants(x, nmax):
     return np.where(zero, F32(0), scale), L
 
 
-def dequantize_blocks(raw):  # uint8[n, 110] -> float32[n, 256]
+def codes(raw):  # uint8[n, 110] -> (q int8[n, 16, 16], dl float32[n, 16], None): w = dl * q
     b = as_blocks(raw, block_q3_K)
     n = len(b)
     d_all = fp16_to_f32(b["d"])[:, None]
     high = (b["hmask"][:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # [n, s, r]
-    q = unpack_crumbs(b["qs"]).astype(np.int32) - 4 * (1 - high.reshape(n, QK_K).astype(np.int32))
+    q = unpack_crumbs(b["qs"]).astype(np.int8) - np.int8(4) * (1 - high.reshape(n, QK_K).astype(np.int8))
     with np.errstate(all="ignore"):  # random bytes: inf/NaN scales propagate as in C
         dl = d_all * (unpack_scales(b["scales"]) - 32).astype(np.float32)  # [n, 16]
-        y = dl[:, :, None] * q.reshape(n, 16, 16).astype(np.float32)
-    return y.reshape(n, QK_K)
+    return q.reshape(n, 16, 16), dl, None
+
+
+def dequantize_blocks(raw):  # uint8[n, 110] -> float32[n, 256]
+    q, dl, _ = codes(raw)
+    with np.errstate(all="ignore"):
+        y = dl[:, :, None] * q.astype(np.float32)
+    return y.reshape(len(q), QK_K)
 
 
 def _quantize(x):  # float32[n, 256] -> uint8[n, 110]
@@ -130,4 +136,4 @@ def quantize_blocks(x):  # float32[n, 256] -> uint8[n, 110]
 
 
 BLOCK = BlockType("q3_K", 11, QK_K, block_q3_K, dequantize_blocks, quantize_blocks,
-                  ggml_quantize="quantize_row_q3_K_ref")
+                  ggml_quantize="quantize_row_q3_K_ref", codes=codes)

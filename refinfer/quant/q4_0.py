@@ -20,11 +20,15 @@ block_q4_0 = np.dtype([("d", "<u2"), ("qs", "u1", (QK4_0 // 2,))])
 assert block_q4_0.itemsize == 2 + QK4_0 // 2
 
 
-def dequantize_blocks(raw):  # uint8[n, 18] -> float32[n, 32]
+def codes(raw):  # uint8[n, 18] -> (q int8[n, 1, 32], d float32[n, 1], None): w = d * q
     b = as_blocks(raw, block_q4_0)
-    d = fp16_to_f32(b["d"])[:, None]
-    q = split_nibbles(b["qs"]).astype(np.int32) - 8
-    return q.astype(np.float32) * d
+    q = split_nibbles(b["qs"]).astype(np.int8) - np.int8(8)
+    return q[:, None], fp16_to_f32(b["d"])[:, None], None
+
+
+def dequantize_blocks(raw):  # uint8[n, 18] -> float32[n, 32]
+    q, d, _ = codes(raw)
+    return q[:, 0].astype(np.float32) * d
 
 
 def quantize_blocks(x):  # float32[n, 32] -> uint8[n, 18]
@@ -42,4 +46,4 @@ def quantize_blocks(x):  # float32[n, 32] -> uint8[n, 18]
 
 
 BLOCK = BlockType("q4_0", 2, QK4_0, block_q4_0, dequantize_blocks, quantize_blocks,
-                  ggml_quantize="quantize_row_q4_0_ref")
+                  ggml_quantize="quantize_row_q4_0_ref", codes=codes)

@@ -20,12 +20,14 @@ block_q4_1 = np.dtype([("d", "<u2"), ("m", "<u2"), ("qs", "u1", (QK4_1 // 2,))])
 assert block_q4_1.itemsize == 2 + 2 + QK4_1 // 2
 
 
-def dequantize_blocks(raw):  # uint8[n, 20] -> float32[n, 32]
+def codes(raw):  # uint8[n, 20] -> (q uint8[n, 1, 32], d, m float32[n, 1]): w = d * q + m
     b = as_blocks(raw, block_q4_1)
-    d = fp16_to_f32(b["d"])[:, None]
-    m = fp16_to_f32(b["m"])[:, None]
-    q = split_nibbles(b["qs"]).astype(np.float32)
-    return q * d + m  # two roundings (no FMA), as dequantize_row_q4_1
+    return split_nibbles(b["qs"])[:, None], fp16_to_f32(b["d"])[:, None], fp16_to_f32(b["m"])[:, None]
+
+
+def dequantize_blocks(raw):  # uint8[n, 20] -> float32[n, 32]
+    q, d, m = codes(raw)
+    return q[:, 0].astype(np.float32) * d + m  # two roundings (no FMA), as dequantize_row_q4_1
 
 
 def min_max(x):
@@ -52,4 +54,4 @@ def quantize_blocks(x):  # float32[n, 32] -> uint8[n, 20]
 
 
 BLOCK = BlockType("q4_1", 3, QK4_1, block_q4_1, dequantize_blocks, quantize_blocks,
-                  ggml_quantize="quantize_row_q4_1_ref")
+                  ggml_quantize="quantize_row_q4_1_ref", codes=codes)

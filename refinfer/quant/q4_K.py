@@ -167,7 +167,9 @@ def sub_block_weights(xs):  # float32[m, 32] -> float32[m, 32]
     return av_x[:, None] + np.abs(xs)
 
 
-def dequantize_blocks(raw):  # uint8[n, 144] -> float32[n, 256]
+def codes(raw):  # uint8[n, 144] -> (q uint8[n, 8, 32], d1 float32[n, 8], -m1 float32[n, 8])
+    """Sub-block codes and scales: w = d1 * q - m1 (dequantize_row_q4_K), returned as
+    w = d * q + m with m = -m1 (x - y and x + (-y) are the same float)."""
     b = as_blocks(raw, block_q4_K)
     n = len(b)
     d = fp16_to_f32(b["d"])[:, None]
@@ -176,10 +178,15 @@ def dequantize_blocks(raw):  # uint8[n, 144] -> float32[n, 256]
     with np.errstate(all="ignore"):  # random bytes: inf/NaN scales propagate as in C
         d1 = d * sc.astype(np.float32)  # [n, 8]
         m1 = dmin * m.astype(np.float32)
-        qs = b["qs"].reshape(n, 4, 1, 32)
-        q = np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(n, 8, 32).astype(np.float32)
-        y = d1[:, :, None] * q - m1[:, :, None]
-    return y.reshape(n, QK_K)
+    qs = b["qs"].reshape(n, 4, 1, 32)
+    return np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(n, 8, 32), d1, -m1
+
+
+def dequantize_blocks(raw):  # uint8[n, 144] -> float32[n, 256]
+    q, d1, m = codes(raw)
+    with np.errstate(all="ignore"):
+        y = d1[:, :, None] * q.astype(np.float32) + m[:, :, None]
+    return y.reshape(len(q), QK_K)
 
 
 def _quantize(x):  # float32[n, 256] -> uint8[n, 144]
@@ -199,4 +206,4 @@ def quantize_blocks(x):  # float32[n, 256] -> uint8[n, 144]
 
 
 BLOCK = BlockType("q4_K", 12, QK_K, block_q4_K, dequantize_blocks, quantize_blocks,
-                  ggml_quantize="quantize_row_q4_K_ref")
+                  ggml_quantize="quantize_row_q4_K_ref", codes=codes)

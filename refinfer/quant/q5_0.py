@@ -21,11 +21,15 @@ block_q5_0 = np.dtype([("d", "<u2"), ("qh", "u1", (4,)), ("qs", "u1", (QK5_0 // 
 assert block_q5_0.itemsize == 2 + 4 + QK5_0 // 2
 
 
-def dequantize_blocks(raw):  # uint8[n, 22] -> float32[n, 32]
+def codes(raw):  # uint8[n, 22] -> (q int8[n, 1, 32], d float32[n, 1], None): w = d * q
     b = as_blocks(raw, block_q5_0)
-    d = fp16_to_f32(b["d"])[:, None]
-    q = (split_nibbles(b["qs"]) | (unpack_qh(b["qh"]) << 4)).astype(np.int32) - 16
-    return q.astype(np.float32) * d
+    q = (split_nibbles(b["qs"]) | (unpack_qh(b["qh"]) << 4)).astype(np.int8) - np.int8(16)
+    return q[:, None], fp16_to_f32(b["d"])[:, None], None
+
+
+def dequantize_blocks(raw):  # uint8[n, 22] -> float32[n, 32]
+    q, d, _ = codes(raw)
+    return q[:, 0].astype(np.float32) * d
 
 
 def quantize_blocks(x):  # float32[n, 32] -> uint8[n, 22]
@@ -41,4 +45,4 @@ def quantize_blocks(x):  # float32[n, 32] -> uint8[n, 22]
 
 
 BLOCK = BlockType("q5_0", 6, QK5_0, block_q5_0, dequantize_blocks, quantize_blocks,
-                  ggml_quantize="quantize_row_q5_0_ref")
+                  ggml_quantize="quantize_row_q5_0_ref", codes=codes)

@@ -22,12 +22,15 @@ block_q5_1 = np.dtype([("d", "<u2"), ("m", "<u2"), ("qh", "u1", (4,)), ("qs", "u
 assert block_q5_1.itemsize == 2 + 2 + 4 + QK5_1 // 2
 
 
-def dequantize_blocks(raw):  # uint8[n, 24] -> float32[n, 32]
+def codes(raw):  # uint8[n, 24] -> (q uint8[n, 1, 32], d, m float32[n, 1]): w = d * q + m
     b = as_blocks(raw, block_q5_1)
-    d = fp16_to_f32(b["d"])[:, None]
-    m = fp16_to_f32(b["m"])[:, None]
-    q = (split_nibbles(b["qs"]) | (unpack_qh(b["qh"]) << 4)).astype(np.float32)
-    return q * d + m
+    q = split_nibbles(b["qs"]) | (unpack_qh(b["qh"]) << 4)
+    return q[:, None], fp16_to_f32(b["d"])[:, None], fp16_to_f32(b["m"])[:, None]
+
+
+def dequantize_blocks(raw):  # uint8[n, 24] -> float32[n, 32]
+    q, d, m = codes(raw)
+    return q[:, 0].astype(np.float32) * d + m
 
 
 def quantize_blocks(x):  # float32[n, 32] -> uint8[n, 24]
@@ -46,4 +49,4 @@ def quantize_blocks(x):  # float32[n, 32] -> uint8[n, 24]
 
 
 BLOCK = BlockType("q5_1", 7, QK5_1, block_q5_1, dequantize_blocks, quantize_blocks,
-                  ggml_quantize="quantize_row_q5_1_ref")
+                  ggml_quantize="quantize_row_q5_1_ref", codes=codes)

@@ -27,7 +27,8 @@ block_q5_K = np.dtype([("d", "<u2"), ("dmin", "<u2"), ("scales", "u1", (K_SCALE_
 assert block_q5_K.itemsize == 2 + 2 + 12 + 32 + 128
 
 
-def dequantize_blocks(raw):  # uint8[n, 176] -> float32[n, 256]
+def codes(raw):  # uint8[n, 176] -> (q uint8[n, 8, 32], d1 float32[n, 8], -m1 float32[n, 8])
+    """As q4_K.codes: w = d1 * q - m1 (dequantize_row_q5_K) returned as d * q + m, m = -m1."""
     b = as_blocks(raw, block_q5_K)
     n = len(b)
     d = fp16_to_f32(b["d"])[:, None]
@@ -36,12 +37,17 @@ def dequantize_blocks(raw):  # uint8[n, 176] -> float32[n, 256]
     qs = b["qs"].reshape(n, 4, 1, 32)
     low = np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(n, 8, 32)
     high = (b["qh"][:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # [n, 8, 32]
-    q = (low | (high << 4)).astype(np.float32)
     with np.errstate(all="ignore"):  # random bytes: inf/NaN scales propagate as in C
         d1 = d * sc.astype(np.float32)  # [n, 8]
         m1 = dmin * m.astype(np.float32)
-        y = d1[:, :, None] * q - m1[:, :, None]
-    return y.reshape(n, QK_K)
+    return low | (high << 4), d1, -m1
+
+
+def dequantize_blocks(raw):  # uint8[n, 176] -> float32[n, 256]
+    q, d1, m = codes(raw)
+    with np.errstate(all="ignore"):
+        y = d1[:, :, None] * q.astype(np.float32) + m[:, :, None]
+    return y.reshape(len(q), QK_K)
 
 
 def _quantize(x):  # float32[n, 256] -> uint8[n, 176]
@@ -64,4 +70,4 @@ def quantize_blocks(x):  # float32[n, 256] -> uint8[n, 176]
 
 
 BLOCK = BlockType("q5_K", 13, QK_K, block_q5_K, dequantize_blocks, quantize_blocks,
-                  ggml_quantize="quantize_row_q5_K_ref")
+                  ggml_quantize="quantize_row_q5_K_ref", codes=codes)

@@ -79,18 +79,24 @@ def make_qx_quants(x, nmax):
     return np.where(zero, F32(0), scale), L
 
 
-def dequantize_blocks(raw):  # uint8[n, 210] -> float32[n, 256]
+def codes(raw):  # uint8[n, 210] -> (q int8[n, 16, 16], d * sc float32[n, 16], None): w = (d * sc) * q
     b = as_blocks(raw, block_q6_K)
     n = len(b)
     ql = b["ql"].reshape(n, 2, 1, 2, 32)  # [n, h, ., j % 2, l]
     low = np.concatenate([ql & 0xF, ql >> 4], axis=2).reshape(n, 2, 4, 32)  # [n, h, j, l]
     qh = b["qh"].reshape(n, 2, 1, 32)
     high = (qh >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]) & 3
-    q = ((low | (high << 4)).astype(np.int32) - 32).astype(np.float32).reshape(n, 16, 16)
-    d = fp16_to_f32(b["d"])[:, None, None]
+    q = ((low | (high << 4)).astype(np.int8) - np.int8(32)).reshape(n, 16, 16)
     with np.errstate(all="ignore"):  # random bytes: inf/NaN scales propagate as in C
-        y = d * b["scales"].astype(np.float32)[:, :, None] * q
-    return y.reshape(n, QK_K)
+        dl = fp16_to_f32(b["d"])[:, None] * b["scales"].astype(np.float32)
+    return q, dl, None
+
+
+def dequantize_blocks(raw):  # uint8[n, 210] -> float32[n, 256]
+    q, dl, _ = codes(raw)
+    with np.errstate(all="ignore"):
+        y = dl[:, :, None] * q.astype(np.float32)
+    return y.reshape(len(q), QK_K)
 
 
 def _quantize(x):  # float32[n, 256] -> uint8[n, 210]
@@ -124,4 +130,4 @@ def quantize_blocks(x):  # float32[n, 256] -> uint8[n, 210]
 
 
 BLOCK = BlockType("q6_K", 14, QK_K, block_q6_K, dequantize_blocks, quantize_blocks,
-                  ggml_quantize="quantize_row_q6_K_ref")
+                  ggml_quantize="quantize_row_q6_K_ref", codes=codes)

@@ -20,9 +20,14 @@ block_q8_0 = np.dtype([("d", "<u2"), ("qs", "i1", (QK8_0,))])
 assert block_q8_0.itemsize == 2 + QK8_0
 
 
-def dequantize_blocks(raw):  # uint8[n, 34] -> float32[n, 32]
+def codes(raw):  # uint8[n, 34] -> (q int8[n, 1, 32], d float32[n, 1], None): w = d * q
     b = as_blocks(raw, block_q8_0)
-    return b["qs"].astype(np.float32) * fp16_to_f32(b["d"])[:, None]
+    return b["qs"][:, None], fp16_to_f32(b["d"])[:, None], None
+
+
+def dequantize_blocks(raw):  # uint8[n, 34] -> float32[n, 32]
+    q, d, _ = codes(raw)
+    return q[:, 0].astype(np.float32) * d
 
 
 def scale_and_codes(x):
@@ -42,4 +47,4 @@ def quantize_blocks(x):  # float32[n, 32] -> uint8[n, 34]
 
 
 BLOCK = BlockType("q8_0", 8, QK8_0, block_q8_0, dequantize_blocks, quantize_blocks,
-                  ggml_quantize="quantize_row_q8_0_ref")
+                  ggml_quantize="quantize_row_q8_0_ref", codes=codes)

@@ -1,16 +1,21 @@
-"""Quantized matmul kernels, reading the stored blocks directly (no dense copy of the weights).
+"""Quantized matmul kernels of the numba backend.
 
-Rows of W are independent, so every kernel runs `prange` over output rows. The generic kernels
-(K-quants, f16, bf16, and every type's exact dequantization) decode a block with the
-blockdecode helpers into a small float32 buffer (32 values, or 256 for a K-quant super-block)
-that stays in L1, then multiply it into the activations. The 32-element types have their own
-kernels further down, with the block scales decoded once per matrix and no dispatch per
-element: they carry SmolLM2-style q4/q8_0 models.
+ideal mode reads the weights repacked by ../repack.py: R rows side by side, codes and
+float32 sub-block scales. A decode step (one token) is, per row and sub-block of B elements,
 
-Float sums are not reassociated (fastmath is off), so instead of one running sum per row the
-ideal kernels keep 32 independent lane sums, lane j collecting every element j (mod 32): that
-loop vectorizes without reassociation, and the 32 lanes are added in float64 at the end. The
-integer block dots of ggml mode are int32 sums, which LLVM may vectorize freely (exact).
+    out[r] += d * (sum_j q_j x_j) + m * (sum_j x_j)
+
+with the inner sum over j in order, in float32, and each product-add fused (fastmath
+"contract" only: no reassociation). The vector loops run across the R rows of a group, the
+direction in which rows are independent, so LLVM vectorizes them without reordering any sum;
+the result does not depend on the SIMD width or the thread count. A prefill (several tokens)
+dequantizes tiles of rows to float32 with the reference's roundings and multiplies them with
+BLAS, as the reference does with the whole matrix.
+
+ggml mode reads the stored blocks directly: the exact int32 block dots of ggml's
+vec_dot_*_q8_* against quantized activations (matmul_q8), or a float64 dot for the types whose
+vec_dot is a float dot (matmul_f64); the generic kernels decode a block with the blockdecode
+helpers into a small float32 buffer that stays in L1.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import blockdecode as bd
+from .prefetch import prefetch
 
 LANES = 32
 
@@ -61,60 +67,6 @@ def dequantize_rows(out, raw, ids, kind):
             decode_group(kind, row[g * gb:(g + 1) * gb], buf)
             for j in range(G):
                 out[i, g * G + j] = buf[j]
-
-
-@njit(cache=True, parallel=True)
-def dequantize_tile(out, raw, r0, kind):
-    """out[i] = row r0 + i of W, for the rows of out (a tile for a BLAS matmul)."""
-    cols = out.shape[1]
-    G = group_size(kind)
-    gb = raw.shape[1] * G // cols
-    for i in prange(out.shape[0]):
-        row = raw[r0 + i]
-        buf = np.empty(G, np.float32)
-        for g in range(cols // G):
-            decode_group(kind, row[g * gb:(g + 1) * gb], buf)
-            for j in range(G):
-                out[i, g * G + j] = buf[j]
-
-
-@njit(cache=True, parallel=True)
-def matvec_f32(out, x, raw, kind):
-    """ideal mode, one token: out float32[rows] = W @ x, x float32[cols]. Float dequantize then
-    dot: 32 float32 lane sums per row (lane j takes elements j mod 32), added in float64."""
-    rows = raw.shape[0]
-    cols = x.shape[0]
-    G = group_size(kind)
-    gb = raw.shape[1] * G // cols
-    for r in prange(rows):
-        row = raw[r]
-        buf = np.empty(G, np.float32)
-        lanes = np.zeros(LANES, np.float32)
-        for g in range(cols // G):
-            decode_group(kind, row[g * gb:(g + 1) * gb], buf)
-            base = g * G
-            for c in range(G // LANES):
-                for j in range(LANES):
-                    lanes[j] += buf[c * LANES + j] * x[base + c * LANES + j]
-        acc = 0.0
-        for j in range(LANES):
-            acc += lanes[j]
-        out[r] = acc
-
-
-@njit(cache=True, parallel=True)
-def matvec_f32_dense(out, x, w):
-    """ideal mode, f32 weights (w float32[rows, cols] is the file's own data): as matvec_f32."""
-    rows, cols = w.shape
-    for r in prange(rows):
-        lanes = np.zeros(LANES, np.float32)
-        for c in range(cols // LANES):
-            for j in range(LANES):
-                lanes[j] += w[r, c * LANES + j] * x[c * LANES + j]
-        acc = 0.0
-        for j in range(LANES):
-            acc += lanes[j]
-        out[r] = acc
 
 
 @njit(cache=True, parallel=True)
@@ -190,7 +142,7 @@ def quantize_act_q8(x, xq, xd, xs):
             xs[t, b] = bd.round_f16(d * total)
 
 
-# ---- fast paths for the 32-element types -------------------------------------------------------
+# ---- ggml mode, 32-element types -------------------------------------------------------------
 # w = c * d + m with c the integer code and d, m the block's fp16 scale and minimum, decoded once
 # per matrix into float32[rows, nb] arrays (m = 0 for q4_0/q5_0/q8_0). A q4/q5 code is
 #   c = (nibble | qh_bit << 4) + off
@@ -202,116 +154,6 @@ def quantize_act_q8(x, xq, xd, xs):
 def qh_word(row, o):
     return (np.int64(row[o]) | (np.int64(row[o + 1]) << 8) | (np.int64(row[o + 2]) << 16)
             | (np.int64(row[o + 3]) << 24))
-
-
-@njit(cache=True)
-def block_sums(x):  # float32[cols] -> float64[cols // 32]: the sum of x over each block
-    nb = x.shape[0] // 32
-    xs = np.empty(nb, np.float64)
-    for b in range(nb):
-        s = 0.0
-        for j in range(32):
-            s += x[b * 32 + j]
-        xs[b] = s
-    return xs
-
-
-@njit(cache=True, parallel=True)
-def matvec_nibbles(out, x, raw, d, m, ts, qs, qh, off):
-    """ideal, one token, q4_0/q4_1/q5_0/q5_1: out float32[rows] = W @ x with
-    sum_j (c_j d + m) x_j = sum_j (c_j d) x_j + m sum_j x_j: the c_j d products are the
-    dequantized values of q4_0/q5_0 exactly, and the minimum term of q4_1/q5_1 is one float64
-    multiply-add per block (a different rounding from dequantize-then-dot, within float32
-    accuracy; see tests/test_numba_backend.py). 32 float32 lane sums per row.
-    Bytes and activations are read through slices of one block: with them LLVM emits
-    contiguous vector loads (indexing raw[r, o + j] keeps Numba's negative-index check per
-    element and ends up as byte-by-byte inserts)."""
-    rows, nb = d.shape
-    xs = block_sums(x)
-    for r in prange(rows):
-        lanes = np.zeros(LANES, np.float32)
-        macc = 0.0
-        for b in range(nb):
-            blk = raw[r, b * ts: (b + 1) * ts]
-            nib = blk[qs: qs + 16]
-            xb = x[b * 32: b * 32 + 32]
-            h = qh_word(blk, qh) if qh >= 0 else np.int64(0)
-            db = d[r, b]
-            macc += m[r, b] * xs[b]
-            for j in range(16):
-                q = np.int64(nib[j])
-                c0 = ((q & 15) | (((h >> j) & 1) << 4)) + off
-                c1 = ((q >> 4) | (((h >> (j + 16)) & 1) << 4)) + off
-                lanes[j] += (np.float32(c0) * db) * xb[j]
-                lanes[j + 16] += (np.float32(c1) * db) * xb[j + 16]
-        acc = macc
-        for j in range(LANES):
-            acc += lanes[j]
-        out[r] = acc
-
-
-@njit(cache=True, parallel=True)
-def matvec_q4(out, x, raw, d, m, ts, qs, off):
-    """ideal, one token, q4_0/q4_1: matvec_nibbles without the fifth bit (no 64-bit shifts).
-    Each step computes two rows, r and r + half: two independent streams of weight bytes keep
-    more loads in flight (about 20% faster when the weights come from DRAM); each row's sums
-    are exactly those of a one-row loop."""
-    rows, nb = d.shape
-    xs = block_sums(x)
-    half = (rows + 1) // 2
-    for i in prange(half):
-        r0 = np.int64(i)
-        r1 = r0 + half if r0 + half < rows else r0   # odd rows: the last step does r0 twice
-        l0 = np.zeros(LANES, np.float32)
-        l1 = np.zeros(LANES, np.float32)
-        m0 = 0.0
-        m1 = 0.0
-        for b in range(nb):
-            n0 = raw[r0, b * ts + qs: b * ts + qs + 16]
-            n1 = raw[r1, b * ts + qs: b * ts + qs + 16]
-            xb = x[b * 32: b * 32 + 32]
-            d0, d1 = d[r0, b], d[r1, b]
-            m0 += m[r0, b] * xs[b]
-            m1 += m[r1, b] * xs[b]
-            for j in range(16):
-                q0 = np.int32(n0[j])
-                q1 = np.int32(n1[j])
-                l0[j] += (np.float32((q0 & 15) + off) * d0) * xb[j]
-                l0[j + 16] += (np.float32((q0 >> 4) + off) * d0) * xb[j + 16]
-                l1[j] += (np.float32((q1 & 15) + off) * d1) * xb[j]
-                l1[j + 16] += (np.float32((q1 >> 4) + off) * d1) * xb[j + 16]
-        a0, a1 = m0, m1
-        for j in range(LANES):
-            a0 += l0[j]
-            a1 += l1[j]
-        out[r0] = a0
-        out[r1] = a1
-
-
-@njit(cache=True, parallel=True)
-def matvec_q8_0(out, x2, blocks, d):
-    """ideal, one token, q8_0: blocks int8[rows, nb, 34] (d@0, int8 qs@2) and x2 float32[nb, 32]
-    are free reshaped views; with constant offsets into them the loop vectorizes without a
-    per-block slice. Two rows per step, as matvec_q4."""
-    rows, nb, _ = blocks.shape
-    half = (rows + 1) // 2
-    for i in prange(half):
-        r0 = np.int64(i)
-        r1 = r0 + half if r0 + half < rows else r0
-        l0 = np.zeros(LANES, np.float32)
-        l1 = np.zeros(LANES, np.float32)
-        for b in range(nb):
-            d0, d1 = d[r0, b], d[r1, b]
-            for j in range(32):
-                l0[j] += (np.float32(blocks[r0, b, 2 + j]) * d0) * x2[b, j]
-                l1[j] += (np.float32(blocks[r1, b, 2 + j]) * d1) * x2[b, j]
-        a0 = 0.0
-        a1 = 0.0
-        for j in range(LANES):
-            a0 += l0[j]
-            a1 += l1[j]
-        out[r0] = a0
-        out[r1] = a1
 
 
 @njit(cache=True)
@@ -329,35 +171,6 @@ def legacy_codes(blk, is_q8, qs, qh, off, codes):
             q = np.int64(nib[j])
             codes[j] = ((q & 15) | (((h >> j) & 1) << 4)) + off
             codes[j + 16] = ((q >> 4) | (((h >> (j + 16)) & 1) << 4)) + off
-
-
-@njit(cache=True, parallel=True)
-def tile_nibbles(out, raw, r0, d, m, ts, qs, qh, off):
-    """Rows r0 .. r0 + len(out) of a q4_0/q4_1/q5_0/q5_1 W as float32 (a tile for BLAS),
-    decoded as matvec_nibbles does (block slices, no per-element dispatch)."""
-    nb = d.shape[1]
-    for i in prange(out.shape[0]):
-        for b in range(nb):
-            blk = raw[r0 + i, b * ts: (b + 1) * ts]
-            nib = blk[qs: qs + 16]
-            o = out[i, b * 32: b * 32 + 32]
-            h = qh_word(blk, qh) if qh >= 0 else np.int64(0)
-            db, mb = d[r0 + i, b], m[r0 + i, b]
-            for j in range(16):
-                q = np.int64(nib[j])
-                o[j] = np.float32(((q & 15) | (((h >> j) & 1) << 4)) + off) * db + mb
-                o[j + 16] = np.float32(((q >> 4) | (((h >> (j + 16)) & 1) << 4)) + off) * db + mb
-
-
-@njit(cache=True, parallel=True)
-def tile_q8_0(out, blocks, r0, d):
-    """Rows r0 .. r0 + len(out) of a q8_0 W (blocks int8[rows, nb, 34]) as float32."""
-    nb = d.shape[1]
-    for i in prange(out.shape[0]):
-        for b in range(nb):
-            db = d[r0 + i, b]
-            for j in range(32):
-                out[i, b * 32 + j] = np.float32(blocks[r0 + i, b, 2 + j]) * db
 
 
 @njit(cache=True, parallel=True)
@@ -384,3 +197,154 @@ def matmul_q8(out, xq, xd, xs, raw, d, m, has_m, is_q8, ts, qs, qh, off):
                     acc[t] += np.float64(mw) * np.float64(xs[t, b])
         for t in range(T):
             out[t, r] = acc[t]
+
+
+# ---- ideal mode on repacked weights (see the module docstring and ../repack.py) -------------------
+CONTRACT = {"contract"}   # fused multiply-adds; sums keep their order
+AHEAD = 2048              # bytes of codes prefetched ahead of the one being read (prefetch.py)
+
+
+@njit(cache=True)
+def prefetch_block(codes, d, m, g, b):
+    """Prefetch the codes AHEAD bytes after sub-block (g, b) and the scales two sub-blocks on;
+    flat views, so the next group's rows are covered too."""
+    G, nb, J, R = codes.shape
+    flat = codes.reshape(-1)
+    start = (g * nb + b) * J * R + AHEAD
+    for k in range(start, min(start + J * R, flat.shape[0]), 64):
+        prefetch(flat, k)
+    k = (g * nb + b + 2) * R
+    if k < G * nb * R:
+        df, mf = d.reshape(-1), m.reshape(-1)
+        for i in range(k, k + R, 16):
+            prefetch(df, i)
+            prefetch(mf, i)
+
+
+@njit(cache=True)
+def block_sums(x, B):  # float32[cols] -> float32[cols // B]: sum of x over each sub-block
+    nb = x.shape[0] // B
+    xs = np.empty(nb, np.float32)
+    for b in range(nb):
+        s = 0.0
+        for j in range(B):
+            s += x[b * B + j]
+        xs[b] = s
+    return xs
+
+
+@njit(cache=True, parallel=True, fastmath=CONTRACT)
+def matvec_nibbles(out, x, codes, d, m, off, has_m):
+    """out float32[rows] = W @ x for 4-bit codes: codes uint8[G, nb, H, R] (byte j of a
+    sub-block: element j low, j + H high, each q - off), d, m float32[G, nb, R], x float32[cols]."""
+    G, nb, H, R = codes.shape
+    B = 2 * H
+    rows = out.shape[0]
+    o = np.int32(off)
+    xs = block_sums(x, B)
+    for g in prange(G):
+        acc = np.zeros(R, np.float32)
+        bacc = np.empty(R, np.float32)
+        for b in range(nb):
+            prefetch_block(codes, d, m, g, b)
+            for i in range(R):
+                bacc[i] = 0
+            for j in range(H):
+                xl, xh = x[b * B + j], x[b * B + H + j]
+                c = codes[g, b, j]
+                for i in range(R):
+                    v = np.int32(c[i])
+                    lo = np.int32(np.int32(v & 15) + o)   # np.int32 around each step: int32
+                    hi = np.int32(np.int32(v >> 4) + o)   # vectors (Numba widens to int64)
+                    bacc[i] += np.float32(lo) * xl + np.float32(hi) * xh
+            db, mb, sb = d[g, b], m[g, b], xs[b]
+            if has_m:
+                for i in range(R):
+                    acc[i] += bacc[i] * db[i] + mb[i] * sb
+            else:
+                for i in range(R):
+                    acc[i] += bacc[i] * db[i]
+        for i in range(min(R, rows - g * R)):
+            out[g * R + i] = acc[i]
+
+
+@njit(cache=True, parallel=True, fastmath=CONTRACT)
+def matvec_int8(out, x, codes, d, m, has_m):
+    """out float32[rows] = W @ x for 8-bit codes: codes int8[G, nb, B, R], d, m float32[G, nb, R]."""
+    G, nb, B, R = codes.shape
+    rows = out.shape[0]
+    xs = block_sums(x, B)
+    for g in prange(G):
+        acc = np.zeros(R, np.float32)
+        bacc = np.empty(R, np.float32)
+        for b in range(nb):
+            prefetch_block(codes, d, m, g, b)
+            for i in range(R):
+                bacc[i] = 0
+            for j in range(B):
+                xj = x[b * B + j]
+                c = codes[g, b, j]
+                for i in range(R):
+                    bacc[i] += np.float32(c[i]) * xj
+            db, mb, sb = d[g, b], m[g, b], xs[b]
+            if has_m:
+                for i in range(R):
+                    acc[i] += bacc[i] * db[i] + mb[i] * sb
+            else:
+                for i in range(R):
+                    acc[i] += bacc[i] * db[i]
+        for i in range(min(R, rows - g * R)):
+            out[g * R + i] = acc[i]
+
+
+@njit(cache=True, parallel=True, fastmath=CONTRACT)
+def matvec_float(out, x, w):
+    """out float32[rows] = W @ x for float weights w float32[G, cols, R]: one sum per row, in
+    column order."""
+    G, cols, R = w.shape
+    rows = out.shape[0]
+    flat = w.reshape(-1)
+    for g in prange(G):
+        acc = np.zeros(R, np.float32)
+        for c in range(cols):
+            k = (g * cols + c) * R + AHEAD // 4
+            if k < flat.shape[0]:
+                for i in range(k, k + R, 16):
+                    prefetch(flat, i)
+            xc = x[c]
+            wc = w[g, c]
+            for i in range(R):
+                acc[i] += wc[i] * xc
+        for i in range(min(R, rows - g * R)):
+            out[g * R + i] = acc[i]
+
+
+@njit(cache=True, parallel=True)
+def tile_nibbles(out, g0, codes, d, m, off, has_m):
+    """Rows g0 * R .. g0 * R + len(out) of a 4-bit repacked W as float32 (a tile for BLAS):
+    w = d * q (+ m) with two roundings, as dequantize_row_* (no fastmath: no FMA here)."""
+    _, nb, H, R = codes.shape
+    B = 2 * H
+    for r in prange(out.shape[0]):
+        g, i = g0 + r // R, r % R
+        for b in range(nb):
+            db, mb = d[g, b, i], m[g, b, i]
+            for j in range(H):
+                v = np.int32(codes[g, b, j, i])
+                lo = np.float32(np.int32(np.int32(v & 15) + off)) * db
+                hi = np.float32(np.int32(np.int32(v >> 4) + off)) * db
+                out[r, b * B + j] = lo + mb if has_m else lo
+                out[r, b * B + H + j] = hi + mb if has_m else hi
+
+
+@njit(cache=True, parallel=True)
+def tile_int8(out, g0, codes, d, m, has_m):
+    """As tile_nibbles for 8-bit codes int8[G, nb, B, R]."""
+    _, nb, B, R = codes.shape
+    for r in prange(out.shape[0]):
+        g, i = g0 + r // R, r % R
+        for b in range(nb):
+            db, mb = d[g, b, i], m[g, b, i]
+            for j in range(B):
+                v = np.float32(codes[g, b, j, i]) * db
+                out[r, b * B + j] = v + mb if has_m else v
