@@ -254,6 +254,34 @@ def test_activation_ops_equal_reference(op, mode):
         _check(op, mode, got, ref)
 
 
+def test_attention_prefill_odd_head_dim_and_peaked_scores():
+    """Odd head_dim (the kernel's 4-wide steps leave a remainder), a prefill whose length no
+    thread count divides, and scores spread far enough that exp underflows for some positions."""
+    rng = np.random.default_rng(5)
+    T, pos0, n_heads, n_kv, hd = 33, 4, 6, 3, 18
+    q = rng.standard_normal((T, n_heads, hd)).astype(np.float32) * 12
+    k = rng.standard_normal((pos0 + T, n_kv, hd)).astype(np.float32) * 12
+    v = rng.standard_normal((pos0 + T, n_kv, hd)).astype(np.float32)
+    ref, got = np.empty_like(q), np.empty_like(q)
+    NumpyBackend().attention(ref, q, k, v, pos0)
+    NumbaBackend().attention(got, q, k, v, pos0)
+    _check("attention", "ideal", got, ref)
+
+
+def test_vectorized_exp_within_two_ulp_of_numpy():
+    from refinfer.backends.numba_kernels.ops import exp_nonpositive
+    rng = np.random.default_rng(6)
+    x = np.concatenate([-rng.random(100_000) * 50, -rng.random(1000) * 700,
+                        [0.0, -0.0, -1e-300, -5e-324, -1e-17, -np.log(2) / 2, -700.0]])
+    got = x.copy()
+    exp_nonpositive(got, np.empty(len(x), np.int64))
+    ref = np.exp(x)
+    assert np.all(np.abs(got - ref) <= 2 * np.spacing(ref))
+    edge = np.array([-708.0, -745.0, -1e4, -np.inf, np.nan])
+    exp_nonpositive(edge, np.empty(5, np.int64))
+    assert np.all(edge[:4] == 0.0) and np.isnan(edge[4])   # exp < 3e-308 flushed to 0; NaN kept
+
+
 def test_fallback_warns_once_per_op_and_type():
     be = NumbaBackend(mode="ideal", dtype=np.float64)
     w = _weights("q4_0")

@@ -238,11 +238,8 @@ class NumbaBackend(NumpyBackend):
         if not self._native:
             self._fallback("attention", "f32", f"dtype {self.dtype}")
             return super().attention(out, q, k, v, pos0)
-        if self.mode == "ideal" and len(q) > 1:
-            # prefill: the reference's batched float64 matmuls already run in BLAS, while a
-            # per-(token, head) kernel without reassociated sums is several times slower
-            return super().attention(out, q, k, v, pos0)
-        ok.attention(out, np.ascontiguousarray(q), k, v, int(pos0), self.mode == "ggml")
+        kernel = ok.attention if self.mode == "ideal" else ok.attention_ggml
+        kernel(out, np.ascontiguousarray(q), k, v, int(pos0))
 
     def swiglu(self, out, gate, up):
         if not self._native:

@@ -62,12 +62,125 @@ def store_f16(cache, pos0, x):
                 cache[pos0 + t, h, d] = bd.round_f16(x[t, h, d])
 
 
+LOG2E = 1.4426950408889634
+LN2_HI = 0.6931471803691238      # 0x3FE62E42FEE00000: k * LN2_HI is exact for |k| < 2^11
+LN2_LO = 1.9082149292705877e-10  # ln 2 - LN2_HI
+
+
+@njit(cache=True, fastmath={"contract"})
+def exp_nonpositive(x, bits):
+    """x[i] = exp(x[i]) in place for x[i] <= 0 (softmax after subtracting the maximum), float64,
+    within about 1 ulp of libm. A loop LLVM can vectorize (a libm call per element cost 7-20 ns,
+    most of a 512-token prefill's attention): exp(x) = 2^k exp(r) with k = rint(x / ln 2),
+    r = x - k ln 2 in two parts (Cody-Waite), |r| <= ln2 / 2, exp(r) by its Taylor series to
+    r^13 (truncation < 1e-17), 2^k from its exponent bits (bits int64[len(x)] is scratch).
+    Below -708 the result is 0 (exp would be < 3e-308); NaN stays NaN."""
+    n = x.shape[0]
+    for i in range(n):
+        xi = max(x[i], -708.0)
+        k = np.rint(xi * LOG2E)
+        r = (xi - k * LN2_HI) - k * LN2_LO
+        p = 1.0 / 6227020800.0                  # 1/13!, then Horner down to 1/0!
+        p = p * r + 1.0 / 479001600.0
+        p = p * r + 1.0 / 39916800.0
+        p = p * r + 1.0 / 3628800.0
+        p = p * r + 1.0 / 362880.0
+        p = p * r + 1.0 / 40320.0
+        p = p * r + 1.0 / 5040.0
+        p = p * r + 1.0 / 720.0
+        p = p * r + 1.0 / 120.0
+        p = p * r + 1.0 / 24.0
+        p = p * r + 1.0 / 6.0
+        p = p * r + 0.5
+        p = p * r + 1.0
+        p = p * r + 1.0
+        x[i] = 0.0 if x[i] <= -708.0 else p
+        bits[i] = (np.int64(k) + 1023) << 52    # the float64 2^k
+    scale = bits.view(np.float64)
+    for i in range(n):
+        x[i] *= scale[i]
+
+
+@njit(cache=True, fastmath={"contract"})
+def attend(o, qv, kt, vv, n, scale):
+    """o float32[hd] = softmax(scale * K[:n] q) V[:n] for one query and head: qv float32[hd],
+    kt float64[hd, S] (K transposed), vv float64[S, hd]. Scores, softmax and the V sum in
+    float64; every sum runs in a fixed order (over d for a score, over positions for o)."""
+    hd = qv.shape[0]
+    p = np.zeros(n, np.float64)
+    d = 0
+    while d + 4 <= hd:                    # p[s] += q[d] k[d, s] for d, d+1, d+2, d+3 in turn
+        q0, q1, q2, q3 = np.float64(qv[d]), np.float64(qv[d + 1]), np.float64(qv[d + 2]), np.float64(qv[d + 3])
+        k0, k1, k2, k3 = kt[d], kt[d + 1], kt[d + 2], kt[d + 3]
+        for s in range(n):
+            p[s] = p[s] + q0 * k0[s] + q1 * k1[s] + q2 * k2[s] + q3 * k3[s]
+        d += 4
+    for d in range(d, hd):
+        qd, kd = np.float64(qv[d]), kt[d]
+        for s in range(n):
+            p[s] += qd * kd[s]
+    mx = -np.inf
+    for s in range(n):
+        p[s] *= scale
+        mx = max(mx, p[s])
+    for s in range(n):
+        p[s] -= mx
+    exp_nonpositive(p, np.empty(n, np.int64))
+    tot = 0.0
+    for s in range(n):
+        tot += p[s]
+    acc = np.zeros(hd, np.float64)
+    s = 0
+    while s + 4 <= n:                     # acc[d] += p[s] v[s, d] for s, s+1, s+2, s+3 in turn
+        p0, p1, p2, p3 = p[s] / tot, p[s + 1] / tot, p[s + 2] / tot, p[s + 3] / tot
+        v0, v1, v2, v3 = vv[s], vv[s + 1], vv[s + 2], vv[s + 3]
+        for e in range(hd):
+            acc[e] = acc[e] + p0 * v0[e] + p1 * v1[e] + p2 * v2[e] + p3 * v3[e]
+        s += 4
+    for s in range(s, n):
+        ps, vs = p[s] / tot, vv[s]
+        for e in range(hd):
+            acc[e] += ps * vs[e]
+    for e in range(hd):
+        o[e] = acc[e]
+
+
 @njit(cache=True, parallel=True)
-def attention(out, q, k, v, pos0, ggml):
-    """Causal GQA attention over the cache: q[T, n_heads, hd], k/v[S, n_kv, hd] -> out[T,
-    n_heads, hd]. ideal: scores, softmax and the V sum in float64. ggml: Q rounded to F16,
-    K.Q in float32, scaled, exp in float32, sum in double, probabilities rounded to F16 (the
-    F16 V matmul), V sum rounded once to float32."""
+def attention(out, q, k, v, pos0):
+    """ideal mode: causal GQA attention over the cache, q[T, n_heads, hd], k/v[S, n_kv, hd] ->
+    out[T, n_heads, hd] (attend per query and head). The reference's sums run in BLAS's order;
+    these in a fixed order of their own. K and V are first copied to float64, K transposed
+    so that each score loop runs over consecutive positions and vectorizes across them. The
+    parallel loop takes query t together with T - 1 - t, so that equal shares of it (Numba
+    splits a prange into contiguous chunks) hold equal work under the causal mask; no
+    [heads, T, S] temporaries (the reference allocates about 100 MB of them per layer in a
+    512-token prefill)."""
+    T, n_heads, hd = q.shape
+    S, n_kv, _ = k.shape
+    group = n_heads // n_kv
+    scale = 1.0 / math.sqrt(hd)
+    kt = np.empty((n_kv, hd, S), np.float64)
+    vv = np.empty((n_kv, S, hd), np.float64)
+    for s in prange(S):
+        for kh in range(n_kv):
+            for d in range(hd):
+                kt[kh, d, s] = k[s, kh, d]
+                vv[kh, s, d] = v[s, kh, d]
+    half = (T + 1) // 2
+    for i in prange(half * n_heads):
+        t, h = i // n_heads, i % n_heads
+        kv = h // group
+        attend(out[t, h], q[t, h], kt[kv], vv[kv], S - T + t + 1, scale)
+        if T - 1 - t != t:
+            t = T - 1 - t
+            attend(out[t, h], q[t, h], kt[kv], vv[kv], S - T + t + 1, scale)
+
+
+@njit(cache=True, parallel=True)
+def attention_ggml(out, q, k, v, pos0):
+    """ggml mode: as attention, with Q rounded to F16, K.Q in float32, scaled, exp in float32,
+    sum in double, probabilities rounded to F16 (the F16 V matmul), V sum rounded once to
+    float32 (llama.cpp's non-flash attention with an F16 cache)."""
     T, n_heads, hd = q.shape
     group = n_heads // k.shape[1]
     scale = 1.0 / math.sqrt(hd)
@@ -77,39 +190,24 @@ def attention(out, q, k, v, pos0, ggml):
         n = pos0 + t + 1                      # visible positions
         qv = np.empty(hd, np.float64)
         for d in range(hd):
-            qv[d] = bd.round_f16(q[t, h, d]) if ggml else q[t, h, d]
+            qv[d] = bd.round_f16(q[t, h, d])
         p = np.empty(n, np.float64)
-        if ggml:
-            sc = np.empty(n, np.float32)
-            mx = np.float32(-np.inf)
-            for s in range(n):
-                acc = 0.0
-                for d in range(hd):
-                    acc += qv[d] * np.float64(k[s, kv, d])
-                sc[s] = np.float32(acc) * np.float32(scale)
-                mx = max(mx, sc[s])
-            tot = 0.0
-            for s in range(n):
-                e = np.exp(np.float32(sc[s] - mx))
-                sc[s] = e
-                tot += np.float64(e)
-            inv = np.float32(1.0 / tot)
-            for s in range(n):
-                p[s] = bd.round_f16(sc[s] * inv)
-        else:
-            mx = -np.inf
-            for s in range(n):
-                acc = 0.0
-                for d in range(hd):
-                    acc += qv[d] * np.float64(k[s, kv, d])
-                p[s] = acc * scale
-                mx = max(mx, p[s])
-            tot = 0.0
-            for s in range(n):
-                p[s] = math.exp(p[s] - mx)
-                tot += p[s]
-            for s in range(n):
-                p[s] /= tot
+        sc = np.empty(n, np.float32)
+        mx = np.float32(-np.inf)
+        for s in range(n):
+            acc = 0.0
+            for d in range(hd):
+                acc += qv[d] * np.float64(k[s, kv, d])
+            sc[s] = np.float32(acc) * np.float32(scale)
+            mx = max(mx, sc[s])
+        tot = 0.0
+        for s in range(n):
+            e = np.exp(np.float32(sc[s] - mx))
+            sc[s] = e
+            tot += np.float64(e)
+        inv = np.float32(1.0 / tot)
+        for s in range(n):
+            p[s] = bd.round_f16(sc[s] * inv)
         o = np.zeros(hd, np.float64)
         for s in range(n):
             for d in range(hd):
