@@ -55,8 +55,6 @@ def _worker_refinfer(model, backend, threads, n_prompt, n_gen):
     t_start = time.perf_counter()
     if backend == "numba":
         import numba
-
-        from .backends import numba_backend  # noqa: F401  sets libgomp's spin before its threads start
         numba.set_num_threads(threads)
     import numpy as np
 

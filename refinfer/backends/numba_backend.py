@@ -16,26 +16,17 @@ multiple of 32) runs the inherited NumPy reference, with one warning per (op, ty
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np
 
-# Numba's OpenMP threading layer (libgomp) keeps its idle threads spinning for a while after
-# each parallel kernel. In a prefill they spin while OpenBLAS's threads do the matmuls, and
-# on a 2-core machine each kernel then waits for a time slice: pp512 ran at 205 tok/s with
-# libgomp's default, 326-379 with a short spin, 373 with no spin at all (which made decode,
-# hundreds of short kernels per token, 2x slower). Read when libgomp loads, at the first
-# parallel kernel; a value the user set is kept.
-os.environ.setdefault("GOMP_SPINCOUNT", "5000")
-
-from .. import quant  # noqa: E402
-from . import blockdecode as bd  # noqa: E402
-from .numba_kernels import matmul as mk  # noqa: E402
-from .numba_kernels import ops as ok  # noqa: E402
-from ..quant._common import fp16_to_f32  # noqa: E402
-from .numpy_backend import VEC_DOT_TYPE, NumpyBackend  # noqa: E402
-from .repack import repack  # noqa: E402
+from .. import quant
+from . import blockdecode as bd
+from .numba_kernels import matmul as mk
+from .numba_kernels import ops as ok
+from ..quant._common import fp16_to_f32
+from .numpy_backend import VEC_DOT_TYPE, NumpyBackend
+from .repack import repack
 
 WEIGHT_TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0",
                 "q2_K", "q3_K", "q4_K", "q5_K", "q6_K")
