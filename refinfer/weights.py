@@ -4,6 +4,7 @@ rename table for GGUF files), each matrix kept in its stored block format."""
 from __future__ import annotations
 
 import dataclasses
+import mmap
 
 import numpy as np
 
@@ -33,6 +34,21 @@ class QTensor:
 
     def __repr__(self):
         return f"QTensor({self.name!r}, {self.qtype.name}, {self.shape})"
+
+    def release_pages(self):
+        """Drop the resident pages of a memory-mapped raw (madvise MADV_DONTNEED) after a
+        backend has copied the matrix into a layout of its own: otherwise the file's pages,
+        touched once by the copy, count in this process's memory next to the copy. The file
+        is read again if raw is used later; other arrays are left alone."""
+        owner = self.raw
+        while owner is not None and not isinstance(owner, mmap.mmap):
+            owner = owner.obj if isinstance(owner, memoryview) else getattr(owner, "base", None)
+        if owner is None or not hasattr(owner, "madvise") or self.raw.nbytes == 0:
+            return
+        start = self.raw.ctypes.data - np.frombuffer(owner, np.uint8, count=1).ctypes.data
+        page = mmap.PAGESIZE
+        lo = start // page * page
+        owner.madvise(mmap.MADV_DONTNEED, lo, start + self.raw.nbytes - lo)
 
 
 @dataclasses.dataclass

@@ -33,7 +33,7 @@ WEIGHT_TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0",
 WEIGHT_OPS = ("embed", "matmul")                                   # ops per weight type
 ACT_OPS = ("rmsnorm", "rope", "store_kv", "attention", "swiglu")   # ops on float32 activations
 SHARED_OPS = ("rope_cos_sin",)   # once per forward pass: every backend uses the reference's
-TILE_BYTES = 1 << 26             # float32 bytes of a dequantized prefill tile: few, large BLAS calls (2 threads: 139 -> 190 tok/s pp512)
+TILE_BYTES = 1 << 22             # float32 bytes of a dequantized prefill tile (larger tiles measured no faster)
 
 
 # 32-element types: (type_size, qs offset, qh offset or -1, code offset, has m) of the block
@@ -87,6 +87,7 @@ class NumbaBackend(NumpyBackend):
         hit = self._repacked.get(id(w))
         if hit is None:
             hit = self._repacked[id(w)] = (w, repack(w))
+            w.release_pages()
         return hit[1]
 
     def legacy_scales(self, w):  # -> (d float32[rows, nb], m float32[rows, nb])

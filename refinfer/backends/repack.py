@@ -13,8 +13,8 @@ on R rows at the same column and every row's sum keeps a fixed order:
     float    float32[G, cols, R]   f32, f16, bf16 (exact float32 values)
 
 G = ceil(rows / R) groups of R rows; the last is padded with zero rows (codes 0, d = m = 0),
-which the kernels compute and do not store. The loader's raw blocks stay as they are: embed,
-ggml mode and the NumPy reference read those.
+which the kernels compute and do not store. The loader's raw blocks stay as they are (embed,
+ggml mode and the NumPy reference read those); the backend releases their resident pages.
 """
 
 from __future__ import annotations
@@ -60,32 +60,39 @@ def _groups(a, R):  # [rows, ...] -> [G, R, ...], zero-padded
     return a.reshape(-1, R, *a.shape[1:])
 
 
-def repack(w) -> Repacked:
-    """QTensor w (rows, cols) -> Repacked."""
+def repack(w, chunk_groups=64) -> Repacked:
+    """QTensor w (rows, cols) -> Repacked, chunk_groups groups of rows at a time (bounds the
+    temporaries: a 49152 x 576 q8_0 matrix at once needs about 100 MB of them)."""
     rows, cols = w.shape
     t = w.qtype
     R = rows_per_group(rows)
+    G = -(-rows // R)
     if t.codes is None:   # f32, f16, bf16
-        dense = _groups(np.asarray(w.dequantize(), dtype=np.float32).reshape(rows, cols), R)
+        dense = np.empty((G, cols, R), np.float32)
+        for g0 in range(0, G, chunk_groups):
+            part = np.asarray(w.dequantize(slice(g0 * R, (g0 + chunk_groups) * R)), dtype=np.float32)
+            dense[g0: g0 + chunk_groups] = _groups(part.reshape(-1, cols), R).transpose(0, 2, 1)
         empty = np.zeros((0, 0, 0), np.float32)
-        return Repacked("float", np.ascontiguousarray(dense.transpose(0, 2, 1)), empty, empty,
-                        rows, cols, 1, 0, False)
-    q, d, m = t.codes(np.asarray(w.raw).reshape(-1, t.type_size))    # [rows * blocks, S, B]
-    B = q.shape[-1]
+        return Repacked("float", dense, empty, empty, rows, cols, 1, 0, False)
+    B = t.codes(np.asarray(w.raw[:1]).reshape(-1, t.type_size))[0].shape[-1]
     nb = cols // B
-    q = _groups(q.reshape(rows, nb, B), R)                              # [G, R, nb, B]
-    d = _groups(d.reshape(rows, nb), R)
-    has_m = m is not None
-    m = _groups(m.reshape(rows, nb), R) if has_m else np.zeros_like(d)
     off = NIBBLE_OFFSET.get(t.name)
-    if off is not None:
-        u = (q.astype(np.int16) - off).astype(np.uint8)
-        q = u[..., : B // 2] | (u[..., B // 2:] << 4)                    # [G, R, nb, B/2]
-        layout = "nibbles"
-    else:
-        q = q.astype(np.int8)
-        layout = "int8"
-    codes = np.ascontiguousarray(q.transpose(0, 2, 3, 1))               # [G, nb, B or B/2, R]
-    d = np.ascontiguousarray(d.transpose(0, 2, 1), dtype=np.float32)    # [G, nb, R]
-    m = np.ascontiguousarray(m.transpose(0, 2, 1), dtype=np.float32)
+    layout = "int8" if off is None else "nibbles"
+    codes = np.empty((G, nb, B if off is None else B // 2, R), np.int8 if off is None else np.uint8)
+    d = np.empty((G, nb, R), np.float32)
+    m = np.zeros((G, nb, R), np.float32)
+    has_m = False
+    for g0 in range(0, G, chunk_groups):
+        raw = np.asarray(w.raw[g0 * R: (g0 + chunk_groups) * R])
+        q, dp, mp = t.codes(raw.reshape(-1, t.type_size))             # [n * blocks, S, B]
+        n = len(raw)
+        q = _groups(q.reshape(n, nb, B), R)                              # [g, R, nb, B]
+        if off is not None:
+            u = (q.astype(np.int16) - off).astype(np.uint8)
+            q = u[..., : B // 2] | (u[..., B // 2:] << 4)                # [g, R, nb, B/2]
+        codes[g0: g0 + chunk_groups] = q.transpose(0, 2, 3, 1)          # [g, nb, B or B/2, R]
+        d[g0: g0 + chunk_groups] = _groups(dp.reshape(n, nb), R).transpose(0, 2, 1)
+        if mp is not None:
+            has_m = True
+            m[g0: g0 + chunk_groups] = _groups(mp.reshape(n, nb), R).transpose(0, 2, 1)
     return Repacked(layout, codes, d, m, rows, cols, B, off or 0, has_m)
