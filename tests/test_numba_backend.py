@@ -152,6 +152,53 @@ def test_repacked_tiles_equal_dequantize(name):
     np.testing.assert_array_equal(tile, quant.dequantize(w.raw[R:45], name))  # -0.0 == +0.0
 
 
+@pytest.mark.parametrize("name", ["q4_1", "q5_0", "q3_K", "f16"])
+def test_repack_in_chunks_equals_repack_at_once(name):
+    from refinfer.backends.repack import repack
+    w = _weights(name, rows=45, cols=512)
+    a, b = repack(w), repack(w, chunk_groups=1)
+    for f in ("codes", "d", "m"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    assert (a.layout, a.block, a.off, a.has_m) == (b.layout, b.block, b.off, b.has_m)
+
+
+def test_decode_result_does_not_depend_on_thread_count():
+    """The decode kernels vectorize across rows and sum each row in a fixed order, so the
+    bits are the same whatever the number of threads."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one CPU: nothing to compare")
+    before = numba.get_num_threads()
+    try:
+        for name in ("q4_1", "q8_0", "q6_K", "bf16"):
+            w = _weights(name, rows=301, cols=512)
+            x = _acts(1, 512)
+            got = []
+            for n in (1, 2):
+                numba.set_num_threads(n)
+                out = np.empty((1, 301), np.float32)
+                NumbaBackend().matmul(out, x, w)
+                got.append(out)
+            np.testing.assert_array_equal(got[0].view(np.uint32), got[1].view(np.uint32), err_msg=name)
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_released_pages_are_read_again_from_the_file(tiny_quantized):
+    """After a matrix is repacked its memory-mapped pages are dropped (madvise); using raw
+    afterwards reads the file again and gives the same values."""
+    from refinfer.model import load
+    m = load(tiny_quantized["q4_0"], backend="numba")
+    w = m.weights.layers[0].ffn_up
+    before = w.dequantize()
+    x = _acts(1, w.shape[1])
+    out = np.empty((1, w.shape[0]), np.float32)
+    m.backend.matmul(out, x, w)                      # repacks, then releases the pages
+    np.testing.assert_array_equal(w.dequantize(), before)
+    ref = np.empty_like(out)
+    NumpyBackend().matmul(ref, x, w)
+    _check("matmul", "ideal", out, ref)
+
+
 # ---- exact: ggml-mode integer parts ------------------------------------------------------------
 @pytest.mark.parametrize("T", [1, 2, 7])
 def test_activation_q8_quantizer_is_exact(T):
