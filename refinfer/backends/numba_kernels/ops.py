@@ -145,6 +145,36 @@ def attend(o, qv, kt, vv, n, scale):
         o[e] = acc[e]
 
 
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def attend_one(o, qv, k, v, kv, n, scale):
+    """attend for a single query (decode) straight from the float32 cache k/v[S, n_kv, hd]:
+    each score is a dot over d, reassociated so that it vectorizes (for one query the
+    transposed copy of attend's prefill path would cost as much as the attention itself)."""
+    hd = qv.shape[0]
+    p = np.empty(n, np.float64)
+    mx = -np.inf
+    for s in range(n):
+        ks = k[s, kv]
+        acc = 0.0
+        for d in range(hd):
+            acc += np.float64(qv[d]) * np.float64(ks[d])
+        p[s] = acc * scale
+        mx = max(mx, p[s])
+    for s in range(n):
+        p[s] -= mx
+    exp_nonpositive(p, np.empty(n, np.int64))
+    tot = 0.0
+    for s in range(n):
+        tot += p[s]
+    acc = np.zeros(hd, np.float64)
+    for s in range(n):
+        ps, vs = p[s] / tot, v[s, kv]
+        for e in range(hd):
+            acc[e] += ps * np.float64(vs[e])
+    for e in range(hd):
+        o[e] = acc[e]
+
+
 @njit(cache=True, parallel=True)
 def attention(out, q, k, v, pos0):
     """ideal mode: causal GQA attention over the cache, q[T, n_heads, hd], k/v[S, n_kv, hd] ->
@@ -159,6 +189,10 @@ def attention(out, q, k, v, pos0):
     S, n_kv, _ = k.shape
     group = n_heads // n_kv
     scale = 1.0 / math.sqrt(hd)
+    if T == 1:                            # decode: no copies, one dot per position
+        for h in prange(n_heads):
+            attend_one(out[0, h], q[0, h], k, v, h // group, S, scale)
+        return
     kt = np.empty((n_kv, hd, S), np.float64)
     vv = np.empty((n_kv, S, hd), np.float64)
     for s in prange(S):
@@ -219,14 +253,22 @@ def attention_ggml(out, q, k, v, pos0):
 @njit(cache=True)
 def swiglu(out, gate, up, ggml):
     """out = silu(gate) * up, silu(g) = g / (1 + exp(-g)): in float64 then rounded (ideal),
-    or in float32 (ggml)."""
+    or in float32 (ggml). ideal takes e = exp(-|g|) from the vectorized exp_nonpositive and
+    writes silu(g) = g e / (1 + e) for g < 0 (the same value within float64 rounding)."""
     T, n = gate.shape
+    if ggml:
+        for t in range(T):
+            for i in range(n):
+                g = gate[t, i]
+                out[t, i] = (g / (np.float32(1) + np.exp(-g))) * up[t, i]
+        return
+    e = np.empty(n, np.float64)
+    bits = np.empty(n, np.int64)
     for t in range(T):
         for i in range(n):
-            g = gate[t, i]
-            if ggml:
-                s = g / (np.float32(1) + np.exp(-g))
-            else:
-                g64 = np.float64(g)
-                s = np.float32(g64 / (1.0 + math.exp(-g64)))
-            out[t, i] = s * up[t, i]
+            e[i] = -abs(np.float64(gate[t, i]))
+        exp_nonpositive(e, bits)
+        for i in range(n):
+            g = np.float64(gate[t, i])
+            s = g / (1.0 + e[i]) if g >= 0 else g * e[i] / (1.0 + e[i])
+            out[t, i] = np.float32(s) * up[t, i]
