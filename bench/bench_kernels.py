@@ -1,13 +1,16 @@
-"""Throughput of the numba backend's matmul kernels, against the NumPy reference.
+"""Throughput of the numba backend's kernels, against the NumPy reference.
 
     python -m pytest bench/bench_kernels.py --benchmark-enable [-k q4_1] [-s]
 
 Every case first checks the numba result against the reference backend in the same mode
 (max relative error <= 1e-6, the bound of tests/test_numba_backend.py), then times it.
 Shapes are SmolLM2-135M's: an FFN matrix (1536 x 576) for every type, and the q8_0 output
-projection (49152 x 576), with 768 columns for the K-quants (whole 256-element super-blocks); T = 1 is a decode step, T = 64 a prefill chunk. Reported in
-extra_info (and printed with -s): GB/s of weight bytes read and Gweights/s. Nothing is
-asserted about time.
+projection (49152 x 576), with 768 columns for the K-quants (whole 256-element
+super-blocks); T = 1 is a decode step, T = 64 a prefill chunk. Reported in extra_info (and
+printed with -s): GB/s of weight bytes read and Gweights/s. The activation ops (attention,
+rmsnorm, rope, swiglu) run on SmolLM2's shapes for a decode step at position 511 and a
+512-token prefill, checked first with the NMSE bounds of tests/test_numba_backend.py, and
+report tokens/s. Nothing is asserted about time.
 """
 
 from __future__ import annotations
@@ -95,3 +98,50 @@ def test_matvec_cold_weights(benchmark, name):
         benchmark.extra_info["Gweights/s"] = rows * cols * len(copies) / mean / 1e9
         print(f"\ncold {name} {len(copies)} x {rows}x{cols}: {mean * 1e3:.2f} ms, "
               f"{benchmark.extra_info['GB/s']:.2f} GB/s, {benchmark.extra_info['Gweights/s']:.2f} Gweights/s")
+
+
+# SmolLM2-135M: dim 576, 9 heads, 3 KV heads, head_dim 64, hidden 1536
+ACT_CASES = [(op, T) for op in ("attention", "rmsnorm", "rope", "swiglu") for T in (1, 512)]
+NMSE = {"attention": 1e-14, "rmsnorm": 1e-14, "rope": 0.0, "swiglu": 1e-14}
+
+
+def _act_args(op, T, rng):
+    if op == "attention":
+        S = 512
+        q = rng.standard_normal((T, 9, 64)).astype(np.float32)
+        k = rng.standard_normal((S, 3, 64)).astype(np.float32)
+        v = rng.standard_normal((S, 3, 64)).astype(np.float32)
+        return np.empty_like(q), (q, k, v, S - T)
+    if op == "rmsnorm":
+        x = rng.standard_normal((T, 576)).astype(np.float32)
+        return np.empty_like(x), (x, np.ones(576, np.float32), 1e-5)
+    if op == "rope":
+        x = rng.standard_normal((T, 9, 64)).astype(np.float32)
+        ang = np.outer(np.arange(T), 10000.0 ** (-np.arange(32) / 32)).astype(np.float32)
+        return x, (x, np.cos(ang), np.sin(ang), False)                # in place
+    g = rng.standard_normal((T, 1536)).astype(np.float32) * 3
+    return np.empty_like(g), (g, rng.standard_normal((T, 1536)).astype(np.float32))
+
+
+@pytest.mark.parametrize("op,T", ACT_CASES, ids=[f"{op}-T{T}" for op, T in ACT_CASES])
+def test_activation_op(benchmark, op, T):
+    be, ref_be = NumbaBackend(), NumpyBackend()
+    out_ref, args_ref = _act_args(op, T, np.random.default_rng(2))
+    out, args = _act_args(op, T, np.random.default_rng(2))
+    if op == "rope":
+        getattr(ref_be, op)(*args_ref)
+        getattr(be, op)(*args)
+    else:
+        getattr(ref_be, op)(out_ref, *args_ref)
+        getattr(be, op)(out, *args)
+    diff = out.astype(np.float64) - out_ref
+    nmse = np.sum(diff ** 2) / np.sum(out_ref.astype(np.float64) ** 2)
+    assert nmse <= NMSE[op], f"{op} T={T}: NMSE {nmse:.3g} vs the reference"
+    if op == "rope":
+        benchmark(be.rope, *args)
+    else:
+        benchmark(getattr(be, op), out, *args)
+    mean = benchmark.stats.stats.mean if benchmark.stats else None
+    if mean:
+        benchmark.extra_info["tokens/s"] = T / mean
+        print(f"\n{op} T={T}: {mean * 1e3:.3f} ms, {T / mean:.0f} tokens/s (one layer)")

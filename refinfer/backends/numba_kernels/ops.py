@@ -250,24 +250,22 @@ def attention_ggml(out, q, k, v, pos0):
             out[t, h, d] = o[d]
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def swiglu(out, gate, up, ggml):
     """out = silu(gate) * up, silu(g) = g / (1 + exp(-g)): in float64 then rounded (ideal),
     or in float32 (ggml). ideal takes e = exp(-|g|) from the vectorized exp_nonpositive and
     writes silu(g) = g e / (1 + e) for g < 0 (the same value within float64 rounding)."""
     T, n = gate.shape
-    if ggml:
-        for t in range(T):
+    for t in prange(T):
+        if ggml:
             for i in range(n):
                 g = gate[t, i]
                 out[t, i] = (g / (np.float32(1) + np.exp(-g))) * up[t, i]
-        return
-    e = np.empty(n, np.float64)
-    bits = np.empty(n, np.int64)
-    for t in range(T):
+            continue
+        e = np.empty(n, np.float64)
         for i in range(n):
             e[i] = -abs(np.float64(gate[t, i]))
-        exp_nonpositive(e, bits)
+        exp_nonpositive(e, np.empty(n, np.int64))
         for i in range(n):
             g = np.float64(gate[t, i])
             s = g / (1.0 + e[i]) if g >= 0 else g * e[i] / (1.0 + e[i])
