@@ -233,13 +233,32 @@ def block_sums(x, B):  # float32[cols] -> float32[cols // B]: sum of x over each
     return xs
 
 
+@njit(cache=True, fastmath=CONTRACT, inline="always")
+def add_block(acc, bacc, d, m, xs, has_m):
+    """acc[i] += d[i] * bacc[i] (+ m[i] * xs): one sub-block's terms of R rows; bacc[i] is
+    sum_j q_j x_j of row i, xs sum_j x_j."""
+    if has_m:
+        for i in range(acc.shape[0]):
+            acc[i] += bacc[i] * d[i] + m[i] * xs
+    else:
+        for i in range(acc.shape[0]):
+            acc[i] += bacc[i] * d[i]
+
+
+@njit(cache=True, inline="always")
+def store_group(out, acc, g):
+    """out[g * R + i] = acc[i] for the rows of group g that exist (the last group is padded)."""
+    R = acc.shape[0]
+    for i in range(min(R, out.shape[0] - g * R)):
+        out[g * R + i] = acc[i]
+
+
 @njit(cache=True, parallel=True, fastmath=CONTRACT)
 def matvec_nibbles(out, x, codes, d, m, off, has_m):
     """out float32[rows] = W @ x for 4-bit codes: codes uint8[G, nb, H, R] (byte j of a
     sub-block: element j low, j + H high, each q - off), d, m float32[G, nb, R], x float32[cols]."""
     G, nb, H, R = codes.shape
     B = 2 * H
-    rows = out.shape[0]
     o = np.int32(off)
     xs = block_sums(x, B)
     for g in prange(G):
@@ -257,22 +276,14 @@ def matvec_nibbles(out, x, codes, d, m, off, has_m):
                     lo = np.int32(np.int32(v & 15) + o)   # np.int32 around each step: int32
                     hi = np.int32(np.int32(v >> 4) + o)   # vectors (Numba widens to int64)
                     bacc[i] += np.float32(lo) * xl + np.float32(hi) * xh
-            db, mb, sb = d[g, b], m[g, b], xs[b]
-            if has_m:
-                for i in range(R):
-                    acc[i] += bacc[i] * db[i] + mb[i] * sb
-            else:
-                for i in range(R):
-                    acc[i] += bacc[i] * db[i]
-        for i in range(min(R, rows - g * R)):
-            out[g * R + i] = acc[i]
+            add_block(acc, bacc, d[g, b], m[g, b], xs[b], has_m)
+        store_group(out, acc, g)
 
 
 @njit(cache=True, parallel=True, fastmath=CONTRACT)
 def matvec_int8(out, x, codes, d, m, has_m):
     """out float32[rows] = W @ x for 8-bit codes: codes int8[G, nb, B, R], d, m float32[G, nb, R]."""
     G, nb, B, R = codes.shape
-    rows = out.shape[0]
     xs = block_sums(x, B)
     for g in prange(G):
         acc = np.zeros(R, np.float32)
@@ -286,15 +297,8 @@ def matvec_int8(out, x, codes, d, m, has_m):
                 c = codes[g, b, j]
                 for i in range(R):
                     bacc[i] += np.float32(c[i]) * xj
-            db, mb, sb = d[g, b], m[g, b], xs[b]
-            if has_m:
-                for i in range(R):
-                    acc[i] += bacc[i] * db[i] + mb[i] * sb
-            else:
-                for i in range(R):
-                    acc[i] += bacc[i] * db[i]
-        for i in range(min(R, rows - g * R)):
-            out[g * R + i] = acc[i]
+            add_block(acc, bacc, d[g, b], m[g, b], xs[b], has_m)
+        store_group(out, acc, g)
 
 
 @njit(cache=True, parallel=True, fastmath=CONTRACT)
@@ -302,7 +306,6 @@ def matvec_float(out, x, w):
     """out float32[rows] = W @ x for float weights w float32[G, cols, R]: one sum per row, in
     column order."""
     G, cols, R = w.shape
-    rows = out.shape[0]
     flat = w.reshape(-1)
     for g in prange(G):
         acc = np.zeros(R, np.float32)
@@ -315,8 +318,7 @@ def matvec_float(out, x, w):
             wc = w[g, c]
             for i in range(R):
                 acc[i] += wc[i] * xc
-        for i in range(min(R, rows - g * R)):
-            out[g * R + i] = acc[i]
+        store_group(out, acc, g)
 
 
 @njit(cache=True, parallel=True)

@@ -101,6 +101,21 @@ def exp_nonpositive(x, bits):
         x[i] *= scale[i]
 
 
+@njit(cache=True)
+def softmax_numerators(p):
+    """p[s] = exp(p[s] - max p) in place (float64 scores); returns their sum."""
+    mx = -np.inf
+    for s in range(p.shape[0]):
+        mx = max(mx, p[s])
+    for s in range(p.shape[0]):
+        p[s] -= mx
+    exp_nonpositive(p, np.empty(p.shape[0], np.int64))
+    tot = 0.0
+    for s in range(p.shape[0]):
+        tot += p[s]
+    return tot
+
+
 @njit(cache=True, fastmath={"contract"})
 def attend(o, qv, kt, vv, n, scale):
     """o float32[hd] = softmax(scale * K[:n] q) V[:n] for one query and head: qv float32[hd],
@@ -119,16 +134,9 @@ def attend(o, qv, kt, vv, n, scale):
         qd, kd = np.float64(qv[d]), kt[d]
         for s in range(n):
             p[s] += qd * kd[s]
-    mx = -np.inf
     for s in range(n):
         p[s] *= scale
-        mx = max(mx, p[s])
-    for s in range(n):
-        p[s] -= mx
-    exp_nonpositive(p, np.empty(n, np.int64))
-    tot = 0.0
-    for s in range(n):
-        tot += p[s]
+    tot = softmax_numerators(p)
     acc = np.zeros(hd, np.float64)
     s = 0
     while s + 4 <= n:                     # acc[d] += p[s] v[s, d] for s, s+1, s+2, s+3 in turn
@@ -152,20 +160,13 @@ def attend_one(o, qv, k, v, kv, n, scale):
     transposed copy of attend's prefill path would cost as much as the attention itself)."""
     hd = qv.shape[0]
     p = np.empty(n, np.float64)
-    mx = -np.inf
     for s in range(n):
         ks = k[s, kv]
         acc = 0.0
         for d in range(hd):
             acc += np.float64(qv[d]) * np.float64(ks[d])
         p[s] = acc * scale
-        mx = max(mx, p[s])
-    for s in range(n):
-        p[s] -= mx
-    exp_nonpositive(p, np.empty(n, np.int64))
-    tot = 0.0
-    for s in range(n):
-        tot += p[s]
+    tot = softmax_numerators(p)
     acc = np.zeros(hd, np.float64)
     for s in range(n):
         ps, vs = p[s] / tot, v[s, kv]
