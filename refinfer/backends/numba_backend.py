@@ -3,15 +3,17 @@ same two numeric modes (see numpy_backend.py for what `ideal` and `ggml` mean).
 
 Quantized matmuls (numba_kernels/matmul.py):
   ideal   weights repacked once (repack.py): integer codes and float32 scales, R rows side
-          by side. One token (decode): a fused dot over the codes, vectorized across rows.
-          Several (prefill): tiles of rows dequantized to float32, then a BLAS matmul (and
-          the reference's attention, whose batched matmuls are BLAS).
+          by side; the file's pages are then released. One token (decode): a fused dot
+          over the codes, vectorized across rows. Several (prefill): tiles of rows
+          dequantized to float32, then a BLAS matmul.
   ggml    the stored blocks as they are, the same kernels for one token and for several.
+Attention (numba_kernels/ops.py) runs per (token, head) in float64 in ideal mode, and with
+ggml's roundings in ggml mode.
 ggml mode quantizes the activations to the weight's vec_dot type first: q8_0/q8_1 in Numba
 with the x86 rounding, q8_K through the reference quantizer.
 
-Whatever has no kernel here (float64 ideal mode, a float matrix whose width is not a
-multiple of 32) runs the inherited NumPy reference, with one warning per (op, type).
+Whatever has no kernel here (float64 ideal mode, a matrix whose width is not a whole number
+of the kernels' blocks) runs the inherited NumPy reference, with one warning per (op, type).
 """
 
 from __future__ import annotations
