@@ -68,9 +68,7 @@ def forward(cfg: ModelConfig, w: Weights, be, tokens, cache: KVCache, *, all_log
     for i, L in enumerate(w.layers):
         be.rmsnorm(h, x, L.attn_norm, cfg.norm_eps)
         tap(f"attn_norm-{i}", h)
-        be.matmul(q, h, L.attn_q)
-        be.matmul(k, h, L.attn_k)
-        be.matmul(v, h, L.attn_v)
+        be.matmuls((q, k, v), h, (L.attn_q, L.attn_k, L.attn_v))
         if cfg.qkv_bias:
             q += L.attn_q_bias
             k += L.attn_k_bias
@@ -92,8 +90,7 @@ def forward(cfg: ModelConfig, w: Weights, be, tokens, cache: KVCache, *, all_log
 
         be.rmsnorm(h, x, L.ffn_norm, cfg.norm_eps)
         tap(f"ffn_norm-{i}", h)
-        be.matmul(gate, h, L.ffn_gate)
-        be.matmul(up, h, L.ffn_up)
+        be.matmuls((gate, up), h, (L.ffn_gate, L.ffn_up))
         be.swiglu(gate, gate, up)
         tap(f"ffn_swiglu-{i}", gate)
         be.matmul(o, gate, L.ffn_down)

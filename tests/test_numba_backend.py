@@ -238,6 +238,37 @@ def test_matmul_equals_reference(name, mode):
         _check("matmul", mode, got, ref)
 
 
+@pytest.mark.parametrize("name", [t for op, t in NATIVE["ideal"] if op == "matmul"])
+def test_stacked_matmuls_equal_reference(name):
+    """matmuls stacks the matrices into one repacked matrix (q, k, v): row counts that leave
+    every group boundary inside a matrix, T = 1 and a prefill; the reference runs them one
+    by one. A second call reuses the stack."""
+    ws = [_weights(name, rows=r, seed=r) for r in (37, 13, 29)]
+    be = NumbaBackend()
+    for T in (1, 7, 1):
+        x = _acts(T, 512, seed=T)
+        got = [np.empty((T, w.shape[0]), np.float32) for w in ws]
+        ref = [np.empty_like(g) for g in got]
+        be.matmuls(got, x, ws)
+        NumpyBackend().matmuls(ref, x, ws)
+        for g, r in zip(got, ref):
+            _check("matmul", "ideal", g, r)
+    assert len(be._stacked) == (name != "f32")          # f32 runs one by one (BLAS on the file)
+
+
+def test_matmuls_of_mixed_types_run_one_by_one():
+    ws = [_weights("q4_0", rows=37), _weights("q6_K", rows=13)]
+    be = NumbaBackend()
+    x = _acts(1, 512)
+    got = [np.empty((1, w.shape[0]), np.float32) for w in ws]
+    be.matmuls(got, x, ws)
+    assert not be._stacked
+    for g, w in zip(got, ws):
+        ref = np.empty_like(g)
+        NumpyBackend().matmul(ref, x, w)
+        _check("matmul", "ideal", g, ref)
+
+
 @pytest.mark.parametrize("name", WEIGHT_TYPES)
 def test_ggml_mode_matmul_equals_ggml_cpu(ggml, name):
     from oracle import ggml_cpu

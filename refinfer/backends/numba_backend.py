@@ -29,6 +29,7 @@ from .numba_kernels import ops as ok
 from ..quant._common import fp16_to_f32
 from .numpy_backend import VEC_DOT_TYPE, NumpyBackend
 from .repack import repack
+from ..weights import QTensor
 
 WEIGHT_TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0",
                 "q2_K", "q3_K", "q4_K", "q5_K", "q6_K")
@@ -81,6 +82,7 @@ class NumbaBackend(NumpyBackend):
         self._warned = set()
         self._scales = {}   # id(QTensor) -> (QTensor, d, m): the fp16 block scales as float32
         self._repacked = {}  # id(QTensor) -> (QTensor, Repacked): ideal mode's weight layout
+        self._stacked = {}   # ids of matrices run together -> (their QTensors, the stacked QTensor)
 
     def repacked(self, w):
         """w in the ideal-mode kernels' layout (repack.py), made on first use; the QTensor is
@@ -149,6 +151,32 @@ class NumbaBackend(NumpyBackend):
             self._matmul_ggml(res, x, w, kind)
         if res is not out:
             out[...] = res
+
+    def matmuls(self, outs, x, ws):
+        """ideal mode: the matrices stacked into one and repacked once (q, k, v become one
+        960-row matrix in SmolLM2): fewer, larger kernels. Each output row is computed as it
+        would be alone; matrices of different types or widths run one by one."""
+        ws = tuple(getattr(w, "qtensor", w) for w in ws)
+        if (self.mode != "ideal" or len({w.qtype.name for w in ws}) > 1 or ws[0].qtype.name == "f32"
+                or len({w.shape[1] for w in ws}) > 1 or not self._kernel_ok("matmul", ws[0])):
+            return super().matmuls(outs, x, ws)
+        key = tuple(id(w) for w in ws)
+        hit = self._stacked.get(key)
+        if hit is None:
+            stacked = QTensor("+".join(w.name for w in ws), np.concatenate([np.asarray(w.raw) for w in ws]),
+                              ws[0].qtype, (sum(w.shape[0] for w in ws), ws[0].shape[1]))
+            self.repacked(stacked)
+            stacked.raw = stacked.raw[:0]                 # only the repacked copy is read from now on
+            for w in ws:
+                w.release_pages()
+            hit = self._stacked[key] = (ws, stacked)
+        stacked = hit[1]
+        res = np.empty((x.shape[0], stacked.shape[0]), np.float32)
+        self.matmul(res, x, stacked)
+        r0 = 0
+        for out, w in zip(outs, ws):
+            out[...] = res[:, r0: r0 + w.shape[0]]
+            r0 += w.shape[0]
 
     def _matmul_ideal(self, out, x, w, kind):
         p = self.repacked(w)

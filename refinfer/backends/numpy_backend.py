@@ -109,6 +109,12 @@ class NumpyBackend:
         """out[T, dim] = W[ids] (ggml_get_rows: dequantize the selected rows)."""
         out[...] = w.dequantize(rows=np.asarray(ids))
 
+    def matmuls(self, outs, x, ws):
+        """outs[i][T, rows_i] = x[T, cols] @ W_i.T for matrices that read the same x (q, k, v;
+        gate, up): the reference is one matmul each; a backend may run them as one."""
+        for out, w in zip(outs, ws):
+            self.matmul(out, x, w)
+
     def matmul(self, out, x, w):
         """out[T, rows] = x[T, cols] @ W(rows, cols).T"""
         if self.mode == "ideal":
