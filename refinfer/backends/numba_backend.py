@@ -166,7 +166,7 @@ class NumbaBackend(NumpyBackend):
             stacked = QTensor("+".join(w.name for w in ws), np.concatenate([np.asarray(w.raw) for w in ws]),
                               ws[0].qtype, (sum(w.shape[0] for w in ws), ws[0].shape[1]))
             self.repacked(stacked)
-            stacked.raw = stacked.raw[:0]                 # only the repacked copy is read from now on
+            stacked.raw = np.empty((0, stacked.raw.shape[1]), np.uint8)  # only the repacked copy is read from now on
             for w in ws:
                 w.release_pages()
             hit = self._stacked[key] = (ws, stacked)
