@@ -14,7 +14,9 @@ _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # 2^4 cycles
 _os.environ.setdefault("GOMP_SPINCOUNT", "5000")
 
 
-def load(path=None, backend="numpy", mode="ideal", **kw):
-    """Load a model: a .gguf file or an HF safetensors directory (None: the default model)."""
+def load(path=None, backend=None, mode="ideal", **kw):
+    """Load a model: a .gguf file or an HF safetensors directory (None: the default model).
+    backend None: numba in ideal mode when it is installed, else the NumPy reference (as the
+    command line)."""
     from .model import load as _load
     return _load(path, backend=backend, mode=mode, **kw)
