@@ -140,40 +140,54 @@ def attend(o, qv, kt, vv, n, scale):
     acc = np.zeros(hd, np.float64)
     s = 0
     while s + 4 <= n:                     # acc[d] += p[s] v[s, d] for s, s+1, s+2, s+3 in turn
-        p0, p1, p2, p3 = p[s] / tot, p[s + 1] / tot, p[s + 2] / tot, p[s + 3] / tot
+        p0, p1, p2, p3 = p[s], p[s + 1], p[s + 2], p[s + 3]
         v0, v1, v2, v3 = vv[s], vv[s + 1], vv[s + 2], vv[s + 3]
         for e in range(hd):
             acc[e] = acc[e] + p0 * v0[e] + p1 * v1[e] + p2 * v2[e] + p3 * v3[e]
         s += 4
     for s in range(s, n):
-        ps, vs = p[s] / tot, vv[s]
+        ps, vs = p[s], vv[s]
         for e in range(hd):
             acc[e] += ps * vs[e]
     for e in range(hd):
-        o[e] = acc[e]
+        o[e] = acc[e] / tot                # normalized once, as attend_one
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"})
-def attend_one(o, qv, k, v, kv, n, scale):
-    """attend for a single query (decode) straight from the float32 cache k/v[S, n_kv, hd]:
-    each score is a dot over d, reassociated so that it vectorizes (for one query the
-    transposed copy of attend's prefill path would cost as much as the attention itself)."""
+def scores_one(p, qv, k, kv, scale):
+    """p[s] = scale * (q . k[s, kv]) in float64 for s < len(p); each dot reassociated so that
+    it vectorizes over d."""
     hd = qv.shape[0]
-    p = np.empty(n, np.float64)
-    for s in range(n):
-        ks = k[s, kv]
+    for s in range(p.shape[0]):
         acc = 0.0
         for d in range(hd):
-            acc += np.float64(qv[d]) * np.float64(ks[d])
+            acc += np.float64(qv[d]) * np.float64(k[s, kv, d])
         p[s] = acc * scale
+
+
+@njit(cache=True, fastmath={"contract"})
+def weighted_rows(acc, p, v, kv):
+    """acc[e] += p[s] v[s, kv, e] for s < len(p), in order of s (vectorized over e)."""
+    for s in range(p.shape[0]):
+        ps = p[s]
+        for e in range(acc.shape[0]):
+            acc[e] += ps * np.float64(v[s, kv, e])
+
+
+@njit(cache=True)
+def attend_one(o, qv, k, v, kv, n, scale):
+    """attend for a single query (decode) straight from the float32 cache k/v[S, n_kv, hd]
+    (for one query the transposed copy of attend's prefill path would cost as much as the
+    attention itself); the weights are normalized once at the end. Split into small
+    functions: written as one, LLVM vectorized it 2.3x worse (22 us against 9.3 for 512
+    positions)."""
+    p = np.empty(n, np.float64)
+    scores_one(p, qv, k, kv, scale)
     tot = softmax_numerators(p)
-    acc = np.zeros(hd, np.float64)
-    for s in range(n):
-        ps, vs = p[s] / tot, v[s, kv]
-        for e in range(hd):
-            acc[e] += ps * np.float64(vs[e])
-    for e in range(hd):
-        o[e] = acc[e]
+    acc = np.zeros(qv.shape[0], np.float64)
+    weighted_rows(acc, p, v, kv)
+    for e in range(acc.shape[0]):
+        o[e] = acc[e] / tot
 
 
 @njit(cache=True, parallel=True)
