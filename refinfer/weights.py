@@ -43,12 +43,13 @@ class QTensor:
         owner = self.raw
         while owner is not None and not isinstance(owner, mmap.mmap):
             owner = owner.obj if isinstance(owner, memoryview) else getattr(owner, "base", None)
-        if owner is None or not hasattr(owner, "madvise") or self.raw.nbytes == 0:
+        dontneed = getattr(mmap, "MADV_DONTNEED", None)   # not on every platform
+        if owner is None or dontneed is None or self.raw.nbytes == 0:
             return
         start = self.raw.ctypes.data - np.frombuffer(owner, np.uint8, count=1).ctypes.data
         page = mmap.PAGESIZE
         lo = start // page * page
-        owner.madvise(mmap.MADV_DONTNEED, lo, start + self.raw.nbytes - lo)
+        owner.madvise(dontneed, lo, start + self.raw.nbytes - lo)
 
 
 @dataclasses.dataclass
