@@ -117,40 +117,54 @@ def softmax_numerators(p):
 
 
 @njit(cache=True, fastmath={"contract"})
-def attend(o, qv, kt, vv, n, scale):
-    """o float32[hd] = softmax(scale * K[:n] q) V[:n] for one query and head: qv float32[hd],
-    kt float64[hd, S] (K transposed), vv float64[S, hd]. Scores, softmax and the V sum in
-    float64; every sum runs in a fixed order (over d for a score, over positions for o)."""
-    hd = qv.shape[0]
-    p = np.zeros(n, np.float64)
+def attend(o, qs, kt, vv, n, scale):
+    """o float32[G, hd] = softmax(scale * K[:n] q_g) V[:n] for the G query heads qs float32[G, hd]
+    of one token that share a KV head: kt float64[hd, S] (K transposed), vv float64[S, hd].
+    Scores, softmax and the V sum in float64; every sum runs in a fixed order (over d for a
+    score, over positions for o). The heads go through each block of K and V rows together,
+    so those rows are read from L1 once per head instead of from L2."""
+    G, hd = qs.shape
+    p = np.zeros((G, n), np.float64)
     d = 0
     while d + 4 <= hd:                    # p[s] += q[d] k[d, s] for d, d+1, d+2, d+3 in turn
-        q0, q1, q2, q3 = np.float64(qv[d]), np.float64(qv[d + 1]), np.float64(qv[d + 2]), np.float64(qv[d + 3])
         k0, k1, k2, k3 = kt[d], kt[d + 1], kt[d + 2], kt[d + 3]
-        for s in range(n):
-            p[s] = p[s] + q0 * k0[s] + q1 * k1[s] + q2 * k2[s] + q3 * k3[s]
+        for g in range(G):
+            q0, q1 = np.float64(qs[g, d]), np.float64(qs[g, d + 1])
+            q2, q3 = np.float64(qs[g, d + 2]), np.float64(qs[g, d + 3])
+            pg = p[g]
+            for s in range(n):
+                pg[s] = pg[s] + q0 * k0[s] + q1 * k1[s] + q2 * k2[s] + q3 * k3[s]
         d += 4
     for d in range(d, hd):
-        qd, kd = np.float64(qv[d]), kt[d]
+        kd = kt[d]
+        for g in range(G):
+            qd, pg = np.float64(qs[g, d]), p[g]
+            for s in range(n):
+                pg[s] += qd * kd[s]
+    tot = np.empty(G, np.float64)
+    for g in range(G):
         for s in range(n):
-            p[s] += qd * kd[s]
-    for s in range(n):
-        p[s] *= scale
-    tot = softmax_numerators(p)
-    acc = np.zeros(hd, np.float64)
+            p[g, s] *= scale
+        tot[g] = softmax_numerators(p[g])
+    acc = np.zeros((G, hd), np.float64)
     s = 0
     while s + 4 <= n:                     # acc[d] += p[s] v[s, d] for s, s+1, s+2, s+3 in turn
-        p0, p1, p2, p3 = p[s], p[s + 1], p[s + 2], p[s + 3]
         v0, v1, v2, v3 = vv[s], vv[s + 1], vv[s + 2], vv[s + 3]
-        for e in range(hd):
-            acc[e] = acc[e] + p0 * v0[e] + p1 * v1[e] + p2 * v2[e] + p3 * v3[e]
+        for g in range(G):
+            p0, p1, p2, p3 = p[g, s], p[g, s + 1], p[g, s + 2], p[g, s + 3]
+            a = acc[g]
+            for e in range(hd):
+                a[e] = a[e] + p0 * v0[e] + p1 * v1[e] + p2 * v2[e] + p3 * v3[e]
         s += 4
     for s in range(s, n):
-        ps, vs = p[s], vv[s]
+        vs = vv[s]
+        for g in range(G):
+            ps, a = p[g, s], acc[g]
+            for e in range(hd):
+                a[e] += ps * vs[e]
+    for g in range(G):
         for e in range(hd):
-            acc[e] += ps * vs[e]
-    for e in range(hd):
-        o[e] = acc[e] / tot                # normalized once, as attend_one
+            o[g, e] = acc[g, e] / tot[g]    # normalized once, as attend_one
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"})
@@ -193,7 +207,7 @@ def attend_one(o, qv, k, v, kv, n, scale):
 @njit(cache=True, parallel=True)
 def attention(out, q, k, v, pos0):
     """ideal mode: causal GQA attention over the cache, q[T, n_heads, hd], k/v[S, n_kv, hd] ->
-    out[T, n_heads, hd] (attend per query and head). The reference's sums run in BLAS's order;
+    out[T, n_heads, hd] (attend per token and KV head). The reference's sums run in BLAS's order;
     these in a fixed order of their own. K and V are first copied to float64, K transposed
     so that each score loop runs over consecutive positions and vectorizes across them. The
     parallel loop takes query t together with T - 1 - t, so that equal shares of it (Numba
@@ -210,19 +224,22 @@ def attention(out, q, k, v, pos0):
         return
     kt = np.empty((n_kv, hd, S), np.float64)
     vv = np.empty((n_kv, S, hd), np.float64)
+    for kd in prange(n_kv * hd):          # rows of kt written in order (writing them a column
+        kh, d = kd // hd, kd % hd         # at a time cost 4.5x more: a page per element)
+        for s in range(S):
+            kt[kh, d, s] = k[s, kh, d]
     for s in prange(S):
         for kh in range(n_kv):
             for d in range(hd):
-                kt[kh, d, s] = k[s, kh, d]
                 vv[kh, s, d] = v[s, kh, d]
     half = (T + 1) // 2
-    for i in prange(half * n_heads):
-        t, h = i // n_heads, i % n_heads
-        kv = h // group
-        attend(out[t, h], q[t, h], kt[kv], vv[kv], S - T + t + 1, scale)
+    for i in prange(half * n_kv):
+        t, kv = i // n_kv, i % n_kv
+        h = kv * group                    # the query heads of this KV head
+        attend(out[t, h: h + group], q[t, h: h + group], kt[kv], vv[kv], S - T + t + 1, scale)
         if T - 1 - t != t:
             t = T - 1 - t
-            attend(out[t, h], q[t, h], kt[kv], vv[kv], S - T + t + 1, scale)
+            attend(out[t, h: h + group], q[t, h: h + group], kt[kv], vv[kv], S - T + t + 1, scale)
 
 
 @njit(cache=True, parallel=True)
