@@ -87,7 +87,6 @@ class NumbaBackend(NumpyBackend):
     def repacked(self, w):
         """w in the ideal-mode kernels' layout (repack.py), made on first use; the QTensor is
         kept with it so that its id cannot be reused."""
-        w = getattr(w, "qtensor", w)
         hit = self._repacked.get(id(w))
         if hit is None:
             hit = self._repacked[id(w)] = (w, repack(w))
@@ -143,12 +142,11 @@ class NumbaBackend(NumpyBackend):
             return super().matmul(out, x, w)
         x = np.ascontiguousarray(x, dtype=np.float32)
         kind = bd.KINDS[w.qtype.name]
-        w = _ReadOnly(w)
         res = out if out.flags.c_contiguous and out.dtype == np.float32 else np.empty(out.shape, np.float32)
         if self.mode == "ideal":
-            self._matmul_ideal(res, x, w, kind)
+            self._matmul_ideal(res, x, w, kind)          # reads the repacked copy, not raw
         else:
-            self._matmul_ggml(res, x, w, kind)
+            self._matmul_ggml(res, x, _ReadOnly(w), kind)
         if res is not out:
             out[...] = res
 
@@ -156,7 +154,6 @@ class NumbaBackend(NumpyBackend):
         """ideal mode: the matrices stacked into one and repacked once (q, k, v become one
         960-row matrix in SmolLM2): fewer, larger kernels. Each output row is computed as it
         would be alone; matrices of different types or widths run one by one."""
-        ws = tuple(getattr(w, "qtensor", w) for w in ws)
         if (self.mode != "ideal" or len({w.qtype.name for w in ws}) > 1 or ws[0].qtype.name == "f32"
                 or len({w.shape[1] for w in ws}) > 1 or not self._kernel_ok("matmul", ws[0])):
             return super().matmuls(outs, x, ws)
