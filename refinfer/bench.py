@@ -8,6 +8,15 @@ one JSON line:
     pp  prompt processing: one forward pass over n_prompt tokens from an empty cache
     tg  text generation: n_gen single-token forward passes after one token of context
 
+Every worker also writes the logits it computed (the last prompt position of pp, every step of
+tg) to files, and its timings count only if those logits match a reference run in this
+process before the workers start: NumPy, ideal mode, the same tokens (tg's steps as one
+teacher-forced pass). refinfer's backends run ideal mode too and must match within NMSE 1e-10,
+the bound tests/test_numba_backend.py and tests/test_cuda_backend.py hold the whole-model
+logits to (measured below 1e-13); llama.cpp computes with q8 activations and an F16 KV cache,
+so it is held to a loose bound (LLAMA_CPP_LIMITS) that catches a wrong model or a broken
+build, not its rounding. A row whose check fails is a failed row, with the numbers.
+
 llama.cpp runs through llama-cpp-python, imported only here inside its worker; the engine
 itself never imports it.
 """
@@ -19,9 +28,21 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
+import numpy as np
+
 ENGINES = ("numba", "numpy", "cuda", "llama.cpp")
+
+# refinfer's backends against the NumPy reference, both in ideal mode: float64 reductions in
+# another order (whole-model logits measured below 1e-13 NMSE).
+REFINFER_NMSE = 1e-10
+# llama.cpp against refinfer's ideal mode: q8 activations and the F16 KV cache put SmolLM2
+# Q4_1's bench logits at NMSE 4.3e-4 (pp512) / 2.0e-4 (tg128) and mean KLD 9.0e-3 / 5.0e-3,
+# the generated q4_0 model's at NMSE 3e-4 and KLD 6e-4; a wrong model or a broken build gives
+# NMSE of order 1. The bounds leave room for other models and quantizations.
+LLAMA_CPP_LIMITS = {"nmse": 5e-2, "kld_mean": 1e-1}
 
 
 def bench_tokens(n, vocab_size):
@@ -51,16 +72,15 @@ def _peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _worker_refinfer(model, backend, threads, n_prompt, n_gen):
+def _worker_refinfer(model, backend, threads, n_prompt, n_gen, out_dir):
     t_start = time.perf_counter()
     if backend == "numba":
         import numba
         numba.set_num_threads(threads)
-    import numpy as np
 
     from .forward import KVCache, forward
     from .model import load
-    m = load(model, backend=backend)
+    m = load(model, backend=backend, mode="ideal")
     cfg, w, be = m.config, m.weights, m.backend
     new_cache = getattr(be, "new_kv_cache", lambda cfg, n: KVCache(cfg, n, dtype=be.dtype))  # cuda: in GPU memory
     toks = bench_tokens(max(n_prompt, n_gen + 1), cfg.vocab_size)
@@ -73,25 +93,33 @@ def _worker_refinfer(model, backend, threads, n_prompt, n_gen):
     if n_prompt:
         cache = new_cache(cfg, n_prompt)
         with _Timer() as t:
-            forward(cfg, w, be, toks[:n_prompt], cache, all_logits=False)
+            z = forward(cfg, w, be, toks[:n_prompt], cache, all_logits=False)
         _rates(res, "pp", n_prompt, t)
+        np.save(os.path.join(out_dir, "pp.npy"), z[-1])
     if n_gen:
         cache = new_cache(cfg, n_gen + 1)
-        z = forward(cfg, w, be, toks[:1], cache, all_logits=False)
-        with _Timer() as t:
+        forward(cfg, w, be, toks[:1], cache, all_logits=False)
+        with open(os.path.join(out_dir, "tg.f32"), "wb", buffering=0) as f, _Timer() as t:
             for i in range(n_gen):
                 z = forward(cfg, w, be, [toks[1 + i]], cache, all_logits=False)
+                f.write(np.ascontiguousarray(z[-1], dtype=np.float32).data)  # a 4 * vocab byte copy per step
         _rates(res, "tg", n_gen, t)
-        res["checksum"] = float(np.sum(z))
     return res
 
 
-def _worker_llama_cpp(model, threads, n_prompt, n_gen, plain):
+def _worker_llama_cpp(model, threads, n_prompt, n_gen, plain, out_dir):
+    import llama_cpp
+
     from .llama_oracle import open_llama
     t_start = time.perf_counter()
     llm = open_llama(model, plain=plain, n_ctx=max(n_prompt, n_gen + 1) + 8, n_batch=max(n_prompt, 1),
                      n_ubatch=max(n_prompt, 1), n_threads=threads, n_threads_batch=threads, verbose=False)
-    toks = bench_tokens(max(n_prompt, n_gen + 1), llm.n_vocab())
+    n_vocab = llm.n_vocab()
+    toks = bench_tokens(max(n_prompt, n_gen + 1), n_vocab)
+
+    def last_logits():  # the logits of the last token of the last eval (the only row it asks for)
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+
     llm.eval(toks[:2])  # warm-up
     llm.reset()
     res = {"startup_s": time.perf_counter() - t_start}
@@ -99,12 +127,14 @@ def _worker_llama_cpp(model, threads, n_prompt, n_gen, plain):
         with _Timer() as t:
             llm.eval(toks[:n_prompt])
         _rates(res, "pp", n_prompt, t)
+        np.save(os.path.join(out_dir, "pp.npy"), last_logits().copy())
         llm.reset()
     if n_gen:
         llm.eval(toks[:1])
-        with _Timer() as t:
+        with open(os.path.join(out_dir, "tg.f32"), "wb", buffering=0) as f, _Timer() as t:
             for i in range(n_gen):
                 llm.eval([toks[1 + i]])
+                f.write(last_logits().data)
         _rates(res, "tg", n_gen, t)
     llm.close()
     return res
@@ -112,40 +142,96 @@ def _worker_llama_cpp(model, threads, n_prompt, n_gen, plain):
 
 def worker_main(argv):
     engine, model, threads, n_prompt, n_gen, plain = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4]), argv[5] == "1"
+    out_dir = argv[6]
     if engine == "llama.cpp":
-        res = _worker_llama_cpp(model, threads, n_prompt, n_gen, plain)
+        res = _worker_llama_cpp(model, threads, n_prompt, n_gen, plain, out_dir)
     else:
-        res = _worker_refinfer(model, engine, threads, n_prompt, n_gen)
+        res = _worker_refinfer(model, engine, threads, n_prompt, n_gen, out_dir)
     res["peak_rss_bytes"] = _peak_rss_bytes()
     print("BENCH " + json.dumps(res), flush=True)
     return 0
 
 
-def run_worker(engine, model, threads, n_prompt, n_gen, *, plain=False, timeout=1800):
-    """One engine in a fresh process -> its result dict, or {"error": reason}."""
+def reference_logits(model, n_prompt, n_gen) -> dict:
+    """The logits every worker must reproduce, from the NumPy backend in ideal mode: "pp" the
+    last position of the n_prompt-token prompt [V]; "tg" the n_gen decode steps [n_gen, V],
+    computed as one teacher-forced pass over the same tokens (row 1 + i is what step i sees)."""
+    from .forward import KVCache, forward
+    from .model import load
+    m = load(model, backend="numpy", mode="ideal")
+    toks = bench_tokens(max(n_prompt, n_gen + 1), m.config.vocab_size)
+    out = {}
+    if n_prompt:
+        out["pp"] = forward(m.config, m.weights, m.backend, toks[:n_prompt], KVCache(m.config, n_prompt),
+                            all_logits=False)[-1]
+    if n_gen:
+        out["tg"] = forward(m.config, m.weights, m.backend, toks[:n_gen + 1], KVCache(m.config, n_gen + 1))[1:]
+    return out
+
+
+def check_logits(engine, got: dict, ref: dict) -> dict:
+    """{test: reason} for each test whose logits do not match the reference (empty: all do)."""
+    from .metrics import compare_logits
+    bad = {}
+    for test, want in ref.items():
+        z = got.get(test)
+        if z is None or z.size != want.size:
+            bad[test] = f"{test} logits missing or of the wrong size ({None if z is None else z.size} floats, " \
+                        f"expected {want.size})"
+            continue
+        z, want = z.reshape(-1, want.shape[-1]), want.reshape(-1, want.shape[-1])
+        if not np.all(np.isfinite(z)):
+            bad[test] = f"{test} logits are not finite"
+            continue
+        r = compare_logits(z, want)
+        if engine == "llama.cpp":
+            over = [f"{k} {r[k]:.3g} > {lim:.3g}" for k, lim in LLAMA_CPP_LIMITS.items() if r[k] > lim]
+        else:
+            over = [f"nmse {r['nmse']:.3g} > {REFINFER_NMSE:.3g}"] if r["nmse"] > REFINFER_NMSE else []
+        if over:
+            bad[test] = (f"{test} logits differ from the NumPy reference: {', '.join(over)} "
+                         f"(same top token at {100 * r['same_top']:.0f}% of {r['n']} positions)")
+    return bad
+
+
+def _read_logits(out_dir) -> dict:
+    got = {}
+    if os.path.exists(os.path.join(out_dir, "pp.npy")):
+        got["pp"] = np.load(os.path.join(out_dir, "pp.npy"))
+    if os.path.exists(os.path.join(out_dir, "tg.f32")):
+        got["tg"] = np.fromfile(os.path.join(out_dir, "tg.f32"), dtype=np.float32)
+    return got
+
+
+def run_worker(engine, model, threads, n_prompt, n_gen, *, plain=False, timeout=1800, reference=None):
+    """One engine in a fresh process -> its result dict, or {"error": reason}. With reference
+    (reference_logits), the worker's logits are checked first: a mismatch is an error."""
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-m", "refinfer.bench", engine, os.fspath(model), str(threads), str(n_prompt),
-           str(n_gen), "1" if plain else "0"]
-    try:
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
-    for line in p.stdout.splitlines():
-        if line.startswith("BENCH "):
-            return json.loads(line[6:])
-    tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or [""]
-    why = f"killed by signal {-p.returncode}" if p.returncode < 0 else f"exit code {p.returncode}"
-    return {"error": f"{why}: {tail[0][:200]}"}
+    with tempfile.TemporaryDirectory(prefix="refinfer-bench-") as out_dir:
+        cmd = [sys.executable, "-m", "refinfer.bench", engine, os.fspath(model), str(threads), str(n_prompt),
+               str(n_gen), "1" if plain else "0", out_dir]
+        try:
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout} s"}
+        res = next((json.loads(line[6:]) for line in p.stdout.splitlines() if line.startswith("BENCH ")), None)
+        if res is None:
+            tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or [""]
+            why = f"killed by signal {-p.returncode}" if p.returncode < 0 else f"exit code {p.returncode}"
+            return {"error": f"{why}: {tail[0][:200]}"}
+        if reference is not None:
+            res["check_errors"] = check_logits(engine, _read_logits(out_dir), reference)
+    return res
 
 
 def _best(a, b):
     """Keep the faster of two runs per test (best of N, as timings on a shared machine only
     ever get slower than the code is)."""
-    if "error" in a:
-        return b
-    if "error" in b:
-        return a
+    if "error" in a or a.get("check_errors"):   # a failed check is never outweighed by a run that passed
+        return a if a.get("check_errors") else b
+    if "error" in b or b.get("check_errors"):
+        return b if b.get("check_errors") else a
     out = dict(a)
     for k, v in b.items():
         if k in ("pp", "tg", "pp_cpu", "tg_cpu") and v is not None and (out.get(k) is None or v > out[k]):
@@ -155,20 +241,24 @@ def _best(a, b):
 
 def run_bench(model, threads_list, engines=ENGINES, n_prompt=512, n_gen=128, reps=1, log=None):
     """-> list of row dicts: backend, threads, test, tokens_per_s, ratio_vs_llama_cpp, plus
-    cpu_tokens_per_s, peak_rss_bytes, model_bytes, startup_s (and error for a failed engine).
-    With reps > 1 the engines run in turn reps times and each keeps its best result."""
+    cpu_tokens_per_s, peak_rss_bytes, model_bytes, startup_s (and error for a failed engine or
+    a failed check: then tokens_per_s is None). With reps > 1 the engines run in turn reps
+    times and each keeps its best result."""
     model_bytes = os.path.getsize(model)
+    if log:
+        log("reference logits (numpy, ideal mode) ...")
+    reference = reference_logits(model, n_prompt, n_gen)
     rows = []
     for threads in threads_list:
         results = {}
         for rep in range(reps):
             for engine in engines:
                 name = results.get(engine, (engine, None))[0]
-                res = run_worker(engine, model, threads, n_prompt, n_gen, plain=name != engine)
+                res = run_worker(engine, model, threads, n_prompt, n_gen, plain=name != engine, reference=reference)
                 if engine == "llama.cpp" and "error" in res and name == engine:
                     # builds whose AMX/repacked CPU kernels crash: retry on the plain CPU path
-                    retry = run_worker(engine, model, threads, n_prompt, n_gen, plain=True)
-                    if "error" not in retry:
+                    retry = run_worker(engine, model, threads, n_prompt, n_gen, plain=True, reference=reference)
+                    if "error" not in retry:   # a crash, not a failed check: check_errors stay
                         res, name = retry, "llama.cpp (plain CPU)"
                 prev = results.get(engine, (name, None))[1]
                 results[engine] = (name, res if prev is None else _best(prev, res))
@@ -180,14 +270,16 @@ def run_bench(model, threads_list, engines=ENGINES, n_prompt=512, n_gen=128, rep
             for test, n in (("pp", n_prompt), ("tg", n_gen)):
                 if not n:
                     continue
-                tps = res.get(test)
-                ratio = tps / base[test] if tps is not None and base.get(test) else None
+                error = res.get("error") or res.get("check_errors", {}).get(test)
+                tps = None if error else res.get(test)
+                base_ok = not (base.get("error") or base.get("check_errors", {}).get(test))
+                ratio = tps / base[test] if tps is not None and base_ok and base.get(test) else None
                 row = {"backend": name, "threads": threads, "test": f"{test}{n}", "tokens_per_s": tps,
                        "ratio_vs_llama_cpp": ratio, "cpu_tokens_per_s": res.get(test + "_cpu"),
                        "peak_rss_bytes": res.get("peak_rss_bytes"),
                        "model_bytes": model_bytes, "startup_s": res.get("startup_s")}
-                if "error" in res:
-                    row["error"] = res["error"]
+                if error:
+                    row["error"] = error
                 rows.append(row)
     return rows
 
@@ -207,8 +299,8 @@ def format_table(rows, model):
     fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     out = [fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [fmt(x) for x in lines]
-    errors = [f"{r['backend']} threads={r['threads']}: {r['error']}" for r in rows if r.get("error")]
-    return "\n".join(out + sorted(set(errors))) + "\n"
+    errors = [f"FAILED: {r['backend']} threads={r['threads']} {r['test']}: {r['error']}" for r in rows if r.get("error")]
+    return "\n".join(out + errors) + "\n"
 
 
 if __name__ == "__main__":

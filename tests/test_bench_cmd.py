@@ -1,12 +1,22 @@
-"""Smoke test of `python -m refinfer bench` and `python -m refinfer backends` on a tiny model."""
+"""`python -m refinfer bench` and `python -m refinfer backends` on a tiny model: every engine
+runs, its logits are checked against the NumPy reference before its timings count, and a
+failed engine or check makes the command exit 1."""
 
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+from refinfer.cli import main
+
+FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "formats" / "fixtures"
+MODEL = FIXTURES / "tiny-llama-q4_0.gguf"
+ENGINES = ("numba", "numpy", "llama.cpp")
 
 
 def _cli(*args, timeout=600):
@@ -14,29 +24,95 @@ def _cli(*args, timeout=600):
                           timeout=timeout)
 
 
-def test_bench_rows_and_json(tiny_llama_f32, tmp_path):
+def check_bench_rows_and_json(tmp_path, capsys):
+    """Every engine, llama.cpp included, is measured and passes its check: exit 0, a rate in
+    every row. A failed worker (llama.cpp missing or crashing) fails this check."""
+    pytest.importorskip("llama_cpp")
     out = tmp_path / "bench.json"
-    p = _cli("bench", "-m", tiny_llama_f32, "-p", 8, "-n", 4, "--threads", 1, "--json", out)
-    assert p.returncode == 0, p.stderr
+    rc = main(["bench", "-m", str(MODEL), "-p", "8", "-n", "4", "-t", "1", "--json", str(out)])
+    stdout, stderr = capsys.readouterr()
+    assert rc == 0, stdout + stderr
     rows = json.loads(out.read_text())
-    assert {(r["backend"].split(" ")[0], r["test"]) for r in rows} >= {
-        ("numba", "pp8"), ("numba", "tg4"), ("numpy", "pp8"), ("numpy", "tg4"), ("llama.cpp", "pp8"), ("llama.cpp", "tg4")}
+    assert sorted((r["backend"].split(" ")[0], r["test"]) for r in rows) == sorted(
+        (e, t) for e in ENGINES for t in ("pp8", "tg4"))
     for r in rows:
-        assert {"backend", "threads", "test", "tokens_per_s", "ratio_vs_llama_cpp"} <= set(r)
-        assert r["threads"] == 1
-        if r["backend"] in ("numba", "numpy"):
-            assert r["tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0
-    llama = [r for r in rows if r["backend"].startswith("llama.cpp")]
-    if all(r["tokens_per_s"] for r in llama):  # llama.cpp ran: its own ratio is 1
-        assert all(abs(r["ratio_vs_llama_cpp"] - 1) < 1e-12 for r in llama)
-    assert "backend" in p.stdout and "tg4" in p.stdout
+        assert "error" not in r, r
+        assert r["threads"] == 1 and r["tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0, r
+    for r in rows:
+        if r["backend"].startswith("llama.cpp"):
+            assert r["ratio_vs_llama_cpp"] == 1.0
+    assert "FAILED" not in stdout and "tg4" in stdout
 
 
-@pytest.mark.parametrize("args,msg", [(["--threads", "0"], "--threads"), (["--threads", "a"], "--threads"),
-                                      (["--backends", "tpu"], "unknown engine"), (["-p", "0", "-n", "0"], "not both 0")])
-def test_bench_rejects_bad_arguments(tiny_llama_f32, args, msg):
-    p = _cli("bench", "-m", tiny_llama_f32, *args)
-    assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr
+def test_bench_rows_and_json(tmp_path, capsys):
+    check_bench_rows_and_json(tmp_path, capsys)
+
+
+def test_a_failed_engine_exits_1_and_is_listed_last(tmp_path, capsys, monkeypatch):
+    import refinfer.bench as bench
+    real = bench.run_worker
+
+    def llama_cpp_crashes(engine, *a, **kw):
+        return {"error": "exit code 1: no llama_cpp"} if engine == "llama.cpp" else real(engine, *a, **kw)
+
+    monkeypatch.setattr(bench, "run_worker", llama_cpp_crashes)
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "-m", str(MODEL), "-p", "8", "-n", "4", "-t", "1", "--backends", "numpy,llama.cpp",
+               "--json", str(out)])
+    stdout, _ = capsys.readouterr()
+    assert rc == 1
+    rows = json.loads(out.read_text())            # the table is still written
+    assert [r["tokens_per_s"] is None for r in rows] == [False, False, True, True]
+    assert stdout.rstrip().splitlines()[-2:] == ["FAILED: llama.cpp threads=1 pp8: exit code 1: no llama_cpp",
+                                                 "FAILED: llama.cpp threads=1 tg4: exit code 1: no llama_cpp"]
+
+
+def test_logits_that_differ_from_the_reference_fail_the_row(tmp_path, capsys, monkeypatch):
+    """The worker's logits must match the NumPy reference before its timing counts: against a
+    reference whose tg logits are nudged by 1e-4 relative (NMSE 1e-8, far above refinfer's
+    1e-10 and far below llama.cpp's loose bound), numba's tg row fails with the numbers,
+    its pp row and llama.cpp's rows pass."""
+    pytest.importorskip("llama_cpp")
+    import refinfer.bench as bench
+    real = bench.reference_logits
+
+    def nudged(*a):
+        ref = real(*a)
+        ref["tg"] = ref["tg"] * np.float32(1 + 1e-4)
+        return ref
+
+    monkeypatch.setattr(bench, "reference_logits", nudged)
+    rc = main(["bench", "-m", str(MODEL), "-p", "8", "-n", "4", "-t", "1", "--backends", "numba,llama.cpp",
+               "--json", str(tmp_path / "b.json")])
+    stdout, _ = capsys.readouterr()
+    assert rc == 1
+    rows = {(r["backend"], r["test"]): r for r in json.loads((tmp_path / "b.json").read_text())}
+    assert rows["numba", "tg4"]["tokens_per_s"] is None
+    assert "tg logits differ from the NumPy reference: nmse 1e-08 > 1e-10" in rows["numba", "tg4"]["error"]
+    assert rows["numba", "pp8"]["tokens_per_s"] > 0 and rows["llama.cpp", "tg4"]["tokens_per_s"] > 0
+    assert stdout.rstrip().splitlines()[-1].startswith("FAILED: numba threads=1 tg4: tg logits differ")
+
+
+def test_check_logits_bounds():
+    from refinfer.bench import check_logits
+    rng = np.random.default_rng(0)
+    ref = {"pp": rng.standard_normal(1000).astype(np.float32),
+           "tg": rng.standard_normal((4, 1000)).astype(np.float32)}
+    assert check_logits("numba", {k: v.copy() for k, v in ref.items()}, ref) == {}
+    wrong = {"pp": ref["pp"], "tg": rng.standard_normal((4, 1000)).astype(np.float32)}
+    assert set(check_logits("llama.cpp", wrong, ref)) == {"tg"}       # another model: NMSE ~2
+    assert "missing" in check_logits("numpy", {"pp": ref["pp"]}, ref)["tg"]
+    nan = {"pp": np.full(1000, np.nan, np.float32), "tg": ref["tg"]}
+    assert "not finite" in check_logits("numpy", nan, ref)["pp"]
+
+
+@pytest.mark.parametrize("args,option", [(["--threads", "0"], "--threads"), (["-t", "a"], "--threads"),
+                                         (["--backends", "tpu"], "--backends"), (["-p", "0", "-n", "0"], "-p"),
+                                         (["-r", "0"], "--reps")])
+def test_bench_rejects_bad_arguments(args, option, capsys):
+    rc = main(["bench", "-m", str(MODEL), *args])
+    _, err = capsys.readouterr()
+    assert rc == 2 and err.startswith(f"error: {option}") and "\nhint: " in err and "Traceback" not in err, err
 
 
 def test_backends_command_lists_the_matrix():
