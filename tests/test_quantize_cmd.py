@@ -133,15 +133,24 @@ def check_error(capsys, argv, *fragments):
 def test_error_unsupported_type(tiny_llama_f32, tmp_path, capsys):
     check_error(capsys, ["quantize", str(tiny_llama_f32), str(tmp_path / "o.gguf"), "--type", "q4_K_M"],
                 "'q4_K_M'", "hint:", "q4_0, q4_1, q5_0, q5_1, q8_0")
-    check_error(capsys, ["quantize", str(tiny_llama_f32), str(tmp_path / "o.gguf"), "--type", "f16"], "'f16'")
+    check_error(capsys, ["quantize", str(tiny_llama_f32), str(tmp_path / "o.gguf"), "--type", "q4"], "'q4'",
+                "hint:", "f32, f16, bf16, q4_0")
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_float_types_match_llama_model_quantize(tiny_llama_f32, tmp_path):
+    # --type f16 is llama-quantize's MOSTLY_F16: 2-D weights converted, norms copied as f32
+    report = quantize_model(tiny_llama_f32, tmp_path / "ours.gguf", "f16")
+    assert (report.n_quantized, report.n_copied, report.f16_fallback, report.requantized) == (16, 5, [], [])
+    assert_same_as_llama_cpp(tmp_path / "ours.gguf", llama_quantize(tiny_llama_f32, tmp_path / "ref.gguf", "f16"))
+    assert (tmp_path / "ours.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()
 
 
 def test_error_missing_input_and_output_dir(tiny_llama_f32, tmp_path, capsys):
     check_error(capsys, ["quantize", str(tmp_path / "nope.gguf"), str(tmp_path / "o.gguf"), "--type", "q4_0"],
                 "nope.gguf", "does not exist")
     check_error(capsys, ["quantize", str(tiny_llama_f32), str(tmp_path / "no" / "o.gguf"), "--type", "q4_0"],
-                "does not exist")
+                "does not exist", "hint:")
 
 
 def test_error_output_is_input(tiny_llama_f32, tmp_path, capsys):
@@ -152,12 +161,17 @@ def test_error_output_is_input(tiny_llama_f32, tmp_path, capsys):
     assert tiny_llama_f32.read_bytes() == before
 
 
-def test_error_already_quantized_input(tiny_llama_f32, tmp_path):
+def test_already_quantized_input_is_requantized_with_a_note(tiny_llama_f32, tmp_path):
+    # dequantized, then quantized again: llama-quantize --allow-requantize writes the same bytes
     q = llama_quantize(tiny_llama_f32, tmp_path / "q4_0.gguf", "q4_0")
     r = run_cli("quantize", q, tmp_path / "again.gguf", "--type", "q8_0")
-    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr, r.stderr
-    assert "already quantized" in r.stderr and "q4_0" in r.stderr and "hint:" in r.stderr
-    assert not (tmp_path / "again.gguf").exists()
+    assert r.returncode == 0, r.stderr
+    assert "16 tensors q8_0 (from q4_0), 5 copied" in r.stdout
+    assert r.stderr.startswith("note: the input was already quantized (q4_0)") and "compounds" in r.stderr
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.pure, params.allow_requantize = FTYPES["q8_0"], True, True
+    assert llama_cpp.llama_model_quantize(str(q).encode(), str(tmp_path / "ref.gguf").encode(), params) == 0
+    assert (tmp_path / "again.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".part")]
 
 

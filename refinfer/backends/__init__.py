@@ -7,6 +7,7 @@ and inherit the reference (with one visible warning) for the rest.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 from ..errors import RefinferError
 
@@ -18,18 +19,42 @@ MODES = ("ideal", "ggml")
 DEFAULT_BACKEND = "numba" if importlib.util.find_spec("numba") is not None else "numpy"
 
 
-def get_backend(name: str | None = None, mode: str = "ideal", **kw):
-    if name is None:
-        name = DEFAULT_BACKEND if mode == "ideal" else "numpy"
+class InexactModeWarning(UserWarning):
+    """A backend asked for ggml mode that does not reproduce llama.cpp's bits."""
+
+
+# ggml mode on numba: the kernels round like ggml but sum in another order, and the attention
+# softmax differs: on SmolLM2 the logits' KLD against llama.cpp is 2.3e-3 (about ideal mode's),
+# first diverging at kqv_out-3, where ggml mode on numpy gives KLD 0.
+_INEXACT = {("numba", "ggml"): "ggml mode on the numba backend is not llama.cpp-exact (KLD 2.3e-3 "
+                                "against llama.cpp on SmolLM2, about ideal mode's; it first diverges at "
+                                "kqv_out-3); use --backend numpy for llama.cpp's bits"}
+
+
+def check_backend_name(name: str | None, mode: str = "ideal") -> str:
+    """The backend that get_backend(name, mode) would make, checked without importing it."""
     if mode not in MODES:
-        raise RefinferError(f"unknown numeric mode {mode!r}; choose one of {', '.join(MODES)}")
+        raise RefinferError(f"unknown numeric mode {mode!r}; choose one of {', '.join(MODES)}",
+                            hint="--mode ideal computes the exact model; --mode ggml reproduces llama.cpp's "
+                                 "CPU roundings (bit-exact on --backend numpy)")
+    if name is None:
+        return DEFAULT_BACKEND if mode == "ideal" else "numpy"
+    if name not in BACKENDS:
+        raise RefinferError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}",
+                            hint="--backend numpy is the reference, numba the fast CPU kernels, cuda an NVIDIA "
+                                 "GPU; `python -m refinfer backends` shows what each covers")
+    return name
+
+
+def get_backend(name: str | None = None, mode: str = "ideal", **kw):
+    name = check_backend_name(name, mode)
+    if (name, mode) in _INEXACT:
+        warnings.warn(_INEXACT[name, mode], InexactModeWarning, stacklevel=2)
     if name == "numpy":
         from .numpy_backend import NumpyBackend
         return NumpyBackend(mode=mode, **kw)
     if name == "numba":
         from .numba_backend import NumbaBackend
         return NumbaBackend(mode=mode, **kw)
-    if name == "cuda":
-        from .cuda_backend import CudaBackend
-        return CudaBackend(mode=mode, **kw)
-    raise RefinferError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
+    from .cuda_backend import CudaBackend
+    return CudaBackend(mode=mode, **kw)

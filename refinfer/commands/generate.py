@@ -1,9 +1,16 @@
-"""python -m refinfer generate [PROMPT] ..."""
+"""python -m refinfer generate [PROMPT] ...
+
+Order of work: every option is checked, then the model loads, then the prompt is tokenized and
+fitted into the context, and only then is anything written to stdout, so that an error never
+follows the echoed prompt.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
+
+from .. import threads
 
 HELP = "generate text from a prompt (default model: SmolLM2-135M-Instruct Q4_1, fetched on first use)"
 
@@ -17,34 +24,54 @@ def add_arguments(p):
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 disables (default 0.95)")
     p.add_argument("--min-p", type=float, default=0.05, help="drop tokens below min-p x the top probability (default 0.05)")
     p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty over the last 64 tokens (default 1.0 = off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.add_argument("--seed", type=int, default=-1,
+                   help="random seed for reproducible sampling (default -1: a random seed, printed in the summary line)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--backend", default=None, help="compute backend: numba (the default when installed), numpy (the reference) or cuda (NVIDIA GPU, extra [cuda])")
-    p.add_argument("--mode", default="ideal", choices=["ideal", "ggml"],
+    # Checked in run(), not by argparse choices, so that a wrong mode gets the usual error + hint.
+    p.add_argument("--mode", default="ideal", metavar="ideal|ggml",
                    help="numerics: ideal (exact float) or ggml (llama.cpp's CPU roundings)")
+    threads.add_argument(p)
+
+
+def check_args(args):
+    """Every option that can be checked without the model, in the order of the command line."""
+    from ..backends import check_backend_name
+    from ..model import check_max_tokens, resolve_seed
+    from ..sampling import SamplerConfig
+
+    check_max_tokens(args.n_predict, "-n/--n-predict")
+    seed = resolve_seed(args.seed, "--seed")
+    SamplerConfig(args.temp, args.top_k, args.top_p, args.min_p, args.repeat_penalty, seed=seed).check()
+    check_backend_name(args.backend, args.mode)
+    threads.check(args.threads)
+    return seed
 
 
 def run(args) -> int:
     from ..errors import RefinferError
-    from ..model import load
+    from ..model import EMPTY_PROMPT_HINT, load
 
-    if args.n_predict < 0:
-        raise RefinferError(f"-n must be >= 0, got {args.n_predict}")
+    seed = check_args(args)
     prompt = args.prompt
     if prompt is None:
         if sys.stdin is None or sys.stdin.isatty():
-            raise RefinferError("no prompt given", hint='python -m refinfer generate "Once upon a time"')
+            raise RefinferError("no prompt given", hint=EMPTY_PROMPT_HINT + ", or pipe the prompt to standard input")
         prompt = sys.stdin.read()
+    if not prompt:
+        raise RefinferError("the prompt is empty", hint=EMPTY_PROMPT_HINT)
+    threads.set_threads(args.threads)   # before Numba loads with the model's backend
     t0 = time.perf_counter()
     model = load(args.model, backend=args.backend, mode=args.mode)
     load_s = time.perf_counter() - t0
     stats = {}
-    if not args.chat:
+    pieces = model.generate(prompt, max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
+                            top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                            seed=seed, stream=True, stop=args.stop, chat=args.chat, stats=stats)
+    if not args.chat:   # the prompt has been tokenized and fits: nothing below raises on bad input
         sys.stdout.write(prompt)
-    for piece in model.generate(prompt, max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
-                                top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
-                                seed=args.seed, stream=True, stop=args.stop, chat=args.chat, stats=stats):
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -53,5 +80,6 @@ def run(args) -> int:
     dec = stats.get("decode_s", 0.0)
     print(f"[{stats.get('prompt_tokens', 0)} prompt tokens in {stats.get('prefill_s', 0.0):.2f} s, "
           f"{n} generated tokens at {n / dec if dec > 0 else 0.0:.1f} tokens/s; "
-          f"load {load_s:.1f} s; backend {model.backend.name}, mode {args.mode}]", file=sys.stderr)
+          f"load {load_s:.1f} s; backend {model.backend.name}, mode {args.mode}"
+          + (f", threads {args.threads}" if args.threads is not None else "") + f"; seed {seed}]", file=sys.stderr)
     return 0

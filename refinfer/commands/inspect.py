@@ -4,6 +4,10 @@ Shows what a model file holds: the metadata (long arrays such as tokenizer vocab
 summarized as "[49152 x str]" with their first items) and a table of tensors (name, type,
 shape, bytes) with totals: parameter count, file size and bits per weight. Works on GGUF files
 and on HF safetensors checkpoints (a .safetensors file, an index .json, or a directory).
+
+A GGUF tensor of a ggml type that refinfer cannot compute (IQ2_XXS, ...) is listed with its
+size from gguf-py's GGML_QUANT_SIZES and marked "unsupported"; the commands that compute with
+the model refuse such a file, naming the tensor and its type.
 """
 
 from __future__ import annotations
@@ -41,12 +45,13 @@ def _detect(path: str) -> str:
     if os.path.isdir(path):
         return "safetensors"
     if not os.path.exists(path):
-        raise RefinferError(f"no such file or directory: {path!r}")
+        raise RefinferError(f"no such file or directory: {path!r}",
+                            hint="pass a .gguf file, a .safetensors file or a checkpoint directory")
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
     except OSError as e:
-        raise RefinferError(f"cannot read {path!r}: {e.strerror or e}") from None
+        raise RefinferError(f"cannot read {path!r}: {e.strerror or e}", hint="check that the file is readable") from None
     if magic == b"GGUF":
         return "gguf"
     if path.endswith((".safetensors", ".json")):
@@ -78,18 +83,21 @@ def _totals(tensors: list, file_size: int) -> dict:
     for s in by_type.values():
         s["bits_per_weight"] = 8 * s["bytes"] / s["params"] if s["params"] else None
     # As llama.cpp's loader reports BPW: tensor bytes over parameters, headers not counted.
+    unsupported = sorted({t["type"] for t in tensors if not t.get("supported", True)})
     return {"n_tensors": len(tensors), "n_params": n_params, "tensor_bytes": n_bytes, "file_size": file_size,
-            "bits_per_weight": 8 * n_bytes / n_params if n_params else None, "by_type": by_type}
+            "bits_per_weight": 8 * n_bytes / n_params if n_params else None, "by_type": by_type,
+            "unsupported_types": unsupported}
 
 
 def _inspect_gguf(path: str, full: bool) -> dict:
     from ..gguf_file import GGUFFile
-    f = GGUFFile(path)
+    f = GGUFFile(path, allow_unsupported=True)
     metadata = {k: _value_entry(v, f.metadata_types[k].name,
                                 f.array_types[k].name if k in f.array_types else None, full)
                 for k, v in f.metadata.items()}
     tensors = [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape), "ne": list(t.ne),
-                "offset": t.offset, "nbytes": t.nbytes, "n_params": t.n_elements} for t in f.tensors.values()]
+                "offset": t.offset, "nbytes": t.nbytes, "n_params": t.n_elements, "supported": t.supported}
+               for t in f.tensors.values()]
     return {"file": path, "format": "gguf", "version": f.version, "alignment": f.alignment,
             "data_offset": f.data_offset, "metadata": metadata, "tensors": tensors,
             "totals": _totals(tensors, f.file_size)}
@@ -194,20 +202,26 @@ def format_text(r: dict, full: bool = False) -> str:
     out.append("")
     out.append(f"tensors ({t['n_tensors']}):")
     rows = [(x["name"], x["type"], " x ".join(str(d) for d in x["shape"]), f"{x['nbytes']:,}") for x in r["tensors"]]
+    notes = ["" if x.get("supported", True) else "  unsupported" for x in r["tensors"]]
     header = ("name", "type", "shape", "bytes")
     if rows:
         w = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
         fmt = "  {:<%d}  {:<%d}  {:<%d}  {:>%d}" % tuple(w)
         out.append(fmt.format(*header))
-        out.extend(fmt.format(*row) for row in rows)
+        out.extend(fmt.format(*row) + note for row, note in zip(rows, notes))
 
     out.append("")
     out.append("totals:")
+    tw = max([6, *(len(name) for name in t["by_type"])])
     for name, s in sorted(t["by_type"].items(), key=lambda kv: -kv[1]["bytes"]):
         bpw = f"{s['bits_per_weight']:.2f}" if s["bits_per_weight"] is not None else "-"
-        out.append(f"  {name:<6} {s['tensors']:>5} tensors  {s['params']:>15,} params  {s['bytes']:>15,} bytes  {bpw:>6} bits/weight")
+        out.append(f"  {name:<{tw}} {s['tensors']:>5} tensors  {s['params']:>15,} params  {s['bytes']:>15,} bytes  {bpw:>6} bits/weight")
     bpw = f"{t['bits_per_weight']:.2f}" if t["bits_per_weight"] is not None else "-"
-    out.append(f"  all    {t['n_tensors']:>5} tensors  {t['n_params']:>15,} params  {t['tensor_bytes']:>15,} bytes  {bpw:>6} bits/weight")
+    out.append(f"  {'all':<{tw}} {t['n_tensors']:>5} tensors  {t['n_params']:>15,} params  {t['tensor_bytes']:>15,} bytes  {bpw:>6} bits/weight")
     out.append(f"  {_count(t['n_params'])} parameters, {_size(t['tensor_bytes'])} of tensor data in a "
                f"{_size(t['file_size'])} file")
+    if t.get("unsupported_types"):
+        n = sum(1 for x in r["tensors"] if not x.get("supported", True))
+        out.append(f"  unsupported: {n} tensors of type {', '.join(t['unsupported_types'])}, which refinfer "
+                   "cannot compute; generate, dump, perplexity and kld refuse this file")
     return "\n".join(out) + "\n"
