@@ -220,6 +220,36 @@ def test_threads_option_sizes_numba_and_blas_before_the_model_loads():
     assert "threads 1;" in r.stderr
 
 
+def check_threads_in_process(monkeypatch, capsys):
+    """-t 1 is in force (Numba and BLAS) when the model loads."""
+    import numba
+    import threadpoolctl
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: a thread count of 1 cannot be told from the default")
+    seen = {}
+    real_load = refinfer.model.load
+
+    def load(*a, **kw):   # records the pools' sizes at the moment the command loads the model
+        seen["numba"] = numba.get_num_threads()
+        seen["blas"] = {p["num_threads"] for p in threadpoolctl.threadpool_info()}
+        return real_load(*a, **kw)
+
+    monkeypatch.setattr("refinfer.model.load", load)
+    before = numba.get_num_threads()
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    try:
+        with threadpoolctl.threadpool_limits(limits=None):   # restores the BLAS pools on exit
+            rc, out, err = cli(capsys, ["generate", "Hi", "-m", TINY_Q4_1, "-n", "1", "-t", "1", "--backend", "numpy"])
+    finally:
+        numba.set_num_threads(before)
+    assert rc == 0, err
+    assert seen == {"numba": 1, "blas": {1}}, seen
+
+
+def test_threads_option_is_in_force_when_the_model_loads(monkeypatch, capsys):
+    check_threads_in_process(monkeypatch, capsys)
+
+
 # --- ggml mode on numba is not exact, and says so ------------------------------------------------
 
 def check_ggml_numba_warns(capsys):
@@ -294,6 +324,10 @@ def nmse(a, b):
 
 @llama_cpp_required
 def test_convert_to_f16_is_llama_cpps_file_and_quantizes_back(tmp_path, capsys):
+    check_convert_f16(tmp_path, capsys)
+
+
+def check_convert_f16(tmp_path, capsys):
     f16 = tmp_path / "f16.gguf"
     rc, o, err = cli(capsys, ["convert", TINY_Q4_1, f16, "--type", "f16"])
     assert rc == 0, err
