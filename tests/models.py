@@ -62,23 +62,32 @@ def tokenizer_fields(vocab_gguf) -> tuple:
     return tuple(fields)
 
 
-def copy_tokenizer_fields(writer: gguf.GGUFWriter, vocab_gguf) -> int:
-    """Copy the tokenizer.* keys of vocab_gguf into writer; returns the vocabulary size."""
-    n_vocab = 0
+# the per-token arrays of a vocabulary, cut together when a model keeps only its first tokens
+PER_TOKEN_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+
+
+def copy_tokenizer_fields(writer: gguf.GGUFWriter, vocab_gguf, n_vocab=None) -> int:
+    """Copy the tokenizer.* keys of vocab_gguf into writer; returns the vocabulary size.
+    n_vocab: keep only the first n_vocab tokens (an SPM vocabulary: its byte tokens and special
+    ids come first), for models whose output matrix should be small."""
+    size = 0
     for key, val, vtype, sub in tokenizer_fields(os.fspath(vocab_gguf)):
+        if n_vocab is not None and key in PER_TOKEN_KEYS:
+            val = val[:n_vocab]
         writer.add_key_value(key, val, vtype, sub_type=sub)
         if key == "tokenizer.ggml.tokens":
-            n_vocab = len(val)
-    return n_vocab
+            size = len(val)
+    return size
 
 
 def make_tiny_llama_gguf(path, *, vocab_gguf, seed=0, dim=64, hidden_dim=160, n_layers=2,
                          n_heads=4, n_kv_heads=2, ctx=256, dtype="f32", tie_embeddings=False,
                          rope_theta=10000.0, norm_eps=1e-5, arch="llama", rope_freqs=None,
-                         rope_linear_factor=None):
+                         rope_linear_factor=None, n_vocab=None):
     """arch "llama" or "qwen2" (adds q/k/v biases; llama.cpp applies NEOX RoPE to it).
     rope_freqs: optional float32[head_dim // 2] Llama-3 style per-frequency theta divisors
-    (rope_freqs.weight); rope_linear_factor: optional linear RoPE scaling factor."""
+    (rope_freqs.weight); rope_linear_factor: optional linear RoPE scaling factor; n_vocab: keep
+    only the vocabulary's first n_vocab tokens (a smaller output matrix: faster ggml-mode runs)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if dim % n_heads or n_heads % n_kv_heads:
@@ -103,7 +112,7 @@ def make_tiny_llama_gguf(path, *, vocab_gguf, seed=0, dim=64, hidden_dim=160, n_
     if rope_linear_factor is not None:
         writer.add_string(f"{arch}.rope.scaling.type", "linear")
         writer.add_float32(f"{arch}.rope.scaling.factor", float(rope_linear_factor))
-    n_vocab = copy_tokenizer_fields(writer, vocab_gguf)
+    n_vocab = copy_tokenizer_fields(writer, vocab_gguf, n_vocab)
     writer.add_uint32(f"{arch}.vocab_size", n_vocab)
 
     def weight(name, out_features, in_features, std=None):  # HF/numpy order (out, in) = ggml ne [in, out]

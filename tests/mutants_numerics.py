@@ -1,0 +1,32 @@
+"""Injected numeric bugs and the checks that must catch them: tolerances, exact equality where
+the README claims it, the golden fixtures and the tensor-name sets (see test_mutants.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from test_mutants import Mutant
+
+
+def rms_eps_x100(monkeypatch):
+    """RMSNorm epsilon read 100x too large from the model file."""
+    import refinfer.loader as loader
+    original = loader.config_from_gguf
+
+    def config_from_gguf(*args, **kwargs):
+        cfg = original(*args, **kwargs)
+        return dataclasses.replace(cfg, norm_eps=cfg.norm_eps * 100)
+    monkeypatch.setattr(loader, "config_from_gguf", config_from_gguf)
+
+
+def check_architecture_qwen2(request):
+    import test_architectures as t
+    spm = request.getfixturevalue("vocab_dir") / "ggml-vocab-llama-spm.gguf"
+    t.check_variant_against_llama_cpp(t.variant_model("qwen2", request.getfixturevalue("tmp_path"), spm))
+
+
+MUTANTS = [
+    Mutant("architectures_rms_eps_x100", rms_eps_x100, check_architecture_qwen2),
+]
