@@ -12,6 +12,10 @@
 
 Needs a CUDA GPU. Under the CUDA simulator (NUMBA_ENABLE_CUDASIM=1) only --smoke makes sense:
 tiny shapes, one repetition, no model, to check that the script itself runs.
+
+Under pytest (bench/ is in testpaths) test_smoke runs step 2 on tiny shapes, every check
+included, under the simulator when there is no GPU; test_gpu_timing runs the full script and
+needs a real GPU and `--benchmark-enable`.
 """
 
 from __future__ import annotations
@@ -63,20 +67,17 @@ def matrix(name, rows, cols, seed=0):
                                                                            (BASE_ROWS, cols))
 
 
-def bench_type(name, mode, rows, cols, reps):
-    be = get_backend("cuda", mode)
-    cuda = be.cuda
-    w, base = matrix(name, rows, cols)
-    x = np.random.default_rng(1).standard_normal((1, cols)).astype(np.float32)
-    got = np.empty((1, rows), np.float32)
-    be.matmul(got, x, w)
-    ref = np.empty((1, BASE_ROWS), np.float32)
-    NumpyBackend(mode=mode).matmul(ref, x, base)
-    ref = np.tile(ref, (1, -(-rows // BASE_ROWS)))[:, :rows]
+def check(got, ref, what):
     err = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
-    if not err <= REL_BOUND:
-        raise SystemExit(f"{name}/{mode}: cuda matmul differs from the reference (rel {err:.3g} > {REL_BOUND})")
+    if not err <= REL_BOUND:      # also catches NaN: a kernel that left its output unwritten
+        raise AssertionError(f"{what} differs from the NumPy reference (rel {err:.3g} > {REL_BOUND})")
+    return err
 
+
+def launcher(be, w, x, mode):
+    """The timed launch: the one-token matmul kernel alone, on device-resident weights and
+    activations. Returns (launch, d_out), d_out the device output it writes."""
+    cuda, name, rows = be.cuda, w.qtype.name, w.shape[0]
     kind = bd.KINDS[name]
     d_w = be.device_weights(w)
     d_out = cuda.device_array((1, rows), np.float32)
@@ -84,11 +85,33 @@ def bench_type(name, mode, rows, cols, reps):
     if mode == "ggml" and VEC_DOT_TYPE[name] in ("q8_0", "q8_1"):
         xq, xd, xs = be.quantize_act_q8(cuda.to_device(x))
         kernel = be.mk.matmul_q8(kind, 1)
-        t = timed(cuda, lambda: kernel[grid, threads](d_out, xq, xd, xs, d_w), reps)
-    else:
-        d_x = cuda.to_device(be.vec_dot_activations(x, VEC_DOT_TYPE[name]) if mode == "ggml" else x)
-        kernel = be.mk.matmul_float(kind, 1)
-        t = timed(cuda, lambda: kernel[grid, threads](d_out, d_x, d_w), reps)
+        return (lambda: kernel[grid, threads](d_out, xq, xd, xs, d_w)), d_out
+    d_x = cuda.to_device(be.vec_dot_activations(x, VEC_DOT_TYPE[name]) if mode == "ggml" else x)
+    kernel = be.mk.matmul_float(kind, 1)
+    return (lambda: kernel[grid, threads](d_out, d_x, d_w)), d_out
+
+
+def bench_type(name, mode, rows, cols, reps):
+    """The backend's matmul and then the timed launch itself are checked against the NumPy
+    reference before the timing, and the timed launch's output once more after it."""
+    be = get_backend("cuda", mode)
+    cuda = be.cuda
+    w, base = matrix(name, rows, cols)
+    x = np.random.default_rng(1).standard_normal((1, cols)).astype(np.float32)
+    ref = np.empty((1, BASE_ROWS), np.float32)
+    NumpyBackend(mode=mode).matmul(ref, x, base)
+    ref = np.tile(ref, (1, -(-rows // BASE_ROWS)))[:, :rows]
+    got = np.full((1, rows), np.nan, np.float32)
+    be.matmul(got, x, w)
+    err = check(got, ref, f"{name}/{mode}: the cuda backend's matmul")
+
+    launch, d_out = launcher(be, w, x, mode)
+    d_out.copy_to_device(np.full((1, rows), np.nan, np.float32))
+    launch()
+    cuda.synchronize()
+    check(d_out.copy_to_host(), ref, f"{name}/{mode}: the timed kernel")
+    t = timed(cuda, launch, reps)
+    check(d_out.copy_to_host(), ref, f"{name}/{mode}: the timed kernel, after the timing")
     return {"type": name, "mode": mode, "rows": rows, "cols": cols, "weight_bytes": w.nbytes,
             "kernel_us": t * 1e6, "GB/s": w.nbytes / t / 1e9, "rel_err": err}
 
@@ -142,6 +165,36 @@ def main(argv=None):
     return 0
 
 
+# ---- under pytest -------------------------------------------------------------------------
+
+SMOKE_TYPES = ("f16", "q4_1", "q4_K")   # one float, one q8-activation and one K-quant kernel
+
+
+def test_smoke():
+    """Every check of step 2 on tiny shapes (5 x 256; all types on a GPU, SMOKE_TYPES in the
+    simulator, whose Python threads are slow), one timed repetition."""
+    from ci_skips import oracle_skip       # tests/ci_skips.py: fails the run under CI=true
+    from refinfer.backends.cuda_backend import simulated
+    from refinfer.errors import RefinferError
+    try:
+        get_backend("cuda")
+    except RefinferError as e:
+        oracle_skip(f"no cuda backend (numba-cuda is in the test extra): {e}")
+    for name in SMOKE_TYPES if simulated() else WEIGHT_TYPES:
+        for mode in ("ideal", "ggml"):
+            bench_type(name, mode, 5, 256, 1)
+
+
+def test_gpu_timing(request, tmp_path):
+    import pytest
+    from refinfer.backends.cuda_backend import simulated
+    if simulated() or request.config.getoption("benchmark_disable"):
+        pytest.skip("times kernels: needs a real GPU and --benchmark-enable (test_smoke runs the checks)")
+    out = tmp_path / "cuda.json"
+    assert main(["--no-model", "--json", str(out)]) == 0
+    assert len(json.loads(out.read_text())["matvec"]) == 2 * len(WEIGHT_TYPES)
+
+
 if __name__ == "__main__":
     from refinfer.errors import RefinferError
     try:
@@ -149,3 +202,6 @@ if __name__ == "__main__":
     except RefinferError as e:
         print(f"error: {e}" + (f"\nhint: {e.hint}" if e.hint else ""), file=sys.stderr)
         sys.exit(2)
+    except AssertionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

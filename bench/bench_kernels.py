@@ -11,6 +11,10 @@ printed with -s): GB/s of weight bytes read and Gweights/s. The activation ops (
 rmsnorm, rope, swiglu) run on SmolLM2's shapes for a decode step at position 511 and a
 512-token prefill, checked first with the NMSE bounds of tests/test_numba_backend.py, and
 report tokens/s. Nothing is asserted about time.
+
+With benchmarks disabled (`--benchmark-disable`, the default in pyproject.toml, as in CI) the
+same checks run once each on small shapes (QUICK_CASES and friends), so CI runs every check in
+seconds; `--benchmark-enable` selects the full shapes above and times them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,24 @@ from refinfer.weights import QTensor  # noqa: E402
 REL_TOL = 1e-6
 CASES = ([(t, 1536, 768 if t.endswith("_K") else 576) for t in WEIGHT_TYPES]   # K-quants: whole super-blocks
          + [("q8_0", 49152, 576)])
+QUICK_CASES = [(t, 80, 512) for t in WEIGHT_TYPES]     # 80 rows: a partial group of repacked rows
+
+
+def quick(config) -> bool:  # benchmarks off: check on small shapes, time nothing
+    return bool(config.getoption("benchmark_disable"))
+
+
+def pytest_generate_tests(metafunc):
+    q = quick(metafunc.config)
+    if metafunc.definition.name == "test_matmul":
+        cases = QUICK_CASES if q else CASES
+        metafunc.parametrize("name,rows,cols", cases, ids=[f"{t}-{r}x{c}" for t, r, c in cases])
+    elif metafunc.definition.name == "test_matvec_cold_weights":
+        metafunc.parametrize("name,rows,cols,total", [(t, 96, 512, 0) if q else (t, 1536, 1536, 100 << 20)
+                                                      for t in COLD_TYPES], ids=COLD_TYPES)
+    elif metafunc.definition.name == "test_activation_op":
+        cases = QUICK_ACT_CASES if q else ACT_CASES
+        metafunc.parametrize("op,T,S", cases, ids=[f"{op}-T{T}" for op, T, _ in cases])
 
 
 def _weights(name, rows, cols):
@@ -38,21 +60,25 @@ def _weights(name, rows, cols):
     return QTensor(f"{name}[{rows}x{cols}]", raw, quant.get_type(name), (rows, cols))
 
 
-@pytest.mark.parametrize("T", [1, 64])
-@pytest.mark.parametrize("mode", ["ideal", "ggml"])
-@pytest.mark.parametrize("name,rows,cols", CASES, ids=[f"{t}-{r}x{c}" for t, r, c in CASES])
-def test_matmul(benchmark, name, rows, cols, mode, T):
-    if mode == "ggml" and T > 1 and rows > 4096:
-        pytest.skip("the float64 reference takes minutes on this shape")
+def check_matmul(name, rows, cols, mode, T):  # -> (backend, out, x, w), checked against the reference
     w = _weights(name, rows, cols)
     x = np.random.default_rng(1).standard_normal((T, cols)).astype(np.float32)
     be = NumbaBackend(mode=mode)
-    out = np.empty((T, rows), np.float32)
+    out = np.full((T, rows), np.nan, np.float32)
     ref = np.empty_like(out)
     NumpyBackend(mode=mode).matmul(ref, x, w)
     be.matmul(out, x, w)                                        # also compiles / warms up
     rel = np.max(np.abs(out - ref)) / np.max(np.abs(ref))
     assert rel <= REL_TOL, f"{name} {mode} T={T}: relative error {rel:.3g} vs the reference"
+    return be, out, x, w
+
+
+@pytest.mark.parametrize("T", [1, 64])
+@pytest.mark.parametrize("mode", ["ideal", "ggml"])
+def test_matmul(benchmark, name, rows, cols, mode, T):
+    if mode == "ggml" and T > 1 and rows > 4096:
+        pytest.skip("the float64 reference takes minutes on this shape")
+    be, out, x, w = check_matmul(name, rows, cols, mode, T)
     benchmark(be.matmul, out, x, w)
     mean = benchmark.stats.stats.mean if benchmark.stats else None
     if mean:
@@ -65,33 +91,50 @@ def test_matmul(benchmark, name, rows, cols, mode, T):
 COLD_TYPES = ["q4_0", "q4_1", "q5_1", "q8_0", "q4_K", "q6_K", "f16"]
 
 
-@pytest.mark.parametrize("name", COLD_TYPES)
-def test_matvec_cold_weights(benchmark, name):
+def copy_of(w, i):  # a QTensor of its own (own bytes, own repacked copy) with w's weights
+    c = QTensor(f"{w.name}#{i}", w.raw.copy(), w.qtype, w.shape)
+    c.raw.setflags(write=False)
+    return c
+
+
+def check_matvec_cold_weights(name, rows, cols, total, step_benchmark=None):
     """A decode step as the model runs it: one token through many matrices whose weights
-    together (at least 100 MB, repacked) exceed what the
-    caches keep between tokens, so every weight comes from DRAM. Copies of one 1536 x 1536
-    matrix, each repacked on its own; checked against the reference first. GB/s counts the
-    repacked bytes the kernels read."""
-    rows, cols = 1536, 1536
+    together (`total` bytes repacked, at least 100 MB when timed) exceed what the caches keep
+    between tokens, so every weight comes from DRAM. Copies of one rows x cols matrix, each
+    repacked on its own and each checked against the reference before the timing, and the
+    last product checked again after it. GB/s counts the repacked bytes the kernels read."""
     w = _weights(name, rows, cols)
     be = NumbaBackend()
     x = np.random.default_rng(1).standard_normal((1, cols)).astype(np.float32)
     out = np.empty((1, rows), np.float32)
     ref = np.empty_like(out)
     NumpyBackend().matmul(ref, x, w)
-    be.matmul(out, x, w)
-    assert np.max(np.abs(out - ref)) / np.max(np.abs(ref)) <= REL_TOL
     per = be.repacked(w).nbytes
-    copies = [QTensor(f"{name}#{i}", w.raw.copy(), w.qtype, w.shape) for i in range(max(2, (100 << 20) // per))]
+    copies = [copy_of(w, i) for i in range(max(2, total // per))]
+
+    def check(what):
+        rel = np.max(np.abs(out - ref)) / np.max(np.abs(ref))
+        assert rel <= REL_TOL, f"cold {name}: {what}: relative error {rel:.3g} vs the reference"
+
     for c in copies:
-        c.raw.setflags(write=False)
+        out[...] = np.nan
         be.matmul(out, x, c)                                     # repack once, outside the timing
+        check(c.name)
 
     def step():
         for c in copies:
             be.matmul(out, x, c)
 
-    benchmark(step)
+    if step_benchmark is not None:
+        step_benchmark(step)
+    out[...] = np.nan
+    step()
+    check("after the timing")
+    return w, per, copies
+
+
+def test_matvec_cold_weights(benchmark, name, rows, cols, total):
+    _, per, copies = check_matvec_cold_weights(name, rows, cols, total, benchmark)
     mean = benchmark.stats.stats.mean if benchmark.stats else None
     if mean:
         benchmark.extra_info["GB/s"] = per * len(copies) / mean / 1e9
@@ -100,14 +143,14 @@ def test_matvec_cold_weights(benchmark, name):
               f"{benchmark.extra_info['GB/s']:.2f} GB/s, {benchmark.extra_info['Gweights/s']:.2f} Gweights/s")
 
 
-# SmolLM2-135M: dim 576, 9 heads, 3 KV heads, head_dim 64, hidden 1536
-ACT_CASES = [(op, T) for op in ("attention", "rmsnorm", "rope", "swiglu") for T in (1, 512)]
+# SmolLM2-135M: dim 576, 9 heads, 3 KV heads, head_dim 64, hidden 1536; S: the KV length
+ACT_CASES = [(op, T, 512) for op in ("attention", "rmsnorm", "rope", "swiglu") for T in (1, 512)]
+QUICK_ACT_CASES = [(op, T, 48) for op in ("attention", "rmsnorm", "rope", "swiglu") for T in (1, 13)]
 NMSE = {"attention": 1e-14, "rmsnorm": 1e-14, "rope": 0.0, "swiglu": 1e-14}
 
 
-def _act_args(op, T, rng):
+def _act_args(op, T, S, rng):
     if op == "attention":
-        S = 512
         q = rng.standard_normal((T, 9, 64)).astype(np.float32)
         k = rng.standard_normal((S, 3, 64)).astype(np.float32)
         v = rng.standard_normal((S, 3, 64)).astype(np.float32)
@@ -123,11 +166,10 @@ def _act_args(op, T, rng):
     return np.empty_like(g), (g, rng.standard_normal((T, 1536)).astype(np.float32))
 
 
-@pytest.mark.parametrize("op,T", ACT_CASES, ids=[f"{op}-T{T}" for op, T in ACT_CASES])
-def test_activation_op(benchmark, op, T):
+def test_activation_op(benchmark, op, T, S):
     be, ref_be = NumbaBackend(), NumpyBackend()
-    out_ref, args_ref = _act_args(op, T, np.random.default_rng(2))
-    out, args = _act_args(op, T, np.random.default_rng(2))
+    out_ref, args_ref = _act_args(op, T, S, np.random.default_rng(2))
+    out, args = _act_args(op, T, S, np.random.default_rng(2))
     if op == "rope":
         getattr(ref_be, op)(*args_ref)
         getattr(be, op)(*args)
