@@ -118,13 +118,13 @@ def capture_refinfer(model, tokens, progress=False, skip=()) -> dict:
     return out
 
 
-def capture_llama_cpp(model_path, tokens, skip=()) -> dict:
+def capture_llama_cpp(model_path, tokens, skip=(), n_threads=1) -> dict:
     """The same tensors from llama.cpp's own graph (eval callback), renamed and cut to the
     shapes above: llama.cpp calls the embeddings `embd` and computes kq-N against its whole
     padded KV cache, of which the first T columns are the prompt's."""
     from .llama_oracle import llama_intermediates
     T = len(tokens)
-    _, raw = llama_intermediates(model_path, tokens)
+    _, raw = llama_intermediates(model_path, tokens, n_threads=n_threads)
     out = {}
     for name, a in raw.items():
         name = "inp_embd" if name == "embd" else name
@@ -146,46 +146,96 @@ class Dump:
     path: str = ""
 
 
+_DTYPES = {"F32": "<f4", "I32": "<i4"}
+
+
+class SafetensorsWriter:
+    """A safetensors file written front to back: the header with every tensor's dtype and
+    shape first, then each tensor's data, in header order, in as many pieces as the caller
+    likes (so a tensor larger than memory can be written from parts). The file is written
+    under a temporary name beside path and renamed by close() once every byte is in: an
+    interrupted run leaves no half file."""
+
+    def __init__(self, path, specs: dict, meta: dict):  # specs: name -> ("F32" | "I32", shape)
+        import tempfile
+        head, offset, self._todo = {"__metadata__": {k: str(v) for k, v in meta.items()}}, 0, []
+        for name, (dtype, shape) in specs.items():
+            nbytes = math.prod(shape) * 4
+            head[name] = {"dtype": dtype, "shape": [int(d) for d in shape], "data_offsets": [offset, offset + nbytes]}
+            self._todo.append([name, _DTYPES[dtype], nbytes])
+            offset += nbytes
+        raw = json.dumps(head).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.path = os.fspath(path)
+        fd, self._tmp = tempfile.mkstemp(prefix=".", suffix=".part", dir=os.path.dirname(os.path.abspath(self.path)))
+        self._f = os.fdopen(fd, "wb")
+        self._f.write(struct.pack("<Q", len(raw)))
+        self._f.write(raw)
+
+    def write(self, name: str, piece):
+        """Append piece (any shape) to tensor name, which must be the next one not yet full."""
+        while self._todo and self._todo[0][2] == 0:
+            self._todo.pop(0)
+        if not self._todo or self._todo[0][0] != name:
+            raise ValueError(f"{self.path}: {name!r} written out of order (next: {self._todo[0][0] if self._todo else None})")
+        a = np.ascontiguousarray(piece, dtype=self._todo[0][1])
+        if a.nbytes > self._todo[0][2]:
+            raise ValueError(f"{self.path}: {name!r} gets {a.nbytes} bytes more than its shape holds")
+        self._f.write(a.data)
+        self._todo[0][2] -= a.nbytes
+
+    def close(self):
+        missing = [(name, n) for name, _, n in self._todo if n]
+        if missing:
+            raise ValueError(f"{self.path}: tensors not written in full: {missing}")
+        self._f.close()
+        os.replace(self._tmp, self.path)
+        self._tmp = None
+
+    def abort(self):
+        """Remove the partial file (after close(): nothing to do)."""
+        if self._tmp is not None:
+            self._f.close()
+            os.unlink(self._tmp)
+            self._tmp = None
+
+
 def write_safetensors(path, arrays: dict, meta: dict):
     """arrays (F32 or I32, written in the given order) and string metadata in a safetensors file."""
-    head, offset = {"__metadata__": {k: str(v) for k, v in meta.items()}}, 0
-    arrays = {k: np.ascontiguousarray(a, dtype="<i4" if np.asarray(a).dtype.kind in "iu" else "<f4")
-              for k, a in arrays.items()}
-    for name, a in arrays.items():
-        head[name] = {"dtype": "I32" if a.dtype.kind == "i" else "F32", "shape": list(a.shape),
-                      "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    raw = json.dumps(head).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for a in arrays.values():
-            f.write(a.tobytes())
+    arrays = {k: np.asarray(a) for k, a in arrays.items()}
+    out = SafetensorsWriter(path, {k: ("I32" if a.dtype.kind in "iu" else "F32", a.shape) for k, a in arrays.items()},
+                            meta)
+    try:
+        for name, a in arrays.items():
+            out.write(name, a)
+        out.close()
+    finally:
+        out.abort()
 
 
 def read_safetensors(path, expect_format: str):
     """(metadata, {name: read-only array}) of a file whose __metadata__.format is expect_format;
     every size and offset is checked before the data is mapped."""
     path = str(path)
+    damaged = "the file is damaged or was not written by refinfer: write it again; the layout is in formats/dump-format.md"
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             first = f.read(8)
             n = struct.unpack("<Q", first)[0] if len(first) == 8 else None
             if n is None:
-                raise FormatError(f"file of {size} bytes is too short for a safetensors header", file=path, offset=0)
+                raise FormatError(f"file of {size} bytes is too short for a safetensors header", file=path, offset=0, hint=damaged)
             if n > min(MAX_HEADER, size - 8):
-                raise FormatError(f"header length {n} exceeds the file size {size}", file=path, offset=0)
+                raise FormatError(f"header length {n} exceeds the file size {size}", file=path, offset=0, hint=damaged)
             raw = f.read(n)
     except OSError as e:
-        raise RefinferError(f"cannot read {path}: {e.strerror}") from None
+        raise RefinferError(f"cannot read {path}: {e.strerror}", hint="check the path") from None
     try:
         head = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"header is not JSON: {e}", file=path, offset=8) from None
+        raise FormatError(f"header is not JSON: {e}", file=path, offset=8, hint=damaged) from None
     if not isinstance(head, dict):
-        raise FormatError("header is not a JSON object", file=path, offset=8)
+        raise FormatError("header is not a JSON object", file=path, offset=8, hint=damaged)
     meta = head.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or meta.get("format") != expect_format:
         raise FormatError(f"__metadata__.format is {meta.get('format') if isinstance(meta, dict) else meta!r}, "
@@ -193,7 +243,7 @@ def read_safetensors(path, expect_format: str):
                           hint="see formats/dump-format.md for the layout refinfer writes")
     if meta.get("format_version") != str(FORMAT_VERSION):
         raise FormatError(f"format_version {meta.get('format_version')!r} is not supported (expected {FORMAT_VERSION})",
-                          file=path)
+                          file=path, hint="written by another refinfer version: write it again with this one")
     start, data_size = 8 + n, size - 8 - n
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(data_size,)) if data_size else np.zeros(0, np.uint8)
     arrays = {}
@@ -201,16 +251,16 @@ def read_safetensors(path, expect_format: str):
         dtype = {"F32": "<f4", "I32": "<i4"}.get(e.get("dtype") if isinstance(e, dict) else None)
         if dtype is None:
             raise FormatError(f"dtype {e.get('dtype') if isinstance(e, dict) else e!r} not allowed (F32 or I32)",
-                              file=path, tensor=name)
+                              file=path, tensor=name, hint=damaged)
         shape, offs = e.get("shape"), e.get("data_offsets")
         if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
                 or not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)):
-            raise FormatError(f"bad shape {shape!r} or data_offsets {offs!r}", file=path, tensor=name)
+            raise FormatError(f"bad shape {shape!r} or data_offsets {offs!r}", file=path, tensor=name, hint=damaged)
         a, b = offs
         want = math.prod(shape) * 4
         if not 0 <= a <= b <= data_size or b - a != want:
             raise FormatError(f"data_offsets [{a}, {b}] do not hold {want} bytes inside {data_size} data bytes",
-                              file=path, tensor=name, offset=start + a)
+                              file=path, tensor=name, offset=start + a, hint=damaged)
         arrays[name] = data[a:b].view(dtype).reshape(shape)
     return meta, arrays
 
@@ -226,11 +276,11 @@ def write_dump(path, tensors: dict, tokens, header: dict):
 def read_dump(path) -> Dump:
     meta, arrays = read_safetensors(path, FORMAT)
     if "tokens" not in arrays or arrays["tokens"].dtype.kind != "i" or arrays["tokens"].ndim != 1:
-        raise FormatError("no 1-D I32 `tokens` tensor", file=str(path))
+        raise FormatError("no 1-D I32 `tokens` tensor", file=str(path), hint="write the dump again with `dump`")
     tokens = np.array(arrays.pop("tokens"))
     bad = next((k for k, a in arrays.items() if a.dtype.kind != "f"), None)
     if bad is not None:
-        raise FormatError("activations must be F32", file=str(path), tensor=bad)
+        raise FormatError("activations must be F32", file=str(path), tensor=bad, hint="see formats/dump-format.md")
     tensors = {k: arrays[k] for k in sorted(arrays, key=forward_key)}
     return Dump(meta, tokens, tensors, str(path))
 
@@ -257,21 +307,41 @@ class TensorDiff:
     why: str = ""
 
 
+TABLE_KEYS = ("default", "tensors")
+RULE_KEYS = ("nmse", "max_abs", "cos")
+
+
 def load_tolerances(path=None) -> dict:
+    """A JSON tolerance table {"default": RULE, "tensors": {"glob": RULE, ...}}, RULE mapping
+    some of nmse / max_abs / cos to numbers. Unknown keys are refused: a misspelt limit would
+    otherwise be no limit at all."""
     if path is None:
         return DEFAULT_TOLERANCES
+    shape_hint = ('e.g. {"default": {"nmse": 1e-2}, "tensors": {"kq-*": {"nmse": 1e-3, "max_abs": 0.5, "cos": 0.999}}}')
     try:
         table = json.loads(pathlib.Path(path).read_text())
     except OSError as e:
-        raise RefinferError(f"cannot read tolerance table {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise FormatError(f"tolerance table is not JSON: {e}", file=str(path)) from None
+        raise RefinferError(f"--tolerance-table: cannot read {path}: {e.strerror}", hint=shape_hint) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"tolerance table is not JSON: {e}", file=str(path), hint=shape_hint) from None
     if not isinstance(table, dict) or not isinstance(table.get("tensors", {}), dict):
-        raise FormatError('expected {"default": {...}, "tensors": {"glob": {...}}}', file=str(path))
+        raise FormatError('expected {"default": {...}, "tensors": {"glob": {...}}}', file=str(path), hint=shape_hint)
+    unknown = sorted(set(table) - set(TABLE_KEYS))
+    if unknown:
+        raise FormatError(f"unknown key(s) {', '.join(map(repr, unknown))} at the top level", file=str(path),
+                          hint=f"valid top-level keys: {', '.join(TABLE_KEYS)}; {shape_hint}")
     for key, rule in [("default", table.get("default", {}))] + list(table.get("tensors", {}).items()):
-        if not isinstance(rule, dict) or set(rule) - {"nmse", "max_abs", "cos"} or not all(
-                isinstance(v, (int, float)) for v in rule.values()):
-            raise FormatError(f"rule {key!r} must map nmse / max_abs / cos to numbers, got {rule!r}", file=str(path))
+        where = "default" if key == "default" else f"tensors[{key!r}]"
+        if not isinstance(rule, dict):
+            raise FormatError(f"{where} must be an object of limits, got {rule!r}", file=str(path), hint=shape_hint)
+        unknown = sorted(set(rule) - set(RULE_KEYS))
+        if unknown:
+            raise FormatError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}", file=str(path),
+                              hint=f"valid keys of a rule: {', '.join(RULE_KEYS)}")
+        bad = {k: v for k, v in rule.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
+        if bad:
+            raise FormatError(f"{where}: {', '.join(f'{k} = {v!r}' for k, v in bad.items())} is not a number",
+                              file=str(path), hint='limits are numbers, e.g. "nmse": 1e-3')
     return table
 
 
@@ -311,16 +381,41 @@ def diff_tensor(name, a, b, limit) -> TensorDiff:
     return TensorDiff(name, a.shape, nmse, max_abs, cos, limit, not why, "; ".join(why))
 
 
-def compare_dumps(ref: Dump, test: Dump, table=None):
-    """(diffs in forward order, names only in ref, names only in test). Raises if the two
-    dumps are of different token sequences: their tensors would not be comparable."""
-    table = table or DEFAULT_TOLERANCES
+def check_same_run(ref: Dump, test: Dump):
+    """Two dumps are comparable when they are of the same token sequence and, where both
+    headers name it, the same model file (model_sha256): anything else is bad input, not a
+    divergence."""
     if not np.array_equal(ref.tokens, test.tokens):
         n = min(len(ref.tokens), len(test.tokens))
         first = next((i for i in range(n) if ref.tokens[i] != test.tokens[i]), n)
-        raise RefinferError(f"the dumps are of different tokens ({len(ref.tokens)} vs {len(test.tokens)} tokens, "
-                            f"first difference at position {first})",
+        raise RefinferError(f"{ref.path} and {test.path} are dumps of different tokens ({len(ref.tokens)} vs "
+                            f"{len(test.tokens)} tokens, first difference at position {first})",
                             hint="dump both with the same --tokens list (dump prints the ids it used)")
+    a, b = ref.header.get("model_sha256"), test.header.get("model_sha256")
+    if a and b and a != b:
+        raise RefinferError(f"{ref.path} and {test.path} are dumps of different models: "
+                            f"{ref.header.get('model_file', '?')} (sha256 {a[:16]}...) vs "
+                            f"{test.header.get('model_file', '?')} (sha256 {b[:16]}...)",
+                            hint="dump both from the same model file; kld measures how far two models are apart")
+
+
+def summarise_names(names, most=8) -> str:
+    """'kq-* (30 tensors), ffn_swiglu-1, result_output': per-layer names grouped by op, in
+    forward order; at most `most` groups, then how many more."""
+    groups = {}
+    for name in names:
+        m = _LAYER_NAME.match(name)
+        groups.setdefault(f"{m.group(1)}-*" if m else name, []).append(name)
+    parts = [members[0] if len(members) == 1 else f"{key} ({len(members)} tensors)" for key, members in groups.items()]
+    more = f", and {len(parts) - most} more groups" if len(parts) > most else ""
+    return ", ".join(parts[:most]) + more
+
+
+def compare_dumps(ref: Dump, test: Dump, table=None):
+    """(diffs in forward order, names only in ref, names only in test). Raises if the two
+    dumps are not of the same run (check_same_run): their tensors would not be comparable."""
+    table = table or DEFAULT_TOLERANCES
+    check_same_run(ref, test)
     names = sorted(set(ref.tensors) & set(test.tensors), key=forward_key)
     diffs = [diff_tensor(n, ref.tensors[n], test.tensors[n], limit_for(n, table)) for n in names]
     only_ref = sorted(set(ref.tensors) - set(test.tensors), key=forward_key)

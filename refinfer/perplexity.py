@@ -2,8 +2,11 @@
 
 Chunking (perplexity() and kl_divergence() there):
   - the whole text is tokenized once, with the special tokens the model asks for (BOS);
-  - it is cut into n_chunk = n_tokens // n_ctx chunks of n_ctx tokens; the tail is dropped, and
-    fewer than 2 * n_ctx tokens is an error;
+  - it is cut into n_tokens // n_ctx chunks of n_ctx tokens; the tail is dropped, and fewer than
+    2 * n_ctx tokens is an error;
+  - --chunks N keeps the first N of them; a negative N keeps all (llama-perplexity:
+    n_chunk = n_chunks < 0 ? n_chunk_max : min(n_chunks, n_chunk_max)), and 0 is an error here
+    (llama-perplexity would print the PPL of no tokens);
   - each chunk is evaluated from an empty KV cache; when the vocabulary adds BOS, the chunk's
     first token is replaced by BOS for evaluation (targets keep the original tokens);
   - only the second half is scored: with first = n_ctx // 2, logits at positions
@@ -31,13 +34,49 @@ from .errors import RefinferError
 LOGITS_FORMAT = "refinfer-logits"
 
 
+MIN_CTX = 4
+
+
+def check_ctx(n_ctx: int, option="-c/--ctx") -> int:
+    """Any n_ctx >= 4 is accepted, odd ones too (llama-perplexity scores from n_ctx // 2)."""
+    if n_ctx < MIN_CTX:
+        raise RefinferError(f"{option} must be at least {MIN_CTX} tokens per chunk, got {n_ctx}",
+                            hint="-c 512 is llama-perplexity's default; each chunk scores its second half")
+    return n_ctx
+
+
+def check_chunks(n_chunks, option="--chunks"):
+    if n_chunks == 0:
+        raise RefinferError(f"{option} 0 would score no tokens",
+                            hint=f"{option} N scores the first N chunks; leave it out, or give -1, for all of them")
+    return n_chunks
+
+
+def select_chunks(chunks: list, n_chunks=None) -> list:
+    """llama-perplexity's --chunks: None or negative keeps every chunk, N the first N."""
+    if n_chunks is None or n_chunks < 0:
+        return chunks
+    check_chunks(n_chunks)
+    return chunks[:n_chunks]
+
+
 def make_chunks(tokens, n_ctx: int) -> list:
-    if n_ctx < 4:
-        raise RefinferError(f"--ctx must be at least 4, got {n_ctx}")
+    check_ctx(n_ctx)
     if len(tokens) < 2 * n_ctx:
-        raise RefinferError(f"the text tokenizes to {len(tokens)} tokens; perplexity with a context of {n_ctx} "
-                            f"needs at least {2 * n_ctx} (llama-perplexity's rule)", hint="use a longer text or a smaller --ctx")
+        largest = len(tokens) // 2
+        hint = (f"the largest -c for this text is {largest}; or use a longer text" if largest >= MIN_CTX
+                else "use a longer text")
+        raise RefinferError(f"-c {n_ctx}: the text tokenizes to {len(tokens)} tokens; perplexity with a context of "
+                            f"{n_ctx} needs at least {2 * n_ctx} (llama-perplexity's rule)", hint=hint)
     return [list(tokens[i * n_ctx:(i + 1) * n_ctx]) for i in range(len(tokens) // n_ctx)]
+
+
+def check_source_ctx(src, n_ctx: int):
+    """A refinfer model cannot run past its context length (llama.cpp only warns there)."""
+    n_max = getattr(src, "max_ctx", None)
+    if n_max is not None and n_ctx > n_max:
+        raise RefinferError(f"-c {n_ctx} is more than the context length of {src.name} ({n_max} tokens)",
+                            hint=f"-c {n_max} or less")
 
 
 def eval_tokens(chunk, add_bos, bos):
@@ -55,9 +94,11 @@ def log_softmax64(logits) -> np.ndarray:  # float32[n, V] -> float64[n, V]
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def targets(chunk) -> np.ndarray:
-    """The tokens the scored positions predict: chunk[n_ctx // 2 + 1:]."""
-    return np.asarray(chunk[len(chunk) // 2 + 1:], dtype=np.int64)
+def targets(chunk, first=None) -> np.ndarray:
+    """The tokens the scored positions first .. n_ctx - 2 predict: chunk[first + 1:], with
+    first = n_ctx // 2 unless given."""
+    first = len(chunk) // 2 if first is None else first
+    return np.asarray(chunk[first + 1:], dtype=np.int64)
 
 
 def mean_and_uncertainty(values):
@@ -127,6 +168,7 @@ class RefinferSource:
         self.model = load(path, mode=mode, backend=backend)
         self.name = f"refinfer[mode={mode},backend={backend}]:{path}"
         self.n_vocab = self.model.config.vocab_size
+        self.max_ctx = self.model.config.max_seq_len
         tok = self.model.tokenizer
         self.add_bos = bool(tok and tok.add_bos)
         self.bos = tok.bos_id if tok else None
@@ -159,29 +201,51 @@ class LlamaCppSource:
 
 
 class LogitsFileSource:
-    """Base logits saved by `kld --save-base`: the scored half of every chunk, float32."""
+    """Base logits in a refinfer-logits file (formats/dump-format.md), in one of two layouts:
+
+      - `kld --save-base`: tokens [n_chunk * n_ctx], logits [n_chunk, n_ctx - 1 - n_ctx // 2, V]
+        (the scored second half of every chunk) and metadata n_ctx;
+      - a teacher-forced prompt, as the fixtures' logits-<type>.safetensors: tokens [T] and
+        logits [T, V], row t predicting token t + 1, no n_ctx. It is one chunk of n_ctx = T
+        tokens, evaluated from an empty cache like a perplexity chunk, and every row of it is
+        scored (first = 0): the file holds nothing else to compare.
+    """
 
     def __init__(self, path):
         from .dump import read_safetensors
         meta, arrays = read_safetensors(path, LOGITS_FORMAT)
         if "tokens" not in arrays or "logits" not in arrays:
-            raise RefinferError(f"{path}: a logits file needs `tokens` and `logits` tensors")
+            raise RefinferError(f"{path}: a logits file needs `tokens` and `logits` tensors",
+                                hint="write one with kld --save-base FILE")
         self.tokens = arrays["tokens"]
-        self.logits = arrays["logits"]                      # [n_chunk, n_ctx - 1 - n_ctx // 2, V]
-        self.n_ctx = int(meta.get("n_ctx", 0))
-        n_chunk = self.logits.shape[0] if self.logits.ndim == 3 else -1
-        if self.n_ctx < 4 or n_chunk < 1 or self.tokens.shape != (n_chunk * self.n_ctx,) \
-                or self.logits.shape[1] != self.n_ctx - 1 - self.n_ctx // 2:
-            raise RefinferError(f"{path}: tokens {self.tokens.shape}, logits {self.logits.shape} and n_ctx {self.n_ctx} "
-                                "do not fit together")
-        self.name = f"logits:{path} (of {meta.get('source', '?')})"
-        self.n_vocab = self.logits.shape[2]
+        self.logits = arrays["logits"]
+        self.name = f"logits:{path} (of {meta.get('source') or meta.get('model', '?')})"
         self.add_bos, self.bos = False, None
-        self._chunks = {tuple(self.tokens[i * self.n_ctx:(i + 1) * self.n_ctx]): i for i in range(n_chunk)}
+        ok = self.logits.ndim in (2, 3) and self.tokens.ndim == 1
+        if ok and self.logits.ndim == 2:                       # one teacher-forced prompt
+            T = self.tokens.shape[0]
+            self.n_ctx, self.first = T, 0
+            ok = T >= 2 and self.logits.shape[0] == T and meta.get("n_ctx", str(T)) == str(T)
+            self.logits = self.logits[None, : T - 1]               # [1, T - 1, V]: the rows that predict a token
+        elif ok:                                                 # kld --save-base
+            self.n_ctx = int(meta.get("n_ctx", 0)) if str(meta.get("n_ctx", "0")).isdigit() else 0
+            self.first = self.n_ctx // 2
+            n_chunk = self.logits.shape[0]
+            ok = (self.n_ctx >= MIN_CTX and n_chunk >= 1 and self.tokens.shape == (n_chunk * self.n_ctx,)
+                  and self.logits.shape[1] == self.n_ctx - 1 - self.first)
+        if not ok:
+            raise RefinferError(f"{path}: tokens {self.tokens.shape}, logits {self.logits.shape} and n_ctx "
+                                f"{meta.get('n_ctx', '(none)')} do not fit together",
+                                hint="expected logits [n_chunk, n_ctx - 1 - n_ctx // 2, vocab] with n_ctx in the "
+                                     "metadata (kld --save-base), or [T, vocab] for tokens [T]; see formats/dump-format.md")
+        self.n_vocab = self.logits.shape[2]
+        self.chunks = [[int(t) for t in self.tokens[i * self.n_ctx:(i + 1) * self.n_ctx]]
+                       for i in range(self.logits.shape[0])]
+        self._index = {tuple(c): i for i, c in enumerate(self.chunks)}
 
-    def scored_logits(self, chunk):
-        i = self._chunks.get(tuple(chunk))
-        if i is None:
+    def scored_logits(self, chunk, first):
+        i = self._index.get(tuple(chunk))
+        if i is None or first != self.first:
             raise RefinferError(f"{self.name}: no saved logits for this chunk of tokens")
         return self.logits[i]
 
@@ -244,11 +308,11 @@ class OpenAISource:
                                 hint="give the model whose tokenizer the server uses: openai[vocab=MODEL]:URL")
         return self._ids[key]
 
-    def scored_logits(self, chunk):
-        """Approximate log-probs float32[n_ctx - 1 - n_ctx // 2, n_vocab] of the scored half."""
+    def scored_logits(self, chunk, first):
+        """Approximate log-probs float32[n_ctx - 1 - first, n_vocab] of the scored positions."""
         if self.n_vocab is None:
             raise RefinferError(f"{self.url}: the vocabulary size is unknown", hint="openai[vocab=MODEL]:URL")
-        n_ctx, first = len(chunk), len(chunk) // 2
+        n_ctx = len(chunk)
         try:
             lp = self._post(eval_tokens(chunk, self.add_bos, self.bos))["choices"][0]["logprobs"]
             token_lp, top_lp = lp["token_logprobs"], lp["top_logprobs"]
@@ -304,11 +368,18 @@ def parse_source(spec: str, n_ctx=512, n_threads=1):
     return LogitsFileSource(path)
 
 
-def _scored_logits(src, chunk):  # -> float32[n_ctx - 1 - n_ctx // 2, V]: the scored second half
+def _scored_logits(src, chunk, first):  # -> float32[n_ctx - 1 - first, V]: the scored positions
     if isinstance(src, (LogitsFileSource, OpenAISource)):
-        return np.asarray(src.scored_logits(chunk))
-    n_ctx = len(chunk)
-    return src.chunk_logits(chunk)[n_ctx // 2: n_ctx - 1]
+        return np.asarray(src.scored_logits(chunk, first))
+    return src.chunk_logits(chunk)[first: len(chunk) - 1]
+
+
+def chunks_of(base, tokens, n_ctx, n_chunks=None) -> tuple:
+    """(chunks, first): the chunks a run scores and the first scored position of each; a
+    logits file brings its own."""
+    if isinstance(base, LogitsFileSource):
+        return select_chunks(base.chunks, n_chunks), base.first
+    return select_chunks(make_chunks(tokens, n_ctx), n_chunks), n_ctx // 2
 
 
 def _bar(total, desc, progress):
@@ -318,11 +389,11 @@ def _bar(total, desc, progress):
 
 def perplexity(src, tokens, n_ctx=512, n_chunks=None, progress=False, on_chunk=None) -> dict:
     """llama-perplexity's PPL of src over tokens: {ppl, ppl_unc, count, chunks: running PPL}."""
-    chunks = make_chunks(tokens, n_ctx)[:n_chunks]
+    chunks, first = chunks_of(src, tokens, n_ctx, n_chunks)
     nll, running = [], []
     with _bar(len(chunks), "perplexity", progress) as bar:
         for chunk in chunks:
-            lp, tgt = log_softmax64(_scored_logits(src, chunk)), targets(chunk)
+            lp, tgt = log_softmax64(_scored_logits(src, chunk, first)), targets(chunk, first)
             nll.extend((-lp[np.arange(len(tgt)), tgt]).tolist())
             running.append(math.exp(float(np.mean(nll))))
             if on_chunk:
@@ -336,40 +407,70 @@ def perplexity(src, tokens, n_ctx=512, n_chunks=None, progress=False, on_chunk=N
 
 def kl_divergence(base, tests, tokens, n_ctx=512, n_chunks=None, progress=False, save_base=None) -> list:
     """llama-perplexity --kl-divergence statistics of each test source against base, over the
-    same chunks; base logits are computed once per chunk and kept in float32."""
-    chunks = make_chunks(tokens, n_ctx)[:n_chunks]
+    same chunks; base logits are computed once per chunk and kept in float32. With save_base,
+    each chunk's base logits are appended to that file as soon as they are computed
+    (BaseLogitsWriter), so no more than one chunk is held in memory."""
+    chunks, first = chunks_of(base, tokens, n_ctx, n_chunks)
     acc = [{"nll_base": [], "nll_test": [], "kld": [], "p_diff": [], "same_top": [], "num": 0.0, "den": 0.0}
            for _ in tests]
-    saved = []
-    with _bar(len(chunks), "kld", progress) as bar:
-        for chunk in chunks:
-            zb = np.asarray(_scored_logits(base, chunk), dtype=np.float32)
-            if save_base is not None:
-                saved.append(zb)
-            lb = log_softmax64(zb)
-            tgt = targets(chunk)
-            rows = np.arange(len(tgt))
-            pb = np.exp(lb)
-            for src, a in zip(tests, acc):
-                zt = np.asarray(_scored_logits(src, chunk), dtype=np.float32)
-                if zt.shape != zb.shape:
-                    raise RefinferError(f"{src.name} gives logits {zt.shape}, the base {zb.shape}: different vocabularies?")
-                lt = log_softmax64(zt)
-                a["nll_base"].extend((-lb[rows, tgt]).tolist())
-                a["nll_test"].extend((-lt[rows, tgt]).tolist())
-                a["kld"].extend(np.sum(pb * (lb - lt), axis=-1).tolist())
-                a["p_diff"].extend((np.exp(lt[rows, tgt]) - pb[rows, tgt]).tolist())
-                a["same_top"].extend((np.argmax(zt, axis=-1) == np.argmax(zb, axis=-1)).tolist())
-                a["num"] += float(np.sum((zt.astype(np.float64) - zb) ** 2))
-                a["den"] += float(np.sum(zb.astype(np.float64) ** 2))
-            bar.update(1)
-    if save_base is not None:
-        from .dump import write_safetensors
-        write_safetensors(save_base, {"tokens": np.asarray([t for c in chunks for t in c], dtype="<i4"),
-                                      "logits": np.stack(saved)},
-                          {"format": LOGITS_FORMAT, "format_version": "1", "n_ctx": str(n_ctx), "source": base.name})
+    writer = None
+    try:
+        with _bar(len(chunks), "kld", progress) as bar:
+            for chunk in chunks:
+                zb = np.asarray(_scored_logits(base, chunk, first), dtype=np.float32)
+                if save_base is not None:
+                    if writer is None:
+                        writer = BaseLogitsWriter(save_base, chunks, zb.shape[-1], base.name)
+                    writer.append(zb)
+                lb = log_softmax64(zb)
+                tgt = targets(chunk, first)
+                rows = np.arange(len(tgt))
+                pb = np.exp(lb)
+                for src, a in zip(tests, acc):
+                    zt = np.asarray(_scored_logits(src, chunk, first), dtype=np.float32)
+                    if zt.shape != zb.shape:
+                        raise RefinferError(f"{src.name} gives logits {zt.shape}, the base {zb.shape}: different vocabularies?")
+                    lt = log_softmax64(zt)
+                    a["nll_base"].extend((-lb[rows, tgt]).tolist())
+                    a["nll_test"].extend((-lt[rows, tgt]).tolist())
+                    a["kld"].extend(np.sum(pb * (lb - lt), axis=-1).tolist())
+                    a["p_diff"].extend((np.exp(lt[rows, tgt]) - pb[rows, tgt]).tolist())
+                    a["same_top"].extend((np.argmax(zt, axis=-1) == np.argmax(zb, axis=-1)).tolist())
+                    a["num"] += float(np.sum((zt.astype(np.float64) - zb) ** 2))
+                    a["den"] += float(np.sum(zb.astype(np.float64) ** 2))
+                bar.update(1)
+        if writer is not None:
+            writer.close()
+    finally:
+        if writer is not None:
+            writer.abort()
     return [kld_stats(a["nll_base"], a["nll_test"], a["kld"], a["p_diff"], a["same_top"], a["num"], a["den"])
             for a in acc]
+
+
+class BaseLogitsWriter:
+    """`kld --save-base FILE`, written chunk by chunk: the safetensors header (tokens I32
+    [n_chunk * n_ctx], logits F32 [n_chunk, n_ctx - 1 - n_ctx // 2, V]) first, since every
+    size is known before the first chunk, then the tokens, then each chunk's logits as they
+    come. The file is the same as one written at once, and LogitsFileSource reads both."""
+
+    def __init__(self, path, chunks, n_vocab, source):
+        from .dump import SafetensorsWriter
+        n_ctx = len(chunks[0])
+        self._out = SafetensorsWriter(path, {"tokens": ("I32", [len(chunks) * n_ctx]),
+                                             "logits": ("F32", [len(chunks), n_ctx - 1 - n_ctx // 2, n_vocab])},
+                                      {"format": LOGITS_FORMAT, "format_version": "1", "n_ctx": str(n_ctx),
+                                       "source": source})
+        self._out.write("tokens", np.asarray([t for c in chunks for t in c], dtype="<i4"))
+
+    def append(self, chunk_logits):  # float32[n_ctx - 1 - n_ctx // 2, V]
+        self._out.write("logits", chunk_logits[None])
+
+    def close(self):
+        self._out.close()
+
+    def abort(self):
+        self._out.abort()
 
 
 def format_kld(r: dict) -> str:

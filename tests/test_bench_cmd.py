@@ -67,7 +67,7 @@ def test_a_failed_engine_exits_1_and_is_listed_last(tmp_path, capsys, monkeypatc
                                                  "FAILED: llama.cpp threads=1 tg4: exit code 1: no llama_cpp"]
 
 
-def test_logits_that_differ_from_the_reference_fail_the_row(tmp_path, capsys, monkeypatch):
+def check_logits_off_the_reference_fail(tmp_path, capsys, monkeypatch):
     """The worker's logits must match the NumPy reference before its timing counts: against a
     reference whose tg logits are nudged by 1e-4 relative (NMSE 1e-8, far above refinfer's
     1e-10 and far below llama.cpp's loose bound), numba's tg row fails with the numbers,
@@ -91,6 +91,10 @@ def test_logits_that_differ_from_the_reference_fail_the_row(tmp_path, capsys, mo
     assert "tg logits differ from the NumPy reference: nmse 1e-08 > 1e-10" in rows["numba", "tg4"]["error"]
     assert rows["numba", "pp8"]["tokens_per_s"] > 0 and rows["llama.cpp", "tg4"]["tokens_per_s"] > 0
     assert stdout.rstrip().splitlines()[-1].startswith("FAILED: numba threads=1 tg4: tg logits differ")
+
+
+def test_logits_that_differ_from_the_reference_fail_the_row(tmp_path, capsys, monkeypatch):
+    check_logits_off_the_reference_fail(tmp_path, capsys, monkeypatch)
 
 
 def test_check_logits_bounds():

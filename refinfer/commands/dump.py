@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from .. import threads
+
 HELP = "write every intermediate activation of one forward pass (llama.cpp's tensor names) to a safetensors file"
 
 
@@ -18,6 +20,7 @@ def add_arguments(p):
     p.add_argument("--skip", action="append", default=[], metavar="GLOB",
                    help="leave out tensors matching GLOB (repeatable), e.g. 'kq-*' for long prompts: "
                         "kq-N holds heads x T x T floats per layer")
+    threads.add_argument(p, default_help="all cores for refinfer, 1 for llama.cpp")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -26,9 +29,10 @@ def parse_tokens(text):
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise RefinferError(f"--tokens must be comma-separated integers, got {text!r}") from None
+        raise RefinferError(f"--tokens must be comma-separated integers, got {text!r}",
+                            hint="e.g. --tokens 1,9038,2501 (dump prints the ids it used)") from None
     if not ids:
-        raise RefinferError("--tokens is empty")
+        raise RefinferError("--tokens is empty", hint="e.g. --tokens 1,9038,2501, or -p PROMPT")
     return ids
 
 
@@ -37,17 +41,24 @@ def run(args) -> int:
     from ..dump import capture_llama_cpp, capture_refinfer, sha256_file, write_dump
     from ..errors import RefinferError
     from ..model import load
+    from ._paths import check_output_path
 
     if (args.prompt is None) == (args.tokens is None):
-        raise RefinferError("give exactly one of -p PROMPT or --tokens IDS")
+        raise RefinferError("give exactly one of -p PROMPT or --tokens IDS",
+                            hint='e.g. -p "The capital of France is"')
+    ids = parse_tokens(args.tokens) if args.tokens is not None else None
+    threads.check(args.threads)
+    check_output_path(args.output, "-o")
+    threads.set_threads(args.threads)
     model = load(args.model, mode=args.mode, backend="numpy" if args.backend == "llama.cpp" else args.backend)
-    ids = parse_tokens(args.tokens) if args.tokens is not None else model.tokenize(args.prompt)
+    ids = ids if ids is not None else model.tokenize(args.prompt)
     if not ids:
-        raise RefinferError("the prompt is empty after tokenization")
+        raise RefinferError("the prompt is empty after tokenization", hint='give some text, e.g. -p "Hello"')
     if args.backend == "llama.cpp":
         if not str(model.path).endswith(".gguf"):
-            raise RefinferError(f"{model.path}: llama.cpp reads GGUF files only")
-        tensors = capture_llama_cpp(model.path, ids, skip=args.skip)
+            raise RefinferError(f"{model.path}: llama.cpp reads GGUF files only",
+                                hint="dump an HF directory with --backend numpy")
+        tensors = capture_llama_cpp(model.path, ids, skip=args.skip, n_threads=args.threads or 1)
         engine, mode = "llama.cpp", "llama.cpp-default"
     else:
         tensors = capture_refinfer(model, ids, progress=not args.no_progress, skip=args.skip)

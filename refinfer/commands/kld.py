@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from .. import threads
+
 HELP = "KL divergence, PPL ratio, RMS delta-p and same-top-p of test logits against base logits (llama-perplexity --kl-divergence)"
 
 SOURCES = """SRC is one of
@@ -11,7 +13,10 @@ SOURCES = """SRC is one of
   refinfer[mode=ggml,backend=numba]:MODEL     refinfer with options
   llama.cpp:MODEL.gguf                        llama.cpp through llama-cpp-python (default settings)
   llama.cpp[variant=flash_attn]:MODEL.gguf    variants: default, single_token, flash_attn, kv_f32
-  logits:FILE.safetensors | FILE.safetensors  base logits saved with --save-base (float32)
+  logits:FILE.safetensors | FILE.safetensors  base logits saved with --save-base (float32), or a
+                                              fixture's teacher-forced prompt logits
+                                              (formats/fixtures/logits-*.safetensors: one chunk,
+                                              every position scored)
   openai[vocab=MODEL,top=20]:URL | URL        an OpenAI-compatible completions endpoint (echo +
                                               logprobs): PPL and same-top exact, KLD approximate
                                               (only the top-k of each distribution is returned)"""
@@ -26,13 +31,15 @@ def add_arguments(p):
     p.add_argument("-f", "--file", default=None, help="text file (not needed when --base is a saved logits file)")
     p.add_argument("-c", "--ctx", type=int, default=None,
                    help="tokens per chunk, as llama-perplexity -c (default 512, or the saved base's)")
-    p.add_argument("--chunks", type=int, default=None, help="use only the first N chunks")
-    p.add_argument("--save-base", metavar="FILE", default=None, help="save the base logits (float32) for later runs")
+    p.add_argument("--chunks", type=int, default=None,
+                   help="use only the first N chunks (default, or any negative N: all, as llama-perplexity)")
+    p.add_argument("--save-base", metavar="FILE", default=None,
+                   help="save the base logits (float32) for later runs, written to disk chunk by chunk")
     p.add_argument("--floor", nargs="?", const="", default=None, metavar="MODEL",
                    help="also measure llama.cpp's noise floor on MODEL (default: the base's model file): its "
                         "variants single_token, flash_attn and kv_f32 against its default, on the same chunks")
     p.add_argument("--json", metavar="FILE", default=None, help="write every statistic to FILE as JSON")
-    p.add_argument("-t", "--threads", type=int, default=1, help="threads for llama.cpp sources (default 1)")
+    threads.add_argument(p, default_help="all cores for refinfer, 1 for llama.cpp sources")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -60,37 +67,63 @@ def _row(name, r):
 
 def run(args) -> int:
     from ..errors import RefinferError
-    from ..perplexity import LogitsFileSource, format_kld, kl_divergence, parse_source
+    from ..perplexity import (LogitsFileSource, check_chunks, check_ctx, check_source_ctx, chunks_of, format_kld,
+                              kl_divergence, parse_source)
+    from ._paths import check_distinct, check_output_path
     from .perplexity import read_text
 
     if not args.test and args.floor is None:
-        raise RefinferError("nothing to compare: give --test SRC and/or --floor")
-    base = parse_source(args.base, n_ctx=args.ctx or 512, n_threads=args.threads)
+        raise RefinferError("nothing to compare: give --test SRC and/or --floor",
+                            hint="e.g. --test MODEL.gguf, or --floor to measure llama.cpp's own spread")
+    if args.ctx is not None:
+        check_ctx(args.ctx)
+    check_chunks(args.chunks)
+    threads.check(args.threads)
+    check_output_path(args.json, "--json")
+    check_output_path(args.save_base, "--save-base")
+    check_distinct({"--json": args.json, "--save-base": args.save_base})
+    if args.save_base is not None and not args.test:
+        raise RefinferError("--save-base saves the base logits of a --test run", hint="add --test SRC")
+    threads.set_threads(args.threads)
+    n_llama = args.threads or 1                 # llama.cpp: one thread unless asked (see llama_oracle.LlamaCpp)
+    n_ctx = 512 if args.ctx is None else args.ctx
+    base = parse_source(args.base, n_ctx=n_ctx, n_threads=n_llama)
     opened = [base]
     try:
         if isinstance(base, LogitsFileSource):
+            if args.save_base is not None:
+                raise RefinferError(f"--base {args.base} is already a saved logits file", hint="leave out --save-base")
             tokens, n_ctx = [int(t) for t in base.tokens], base.n_ctx
             if args.ctx not in (None, n_ctx):
-                raise RefinferError(f"{args.base} was saved with --ctx {n_ctx}, not {args.ctx}")
+                raise RefinferError(f"{args.base} holds chunks of {n_ctx} tokens, not -c {args.ctx}",
+                                    hint=f"leave out -c (or give -c {n_ctx})")
         else:
             if args.file is None:
-                raise RefinferError("-f TEXT is needed unless --base is a saved logits file")
-            tokens, n_ctx = base.tokenize(read_text(args.file)), args.ctx or 512
-        tests = [parse_source(s, n_ctx=n_ctx, n_threads=args.threads) for s in args.test]
-        opened += tests
+                raise RefinferError("-f TEXT is needed unless --base is a saved logits file",
+                                    hint="e.g. -f README.md, or --base FILE.safetensors from an earlier --save-base")
+            check_source_ctx(base, n_ctx)
+            tokens = base.tokenize(read_text(args.file))
+        chunks_of(base, tokens, n_ctx)        # a text too short for -c fails here, before any model runs
+        tests = []
+        for s in args.test:
+            tests.append(parse_source(s, n_ctx=n_ctx, n_threads=n_llama))
+            opened.append(tests[-1])
+            check_source_ctx(tests[-1], n_ctx)
         for t in tests:
             if t.n_vocab != base.n_vocab:
-                raise RefinferError(f"{t.name} has {t.n_vocab} tokens in its vocabulary, the base {base.n_vocab}")
+                raise RefinferError(f"{t.name} has {t.n_vocab} tokens in its vocabulary, the base {base.n_vocab}",
+                                    hint="KL divergence compares models that share a tokenizer")
         progress = not args.no_progress
         results = kl_divergence(base, tests, tokens, n_ctx, args.chunks, progress, args.save_base) if tests else []
         floor = {}
         if args.floor is not None:
             model = args.floor or _model_path(args.base)
             if isinstance(base, LogitsFileSource) and not args.floor:
-                raise RefinferError("--floor needs a MODEL when the base is a logits file")
-            fbase = parse_source(f"llama.cpp:{model}", n_ctx=n_ctx, n_threads=args.threads)
+                raise RefinferError("--floor needs a MODEL when the base is a logits file",
+                                    hint="--floor MODEL.gguf: the GGUF the base logits came from")
+            fbase = parse_source(f"llama.cpp:{model}", n_ctx=n_ctx, n_threads=n_llama)
             opened.append(fbase)
-            variants = [parse_source(f"llama.cpp[variant={v}]:{model}", n_ctx=n_ctx, n_threads=args.threads)
+            variants = [parse_source(f"llama.cpp[variant={v}]:{model}", n_ctx=n_ctx, n_threads=n_llama)
                         for v in ("single_token", "flash_attn", "kv_f32")]
             opened += variants
             floor = dict(zip((v.name for v in variants), kl_divergence(fbase, variants, tokens, n_ctx, args.chunks, progress)))
@@ -98,8 +131,10 @@ def run(args) -> int:
         for s in opened:
             s.close()
 
+    _, first = chunks_of(base, tokens, n_ctx)
+    scored = "second half of each chunk" if first == n_ctx // 2 else "every position of the prompt"
     n_scored = results[0]["n"] if results else next(iter(floor.values()))["n"]
-    print(f"base: {base.name}\n{len(tokens)} tokens, chunks of {n_ctx}, {n_scored} scored positions (second half of each chunk)")
+    print(f"base: {base.name}\n{len(tokens)} tokens, chunks of {n_ctx}, {n_scored} scored positions ({scored})")
     for t, r in zip(args.test, results):
         print(f"\n### test: {t}")
         print(format_kld(r))
