@@ -5,8 +5,7 @@ bytes from ggml_quantize_chunk (no imatrix, which calls quantize_row_<type>_ref)
 activation types, quantize_row_q8_1_ref / quantize_row_q8_K_ref; floats from the type's
 to_float (dequantize_row_<type>). Two types have no ggml dequantizer and are documented as such:
 f32 (the bytes are the floats) and q8_1 (this script computes float32(q) * float32(d)).
-refinfer is consulted only to decide whether a K-quant case may carry its input: that happens
-when refinfer has a quantizer for the type and its bytes equal ggml's for that case.
+refinfer is never consulted: every case with an input stores it, whatever refinfer computes.
 
     python formats/make_vectors.py            # rewrite formats/vectors/*.json
     python formats/make_vectors.py --check    # exit 1 if a committed file differs
@@ -52,7 +51,8 @@ TYPES = {
 }
 LEGACY = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q8_1")
 FLOATS = ("f32", "f16", "bf16")
-KQUANTS = ("q2_K", "q3_K", "q4_K", "q5_K", "q6_K")  # dequantize vectors unless refinfer matches
+KQUANTS = ("q2_K", "q3_K", "q4_K", "q5_K", "q6_K")
+DEQUANTIZE_ONLY = "random_bytes_finite_scales"  # the one case without an input (K-quants only)
 # byte offsets of the fp16 super-block scales, overwritten with finite values in random blocks
 KQUANT_FP16_FIELDS = {"q2_K": (80, 82), "q3_K": (108,), "q4_K": (0, 2), "q5_K": (0, 2), "q6_K": (208,)}
 
@@ -216,38 +216,32 @@ def q8_K_inputs() -> dict[str, np.ndarray]:
     }
 
 
-def kquant_cases(g: Ggml, name: str) -> dict[str, tuple[np.ndarray | None, np.ndarray]]:
-    """(input or None, bytes) per case: random bytes with finite scales, and ggml's own
-    quantization of seeded inputs."""
-    bs, ts = TYPES[name][:2]
-    rng = _rng(name, "bytes")
-    raw = rng.integers(0, 256, size=(3, ts), dtype=np.uint8)
-    # the scale fields get finite fp16 values of either sign (NaN/inf scales are not a format
-    # property worth pinning; they just propagate)
-    for off in KQUANT_FP16_FIELDS[name]:
-        vals = (rng.standard_normal(3) * 0.05).astype(np.float16)
-        raw[:, off:off + 2] = vals.view(np.uint8).reshape(3, 2)
-    out: dict[str, tuple[np.ndarray | None, np.ndarray]] = {"random_bytes_finite_scales": (None, raw.ravel())}
-    inputs = {
+def kquant_inputs(name: str) -> dict[str, np.ndarray]:
+    bs = TYPES[name][0]
+    return {
         "ggml_quantized_gaussian": _rng(name, "gaussian").standard_normal(2 * bs).astype(F32),
         "ggml_quantized_heavy_tailed": _rng(name, "heavy").standard_t(1.5, bs).astype(F32),
         "ggml_quantized_all_zero": np.zeros(bs, F32),
     }
-    for case, x in inputs.items():
-        out[case] = (x, ggml_quantize(g, name, x))
-    return out
 
 
-def refinfer_quantizer(name: str):
-    """refinfer's quantizer for name, or None (never an error: the registry may lack the type)."""
-    try:
-        from refinfer import quant
-        t = quant.get_type(name)
-    except Exception:
-        return None
-    if t.quantize_blocks is None:
-        return None
-    return lambda x: quant.quantize(x, name).ravel()
+def inputs(name: str) -> dict[str, np.ndarray]:
+    """The seeded inputs of name's quantize cases, by case name."""
+    if name in KQUANTS:
+        return kquant_inputs(name)
+    return q8_K_inputs() if name == "q8_K" else float_inputs(name) if name in FLOATS else legacy_inputs(name)
+
+
+def random_bytes_case(name: str) -> np.ndarray:
+    """A dequantize-only case for each K-quant: random bytes with finite fp16 scales of either
+    sign (NaN/inf scales are not a format property worth pinning; they just propagate)."""
+    ts = TYPES[name][1]
+    rng = _rng(name, "bytes")
+    raw = rng.integers(0, 256, size=(3, ts), dtype=np.uint8)
+    for off in KQUANT_FP16_FIELDS[name]:
+        vals = (rng.standard_normal(3) * 0.05).astype(np.float16)
+        raw[:, off:off + 2] = vals.view(np.uint8).reshape(3, 2)
+    return raw.ravel()
 
 
 # ---- assembly ---------------------------------------------------------------------------------
@@ -256,14 +250,9 @@ def build(g: Ggml, name: str) -> dict:
     bs, ts, qfn, dqfn = TYPES[name]
     cases = []
     if name in KQUANTS:
-        ours = refinfer_quantizer(name)
-        for case, (x, raw) in kquant_cases(g, name).items():
-            keep_input = x is not None and ours is not None and np.array_equal(ours(x), raw)
-            cases.append(_case(g, name, case, x if keep_input else None, raw))
-    else:
-        inputs = q8_K_inputs() if name == "q8_K" else float_inputs(name) if name in FLOATS else legacy_inputs(name)
-        for case, x in inputs.items():
-            cases.append(_case(g, name, case, x, ggml_quantize(g, name, x)))
+        cases.append(_case(g, name, DEQUANTIZE_ONLY, None, random_bytes_case(name)))
+    for case, x in inputs(name).items():
+        cases.append(_case(g, name, case, x, ggml_quantize(g, name, x)))
     return {
         "type": name,
         "ggml_type_id": GGML_TYPE_IDS[name],

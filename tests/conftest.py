@@ -15,6 +15,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Skips for a missing oracle fail the run under CI=true (ci_skips.py); these are its hooks.
+from ci_skips import (oracle_import, pytest_collectreport, pytest_runtest_makereport,  # noqa: E402,F401
+                      pytest_sessionfinish, pytest_terminal_summary)
+
 # numba.cuda reads NUMBA_ENABLE_CUDASIM once, when it is first imported. Without an NVIDIA
 # driver the cuda backend's tests run its kernels in numba's CUDA simulator; with one they run
 # on the GPU, unchanged (and the tests marked `gpu` run too).
@@ -80,7 +84,7 @@ def tiny_llama_f16(tmp_path_factory, vocab_dir) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tiny_quantized(tiny_llama_f32, tmp_path_factory) -> dict:
     """The generated f32 model ("f32") and llama.cpp's pure quantizations of it, by type name."""
-    pytest.importorskip("llama_cpp")
+    oracle_import("llama_cpp")
     from models import LLAMA_FTYPES, llama_quantize
     d = tmp_path_factory.mktemp("tiny_quantized")
     out = {"f32": tiny_llama_f32}

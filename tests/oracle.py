@@ -7,7 +7,8 @@ import ctypes
 import pathlib
 
 import numpy as np
-import pytest
+
+from ci_skips import oracle_skip
 
 GGML_TYPE_IDS = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8,
                  "q8_1": 9, "q2_K": 10, "q3_K": 11, "q4_K": 12, "q5_K": 13, "q6_K": 14,
@@ -96,13 +97,14 @@ _GGML = None
 
 
 def ggml() -> Ggml:
-    """The oracle, or a pytest skip with the reason when llama-cpp-python cannot be loaded."""
+    """The oracle, or a skip with the reason when llama-cpp-python cannot be loaded (a failure
+    under CI=true: see ci_skips.py)."""
     global _GGML
     if _GGML is None:
         try:
             _GGML = Ggml()
         except (ImportError, OSError) as e:
-            pytest.skip(f"libggml oracle unavailable (install llama-cpp-python): {e}")
+            oracle_skip(f"libggml oracle unavailable (install llama-cpp-python): {e}")
     return _GGML
 
 
@@ -166,5 +168,5 @@ def ggml_cpu() -> GgmlCpu:
         try:
             _CPU = GgmlCpu(ggml())
         except (ImportError, OSError) as e:
-            pytest.skip(f"libggml-cpu oracle unavailable (install llama-cpp-python): {e}")
+            oracle_skip(f"libggml-cpu oracle unavailable (install llama-cpp-python): {e}")
     return _CPU

@@ -239,9 +239,23 @@ def test_real_model_against_gguf_reader(smollm2_path):
     for key in ["llama.block_count", "llama.embedding_length", "tokenizer.ggml.model", "llama.rope.freq_base"]:
         assert f.metadata[key] == pytest.approx(r.fields[key].contents())
     assert f.metadata["tokenizer.ggml.tokens"] == r.fields["tokenizer.ggml.tokens"].contents()
-    emb = f.raw("token_embd.weight")
-    assert emb.shape == (49152, 576 // 32 * 34)
-    assert np.shares_memory(emb, f.raw("token_embd.weight")) or emb.base is not None
+    assert f.raw("token_embd.weight").shape == (49152, 576 // 32 * 34)
+    check_raw_is_a_view_of_the_file(f, "token_embd.weight")
+
+
+def check_raw_is_a_view_of_the_file(f: GGUFFile, name: str):
+    """raw() is a read-only view into the memory map at the tensor's offset, not a copy: the
+    bytes of a 49152 x 612 embedding are not read until used."""
+    emb = f.raw(name)
+    ti = f.tensors[name]
+    whole = np.frombuffer(f._mm, dtype=np.uint8)
+    assert np.shares_memory(emb, whole), f"{name}: raw() returned a copy, not a view of the file"
+    assert emb.__array_interface__["data"][0] - whole.__array_interface__["data"][0] == ti.offset
+    assert not emb.flags.writeable
+    with open(f.path, "rb") as fh:
+        fh.seek(ti.offset)
+        head = fh.read(4096)
+    assert emb.reshape(-1)[:4096].tobytes() == head
 
 
 # --- each validation rule ------------------------------------------------------------------

@@ -50,17 +50,23 @@ def rng_arrays(seed=0):
             "lm_head.weight": rng.standard_normal((8, 4)).astype(np.float32)}
 
 
-def expect_error(path, *, tensor=None, offset=None, contains=(), cls=FormatError, file=None):
-    with pytest.raises(cls) as ei:
-        SafetensorsCheckpoint(path)
-    msg = str(ei.value)
-    assert str(file or path) in msg, msg
-    if tensor is not None:
-        assert repr(tensor) in msg, msg
-    if offset is not None:
-        assert f"offset {offset}:" in msg, msg
+def check_error(e: Exception, *, file, tensor, offset, contains=()):
+    """e is a FormatError that reports exactly this file, tensor and byte offset (None: the
+    error must not report one), as attributes and in its message, and says each of contains."""
+    msg = str(e)
+    assert isinstance(e, FormatError), f"{type(e).__name__}: {msg}"
+    assert (str(e.file), e.tensor, e.offset) == (str(file), tensor, offset), msg
+    where = [f"file {str(file)!r}"] + [f"tensor {tensor!r}"] * (tensor is not None) + \
+        [f"offset {offset}"] * (offset is not None)
+    assert msg.startswith(", ".join(where) + ": "), msg
     for c in contains:
         assert c in msg, msg
+
+
+def expect_error(path, *, tensor, offset, contains=(), file=None):
+    with pytest.raises(FormatError) as ei:
+        SafetensorsCheckpoint(path)
+    check_error(ei.value, file=file or path, tensor=tensor, offset=offset, contains=contains)
     return ei.value
 
 
@@ -156,21 +162,21 @@ def test_truncated_header(tmp_path, valid_bytes):
     p = tmp_path / "m.safetensors"
     p.write_bytes(valid_bytes[:20])
     n, _ = header_of(valid_bytes)
-    expect_error(p, offset=0, contains=[f"header length {n}", "20 bytes"])
+    expect_error(p, tensor=None, offset=0, contains=[f"header length {n}", "20 bytes"])
     p.write_bytes(valid_bytes[:5])
-    expect_error(p, offset=0, contains=["5 bytes"])
+    expect_error(p, tensor=None, offset=0, contains=["5 bytes"])
 
 
 def test_huge_header_length(tmp_path, valid_bytes):
     p = tmp_path / "m.safetensors"
     p.write_bytes(struct.pack("<Q", 2**60) + valid_bytes[8:])
-    expect_error(p, offset=0, contains=[f"header length {2**60}"])
+    expect_error(p, tensor=None, offset=0, contains=[f"header length {2**60}"])
 
 
 def test_gguf_given_as_safetensors(tmp_path):
     p = tmp_path / "m.safetensors"
     p.write_bytes(b"GGUF" + bytes(60))
-    e = expect_error(p, offset=0)
+    e = expect_error(p, tensor=None, offset=0)
     assert "GGUF" in e.hint
 
 
@@ -180,25 +186,27 @@ def test_bad_json(tmp_path, valid_bytes):
     bad[8 + 5] = ord("#")
     p = tmp_path / "m.safetensors"
     p.write_bytes(bytes(bad))
-    expect_error(p, offset=13, contains=["not valid JSON"])
+    expect_error(p, tensor=None, offset=13, contains=["not valid JSON"])
     p.write_bytes(with_header([1, 2], b""))
-    expect_error(p, offset=8, contains=["JSON list"])
+    expect_error(p, tensor=None, offset=8, contains=["JSON list"])
     p.write_bytes(struct.pack("<Q", 6000) + b"[" * 6000)
-    expect_error(p, offset=8)
+    expect_error(p, tensor=None, offset=8, contains=["RecursionError"])
 
 
 def test_duplicate_tensor_entry(tmp_path):
     h = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
     p = tmp_path / "m.safetensors"
     p.write_bytes(struct.pack("<Q", len(h)) + h + bytes(4))
-    expect_error(p, offset=8, contains=["'a' twice"])
+    expect_error(p, tensor=None, offset=8, contains=["'a' twice"])
 
 
 def test_offsets_outside_data(tmp_path):
     h = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 2**62]}}
     p = tmp_path / "m.safetensors"
-    p.write_bytes(with_header(h, bytes(8)))
-    expect_error(p, tensor="a", contains=[f"[0, {2**62}]", "data section of 8 bytes"])
+    data = with_header(h, bytes(8))
+    p.write_bytes(data)
+    # the offset is where the tensor would start: the data section's first byte
+    expect_error(p, tensor="a", offset=len(data) - 8, contains=[f"[0, {2**62}]", "data section of 8 bytes"])
 
 
 def test_size_inconsistent_with_shape(tmp_path):
@@ -212,11 +220,12 @@ def test_size_inconsistent_with_shape(tmp_path):
 def test_unknown_dtype_and_bad_shape(tmp_path):
     p = tmp_path / "m.safetensors"
     p.write_bytes(with_header({"a": {"dtype": "F17", "shape": [1], "data_offsets": [0, 4]}}, bytes(4)))
+    # offset 9: the entry's key '"a"' is at header byte 1
     expect_error(p, tensor="a", offset=9, contains=["'F17'", "BF16"])
     p.write_bytes(with_header({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, bytes(4)))
-    expect_error(p, tensor="a", contains=["shape [-1]"])
+    expect_error(p, tensor="a", offset=9, contains=["shape [-1]"])
     p.write_bytes(with_header({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}, bytes(4)))
-    expect_error(p, tensor="a", contains=["data_offsets [0]"])
+    expect_error(p, tensor="a", offset=9, contains=["data_offsets [0]"])
 
 
 def test_hole_and_overlap(tmp_path):
@@ -236,7 +245,7 @@ def test_hole_and_overlap(tmp_path):
 def test_trailing_bytes(tmp_path, valid_bytes):
     p = tmp_path / "m.safetensors"
     p.write_bytes(valid_bytes + b"xx")
-    expect_error(p, contains=["cover 32 bytes", "has 34"])
+    expect_error(p, tensor=None, offset=len(valid_bytes), contains=["cover 32 bytes", "has 34"])
 
 
 def make_sharded(tmp_path, weight_map_override=None):
@@ -253,17 +262,18 @@ def make_sharded(tmp_path, weight_map_override=None):
 
 def test_index_missing_shard(tmp_path):
     idx, names = make_sharded(tmp_path, {"lm_head.weight": "s3.safetensors"})
-    expect_error(tmp_path, file=idx, tensor="lm_head.weight", contains=["'s3.safetensors'", "does not exist"])
+    expect_error(tmp_path, file=idx, tensor="lm_head.weight", offset=None, contains=["'s3.safetensors'", "does not exist"])
 
 
 def test_index_wrong_shard(tmp_path):
     idx, names = make_sharded(tmp_path, {"lm_head.weight": "s1.safetensors"})
-    expect_error(tmp_path, file=idx, tensor="lm_head.weight", contains=["'s1.safetensors'", "in 's2.safetensors'"])
+    expect_error(tmp_path, file=idx, tensor="lm_head.weight", offset=None,
+                 contains=["'s1.safetensors'", "in 's2.safetensors'"])
 
 
 def test_index_path_outside_directory(tmp_path):
     idx, names = make_sharded(tmp_path, {"lm_head.weight": "../s2.safetensors"})
-    expect_error(tmp_path, file=idx, tensor="lm_head.weight", contains=["expected a file name"])
+    expect_error(tmp_path, file=idx, tensor="lm_head.weight", offset=None, contains=["expected a file name"])
 
 
 def test_index_unlisted_tensor(tmp_path):
@@ -271,32 +281,37 @@ def test_index_unlisted_tensor(tmp_path):
     data = json.loads(idx.read_text())
     del data["weight_map"]["lm_head.weight"]
     idx.write_text(json.dumps(data))
-    expect_error(tmp_path, file=idx, tensor="lm_head.weight", contains=["not in the index"])
+    expect_error(tmp_path, file=idx, tensor="lm_head.weight", offset=None, contains=["not in the index"])
 
 
 def test_index_corrupt(tmp_path):
     idx, _ = make_sharded(tmp_path)
     idx.write_text('{"weight_map": ')
-    expect_error(tmp_path, file=idx, contains=["not valid JSON"])
+    expect_error(tmp_path, file=idx, tensor=None, offset=len('{"weight_map": '), contains=["not valid JSON"])
     idx.write_text('{"metadata": {}}')
-    expect_error(tmp_path, file=idx, contains=["weight_map"])
+    expect_error(tmp_path, file=idx, tensor=None, offset=0, contains=["weight_map"])
 
 
 def test_corrupt_shard_named(tmp_path):
     idx, _ = make_sharded(tmp_path)
     shard = tmp_path / "s2.safetensors"
-    shard.write_bytes(shard.read_bytes()[:-3])
-    expect_error(tmp_path, file=shard, contains=["do not lie within the data section"])
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-3])
+    n, header = header_of(data)
+    # the tensor that ended the data section now runs past it; the offset is where it starts
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    expect_error(tmp_path, file=shard, tensor=last, offset=8 + n + header[last]["data_offsets"][0],
+                 contains=["do not lie within the data section"])
 
 
 def test_directory_without_weights(tmp_path):
-    expect_error(tmp_path, contains=["found 0 .safetensors files"])
+    expect_error(tmp_path, tensor=None, offset=None, contains=["found 0 .safetensors files"])
 
 
 def test_bad_config(tmp_path):
     save_file({"x": np.ones(2, np.float32)}, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text("{nope")
-    expect_error(tmp_path, file=tmp_path / "config.json", offset=1, contains=["config.json"])
+    expect_error(tmp_path, file=tmp_path / "config.json", tensor=None, offset=1, contains=["config.json"])
 
 
 # --- fuzzing -------------------------------------------------------------------------------

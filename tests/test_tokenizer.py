@@ -14,18 +14,29 @@ import pathlib
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from refinfer.errors import UnsupportedError
+from ci_skips import oracle_import
 from refinfer.gguf_file import GGUFFile
 from refinfer.tokenizer import Tokenizer
 from refinfer.tokenizer.chat import ChatTemplate
 
-# Every vocabulary shipped with llama.cpp's tokenizer tests; one whose tokenizer.ggml.model or
-# tokenizer.ggml.pre refinfer does not implement would be skipped with the reason.
+# Every vocabulary shipped with llama.cpp's tokenizer tests (in the pinned llama-cpp-python
+# sdist): each must load in refinfer and in llama.cpp; a failure to load is a failure.
 VOCABS = ["aquila", "baichuan", "bert-bge", "command-r", "deepseek-coder", "deepseek-llm", "falcon",
           "gemma-4", "gpt-2", "gpt-neox", "llama-bpe", "llama-spm", "mpt", "nomic-bert-moe", "phi-3",
           "qwen2", "qwen35", "refact", "starcoder"]
 
+# the vocabularies for which llama.cpp ships no .inp/.out test vectors; every other one has them
+NO_VECTORS = {"aquila", "baichuan", "gpt-neox", "nomic-bert-moe"}
+
 SEPARATOR = "\n__ggml_vocab_test__\n"
+
+# Texts run on every vocabulary before the random ones: where llama_detokenize's clean-up of
+# spaces before punctuation and contractions (clean_spaces: " ," -> ",", " 's" -> "'s", " 't"
+# kept) shows, and the digit, CJK and emoji splits, which differ between pre-tokenizers.
+EXAMPLES = [" ,", " .", " ?", " !", " 's", " 'm", " 're", " 've", " 't", " 'd", " 'll", " ' ", "Hello , world .",
+            "It 's 3 o 'clock , isn 't it ? Yes !", "a , b . c ! d ? e ' f", "1234567890", "3.14159 , 2 . 1e-3",
+            " 12 345 6789", "\u4e2d\u6587 , \u65e5\u672c\u8a9e \u3002", "\ud55c\uad6d\uc5b4 !",
+            "\U0001f999 .", "\U0001f468\u200d\U0001f469 , ok", "\u2764\ufe0f !"]
 
 
 class Subject:
@@ -33,17 +44,10 @@ class Subject:
 
     def __init__(self, path: pathlib.Path):
         self.path = path
-        if not path.exists():
-            pytest.skip(f"{path.name} is not in this llama.cpp release")
-        try:
-            self.tok = Tokenizer.from_gguf_metadata(GGUFFile(path).metadata)
-        except UnsupportedError as e:
-            pytest.skip(f"{path.name}: {e}")
-        llama_cpp = pytest.importorskip("llama_cpp")
-        try:
-            self.llama = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-        except Exception as e:  # the oracle is unusable, not our bug
-            pytest.skip(f"llama.cpp cannot load {path.name}: {e}")
+        assert path.exists(), f"{path.name} is missing from {path.parent}"
+        self.tok = Tokenizer.from_gguf_metadata(GGUFFile(path).metadata)
+        llama_cpp = oracle_import("llama_cpp")
+        self.llama = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
 
     def close(self):
         # Explicitly: at interpreter exit llama-cpp-python's finalizers fail noisily.
@@ -88,8 +92,10 @@ def _read_vectors(inp: pathlib.Path, out: pathlib.Path) -> list[tuple[str, list[
 def test_llama_cpp_vectors(subject):
     path, tok = subject.path, subject.tok
     inp, out = path.with_name(path.name + ".inp"), path.with_name(path.name + ".out")
-    if not inp.exists():
+    if path.name.removeprefix("ggml-vocab-").removesuffix(".gguf") in NO_VECTORS:
+        assert not inp.exists(), f"llama.cpp now ships test vectors for {path.name}: remove it from NO_VECTORS"
         pytest.skip(f"llama.cpp ships no test vectors for {path.name}")
+    assert inp.exists() and out.exists(), f"no test vectors {inp.name} / {out.name}"
     vectors = _read_vectors(inp, out)
     failures = [(text, ids, tok.encode(text, add_special=False)) for text, ids in vectors
                 if tok.encode(text, add_special=False) != ids]
@@ -99,7 +105,7 @@ def test_llama_cpp_vectors(subject):
 
 # ---- hypothesis against llama.cpp ---------------------------------------------------------------
 
-_FRAGMENTS = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'LL", "'RE", "'Ve", " ", "  ", "   ", "\t",
+_FRAGMENTS = [" ,", " .", " ?", " !", " 's", " 'm", " 're", " 've", " 't", " ' ", "'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'LL", "'RE", "'Ve", " ", "  ", "   ", "\t",
               "\n", "\n\n", " \n", "\r\n", "\u00a0", "\u3000", "\u2003", "12", "123", "1234567", "3.14",
               " Hello", "world", "Üb", "na\u00efve", "e\u0301", "\u0416\u0438", "\u4e2d\u6587", "\ud55c\uad6d",
               "\u0e01\u0e32", "\u0905\u0902", "\U0001f999", "\U0001f468\u200d\U0001f469", "\u2764\ufe0f",
@@ -142,33 +148,53 @@ def _oracle_detokenize(llama, ids, remove_special: bool, unparse_special: bool) 
     return buf.raw[:n]
 
 
-def _check_against_llama(subject: Subject, data):
+def check_text(subject: Subject, text: str, add_special: bool, parse_special: bool, skip_special: bool,
+               remove_special: bool, unparse: bool):
+    """encode, decode and detokenize of text, each against llama.cpp."""
     tok, llama = subject.tok, subject.llama
-    text = data.draw(_texts(tok), label="text")
-    add_special = data.draw(st.booleans(), label="add_special")
-    parse_special = data.draw(st.booleans(), label="parse_special")
     expected = llama.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)
     ids = tok.encode(text, add_special=add_special, parse_special=parse_special)
-    assert ids == expected
+    assert ids == expected, f"{subject.path.name}: encode {text!r}"
 
     # decode: llama-cpp-python's Llama.detokenize (pieces joined, one leading space dropped after
     # BOS). Its 32-byte piece buffer truncates long pieces, so the same rule is applied to pieces
     # read with a large buffer when a piece is longer than that.
-    skip_special = data.draw(st.booleans(), label="skip_special")
     want = _oracle_pieces(llama, ids, not skip_special)
     if ids and ids[0] == llama.token_bos() and want[:1] == b" ":
         want = want[1:]
     if all(len(tok.token_to_piece(t)) <= 32 for t in ids):
         assert llama.detokenize(ids, special=not skip_special) == want
-    assert tok.decode_bytes(ids, skip_special=skip_special) == want
+    assert tok.decode_bytes(ids, skip_special=skip_special) == want, f"{subject.path.name}: decode {text!r}"
 
     # llama_detokenize itself: prefix-space removal and the clean-up of spaces around punctuation.
-    remove, unparse = data.draw(st.booleans(), label="remove_special"), data.draw(st.booleans(), label="unparse")
-    assert tok.detokenize(ids, remove, unparse) == _oracle_detokenize(llama, ids, remove, unparse)
+    assert tok.detokenize(ids, remove_special, unparse) == _oracle_detokenize(llama, ids, remove_special, unparse), \
+        f"{subject.path.name}: detokenize {text!r} (remove_special={remove_special}, unparse={unparse})"
+
+
+def check_examples(subject: Subject):
+    # every flag once on and once off, and both settings of llama_detokenize's remove_special
+    for text in EXAMPLES:
+        check_text(subject, text, False, False, False, False, False)
+        check_text(subject, text, True, True, True, True, True)
+
+
+def _check_against_llama(subject: Subject, data):
+    text = data.draw(_texts(subject.tok), label="text")
+    flags = [data.draw(st.booleans(), label=label)
+             for label in ("add_special", "parse_special", "skip_special", "remove_special", "unparse")]
+    check_text(subject, text, *flags)
 
 
 _HYPOTHESIS = settings(max_examples=25, deadline=None, derandomize=True,
                        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def test_examples_match_llama_cpp(subject):
+    check_examples(subject)
+
+
+def test_smollm2_examples_match_llama_cpp(smollm2):
+    check_examples(smollm2)
 
 
 @_HYPOTHESIS
