@@ -322,7 +322,9 @@ def _convert(src: SourceModel, st: SourceTensor, new_type: str) -> np.ndarray:
         try:
             out[a:b] = quantize(st.rows(a, b), t)
         except (NonFiniteError, ShapeError) as e:
-            raise type(e)(f"{src.path!r}, tensor {st.name!r}, rows {a}..{b}: {e}", hint=e.hint) from None
+            raise type(e)(f"{src.path!r}, tensor {st.name!r}, rows {a}..{b}: {e}",
+                          hint=e.hint or "the input tensor cannot be stored in this type; "
+                                         "`python -m refinfer inspect IN` shows its shape and type") from None
     return out
 
 
@@ -395,6 +397,9 @@ def quantize_model(in_path, out_path, qtype: str, *, vocab_from=None, progress: 
     os.close(fd)
     try:
         write_gguf(tmp, src.arch, metadata, types, tensors(), array_types=src.array_types)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; a new file gets the usual permissions
         os.replace(tmp, out_path)
     except BaseException:
         os.unlink(tmp)

@@ -280,6 +280,9 @@ def check_convert_f32_is_exact(tmp_path, capsys):
     rc, o, err = cli(capsys, ["convert", TINY_Q4_1, out, "--type", "f32"])
     assert rc == 0, err
     assert "15 tensors dequantized to f32 (from q4_1), 5 copied" in o, o
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask   # as any new file, not mkstemp's 0600
     f, src = GGUFFile(out), GGUFFile(TINY_Q4_1)
     assert f.metadata["general.file_type"] == 0
     assert {k: v for k, v in f.metadata.items() if k != "general.file_type"} == \
