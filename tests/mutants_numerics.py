@@ -27,6 +27,26 @@ def check_architecture_qwen2(request):
     t.check_variant_against_llama_cpp(t.variant_model("qwen2", request.getfixturevalue("tmp_path"), spm))
 
 
+def drop_ffn_out_tap(monkeypatch):
+    """The forward pass no longer taps ffn_out-1 (a dump would silently lack it)."""
+    import refinfer.model
+    original = refinfer.model.forward
+
+    def forward(*args, tap=None, **kwargs):
+        if tap is not None:
+            inner = tap
+            tap = lambda name, a: None if name == "ffn_out-1" else inner(name, a)  # noqa: E731
+            kwargs["tap"] = tap
+        return original(*args, **kwargs)
+    monkeypatch.setattr(refinfer.model, "forward", forward)
+
+
+def check_ggml_exact_prefill_q4_0(request):
+    import test_ggml_exact as t
+    t.check_prefill(request.getfixturevalue("tiny_quantized")["q4_0"])
+
+
 MUTANTS = [
     Mutant("architectures_rms_eps_x100", rms_eps_x100, check_architecture_qwen2),
+    Mutant("ggml_exact_tap_dropped", drop_ffn_out_tap, check_ggml_exact_prefill_q4_0),
 ]

@@ -26,6 +26,7 @@ from refinfer.forward import KVCache, forward
 from refinfer.weights import QTensor
 
 llama_cpp = pytest.importorskip("llama_cpp")
+from llama_ref import assert_taps_match, collect_taps  # noqa: E402
 from refinfer.llama_oracle import LlamaCpp, llama_intermediates  # noqa: E402
 
 # the types the generated model is quantized to by llama.cpp (the tiny_quantized fixture)
@@ -33,26 +34,21 @@ QTYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16"]
 PROMPT = [1] + list(range(300, 347))   # 48 tokens: tile edges of every tinyBLAS shape are hit
 
 
-def _assert_taps_equal(mine: dict, theirs: dict, context: str):
-    compared = [n for n in mine if n in theirs]
-    # the block outputs of both layers and the final norm/logits must all be there
-    assert len(compared) >= 20, f"{context}: only {compared} found in llama.cpp's tensors"
-    for name in compared:
-        a, b = mine[name].ravel(), theirs[name].ravel()
-        assert a.size == b.size, f"{context} {name}: {a.size} values vs llama.cpp's {b.size}"
-        bad = np.flatnonzero(a != b)
-        assert bad.size == 0, (f"{context} {name}: {bad.size} of {a.size} values differ, first at flat index "
-                               f"{bad[0]}: {a[bad[0]]!r} vs llama.cpp {b[bad[0]]!r}")
+def check_prefill(path, tokens=PROMPT):
+    """Every intermediate tensor (the exact set of names, llama_ref.assert_taps_match) and the
+    logits of a batched prefill equal llama.cpp's, bit for bit."""
+    ref_logits, ref = llama_intermediates(path, tokens)
+    model = refinfer.load(path, mode="ggml", backend="numpy")
+    tap, mine = collect_taps()
+    got = model.logits(tokens, tap=tap)
+    assert_taps_match(mine, ref, f"{path.name} prefill", n_layers=model.config.n_layers)
+    np.testing.assert_array_equal(got.view(np.uint32), ref_logits.view(np.uint32))
+    return model
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_prefill_every_intermediate_equals_llama_cpp(tiny_quantized, qtype):
-    path = tiny_quantized[qtype]
-    ref_logits, ref = llama_intermediates(path, PROMPT)
-    mine = {}
-    got = refinfer.load(path, mode="ggml").logits(PROMPT, tap=lambda n, a: mine.__setitem__(n, np.array(a, np.float32)))
-    _assert_taps_equal(mine, ref, f"{qtype} prefill")
-    np.testing.assert_array_equal(got, ref_logits)
+    check_prefill(tiny_quantized[qtype])
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -64,14 +60,15 @@ def test_decode_every_intermediate_equals_llama_cpp(tiny_quantized, qtype):
     with LlamaCpp(path, variant="single_token", n_ctx=len(ids), capture=True) as llm:
         ref_logits = llm.logits(ids)
         ref = dict(llm.captured)
-    model = refinfer.load(path, mode="ggml")
+    model = refinfer.load(path, mode="ggml", backend="numpy")
     cache = KVCache(model.config, len(ids))
-    rows, mine = [], {}
+    rows = []
     for i, tok in enumerate(ids):
-        tap = (lambda n, a: mine.__setitem__(n, np.array(a, np.float32))) if i == len(ids) - 1 else (lambda n, a: None)
+        tap, mine = collect_taps()
         rows.append(forward(model.config, model.weights, model.backend, [tok], cache, tap=tap))
-    _assert_taps_equal(mine, ref, f"{qtype} decode step {len(ids) - 1}")
-    np.testing.assert_array_equal(np.concatenate(rows), ref_logits)
+    assert_taps_match(mine, ref, f"{qtype} decode step {len(ids) - 1}", n_layers=model.config.n_layers)
+    got = np.concatenate(rows)
+    np.testing.assert_array_equal(got.view(np.uint32), ref_logits.view(np.uint32))
 
 
 # ---- kernels against the C functions -----------------------------------------------------------
@@ -260,15 +257,10 @@ def test_smollm2_prefill_and_decode_equal_llama_cpp(smollm2_path):
     """The real model (Q4_1 and Q8_0 weights, tied Q8_0 output, GQA 9/3 heads, 30 layers):
     every intermediate of a short prefill, then one-token decode steps, bit for bit."""
     ids = [1, 504, 3458, 282, 5248, 28, 411, 5352, 30, 1485, 2369, 28]
-    ref_logits, ref = llama_intermediates(smollm2_path, ids)
-    model = refinfer.load(smollm2_path, mode="ggml")
-    mine = {}
-    got = model.logits(ids, tap=lambda n, a: mine.__setitem__(n, np.array(a, np.float32)))
-    _assert_taps_equal(mine, ref, "SmolLM2 prefill")
-    np.testing.assert_array_equal(got, ref_logits)
+    model = check_prefill(smollm2_path, ids)
     steps = ids[:4]
     with LlamaCpp(smollm2_path, variant="single_token", n_ctx=len(steps)) as llm:
         ref_steps = llm.logits(steps)
     cache = KVCache(model.config, len(steps))
     got_steps = np.concatenate([forward(model.config, model.weights, model.backend, [t], cache) for t in steps])
-    np.testing.assert_array_equal(got_steps, ref_steps)
+    np.testing.assert_array_equal(got_steps.view(np.uint32), ref_steps.view(np.uint32))
