@@ -46,7 +46,20 @@ def check_ggml_exact_prefill_q4_0(request):
     t.check_prefill(request.getfixturevalue("tiny_quantized")["q4_0"])
 
 
+def hsum8_one_ulp(monkeypatch):
+    """ggml_emulation.hsum8 (hsum_float_8's lane order) one float32 ulp too large."""
+    from refinfer.backends import ggml_emulation as ge
+    original = ge.hsum8
+    monkeypatch.setattr(ge, "hsum8", lambda v: np.nextafter(original(v), np.float32(np.inf)))
+
+
+def check_ggml_matmul_q4_0(request):
+    import test_ggml_matmul as t
+    t.check_matmul(request.getfixturevalue("ggml"), "q4_0", 0)
+
+
 MUTANTS = [
     Mutant("architectures_rms_eps_x100", rms_eps_x100, check_architecture_qwen2),
     Mutant("ggml_exact_tap_dropped", drop_ffn_out_tap, check_ggml_exact_prefill_q4_0),
+    Mutant("ggml_matmul_hsum8_one_ulp", hsum8_one_ulp, check_ggml_matmul_q4_0),
 ]
