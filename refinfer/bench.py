@@ -109,9 +109,8 @@ def _worker_refinfer(model, backend, threads, n_prompt, n_gen, out_dir):
 
 
 def _worker_llama_cpp(model, threads, n_prompt, n_gen, plain, out_dir):
-    import llama_cpp
-
-    from .llama_oracle import open_llama
+    from .llama_oracle import _llama_cpp, open_llama
+    llama_cpp = _llama_cpp()                     # a missing llama-cpp-python fails this row with its hint
     t_start = time.perf_counter()
     llm = open_llama(model, plain=plain, n_ctx=max(n_prompt, n_gen + 1) + 8, n_batch=max(n_prompt, 1),
                      n_ubatch=max(n_prompt, 1), n_threads=threads, n_threads_batch=threads, verbose=False)

@@ -15,6 +15,10 @@ import numpy as np
 
 from .errors import RefinferError
 
+# The build the README installs: ggml's portable AVX2 path, the one ggml mode reproduces.
+LLAMA_CPP_HINT = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON '
+                  '-DGGML_BMI2=ON" pip install "refinfer[test]" (builds llama-cpp-python, about 10 minutes)')
+
 GGML_MAX_DIMS = 4
 GGML_TYPE_F32 = 0
 
@@ -30,8 +34,7 @@ def _llama_cpp():
     try:
         import llama_cpp
     except ImportError as e:
-        raise RefinferError(f"llama-cpp-python is needed for this comparison: {e}",
-                            hint='pip install "refinfer[test]" (or pip install llama-cpp-python)') from None
+        raise RefinferError(f"llama-cpp-python is needed for this comparison: {e}", hint=LLAMA_CPP_HINT) from None
     return llama_cpp
 
 
@@ -39,7 +42,8 @@ def _ggml_base(llama_cpp):
     libdir = pathlib.Path(llama_cpp.__file__).parent / "lib"
     cands = sorted(libdir.glob("libggml-base.*"))
     if not cands:
-        raise RefinferError(f"no libggml-base in {libdir}")
+        raise RefinferError(f"no libggml-base in {libdir}",
+                            hint=f"reinstall llama-cpp-python: {LLAMA_CPP_HINT}")
     lib = ctypes.CDLL(str(cands[0]))
     lib.ggml_get_name.restype = ctypes.c_char_p
     lib.ggml_get_name.argtypes = [ctypes.c_void_p]
@@ -115,7 +119,8 @@ class LlamaCpp:
     def __init__(self, model_path, variant="default", n_ctx=512, n_threads=1, capture=False, kv_f32=False,
                  n_batch=None):
         if variant not in VARIANTS:
-            raise RefinferError(f"unknown llama.cpp variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+            raise RefinferError(f"unknown llama.cpp variant {variant!r}; choose one of {', '.join(VARIANTS)}",
+                                hint="e.g. llama.cpp[variant=flash_attn]:MODEL.gguf")
         opts = dict(VARIANTS[variant])
         llama_cpp = self._lib = _llama_cpp()
         _quiet(llama_cpp)
@@ -128,10 +133,11 @@ class LlamaCpp:
         mparams = llama_cpp.llama_model_default_params()
         mparams.use_extra_bufts = False
         if not pathlib.Path(self.path).is_file():
-            raise RefinferError(f"{self.path}: no such model file")
+            raise RefinferError(f"{self.path}: no such model file", hint="give the path of a GGUF file")
         self._model = llama_cpp.llama_model_load_from_file(self.path.encode(), mparams)
         if not self._model:
-            raise RefinferError(f"llama.cpp could not load {self.path}")
+            raise RefinferError(f"llama.cpp could not load {self.path}",
+                                hint="python -m refinfer inspect MODEL shows whether the file is a valid GGUF")
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
@@ -151,7 +157,7 @@ class LlamaCpp:
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             self.close()
-            raise RefinferError("llama.cpp could not create a context")
+            raise RefinferError("llama.cpp could not create a context", hint="try a smaller -c")
 
     def _capture_cb(self, base):
         captured = self.captured
@@ -179,7 +185,8 @@ class LlamaCpp:
         buf = (self._lib.llama_token * n_max)()
         n = self._lib.llama_tokenize(self._vocab, raw, len(raw), buf, n_max, add_special, False)
         if n < 0:
-            raise RefinferError(f"llama.cpp tokenization needs {-n} tokens, more than {n_max}")
+            raise RefinferError(f"llama.cpp tokenization needs {-n} tokens, more than {n_max}",
+                                hint="a bug in the buffer estimate; please report the text")
         return list(buf[:n])
 
     def logits(self, tokens) -> np.ndarray:
@@ -187,9 +194,11 @@ class LlamaCpp:
         llama_cpp = self._lib
         tokens = [int(t) for t in tokens]
         if not tokens or len(tokens) > self.n_ctx:
-            raise RefinferError(f"llama.cpp context holds 1..{self.n_ctx} tokens, got {len(tokens)}")
+            raise RefinferError(f"llama.cpp context holds 1..{self.n_ctx} tokens, got {len(tokens)}",
+                                hint="use a larger -c or fewer tokens")
         if min(tokens) < 0 or max(tokens) >= self.n_vocab:
-            raise RefinferError(f"token id out of range [0, {self.n_vocab})")
+            raise RefinferError(f"token id out of range [0, {self.n_vocab})",
+                                hint="the token ids must come from this model's tokenizer")
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
         out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
         step = min(self.n_batch, self.n_ctx)
@@ -206,7 +215,8 @@ class LlamaCpp:
                     batch.logits[i] = True
                 rc = llama_cpp.llama_decode(self._ctx, batch)
                 if rc != 0:
-                    raise RefinferError(f"llama_decode failed with code {rc}")
+                    raise RefinferError(f"llama_decode failed with code {rc}",
+                                        hint="llama.cpp's log above gives the reason; try a smaller -c")
                 ptr = llama_cpp.llama_get_logits(self._ctx)
                 out[s: s + len(part)] = np.ctypeslib.as_array(ptr, shape=(len(part) * self.n_vocab,)).reshape(len(part), -1)
         finally:

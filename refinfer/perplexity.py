@@ -217,24 +217,24 @@ class LogitsFileSource:
         if "tokens" not in arrays or "logits" not in arrays:
             raise RefinferError(f"{path}: a logits file needs `tokens` and `logits` tensors",
                                 hint="write one with kld --save-base FILE")
-        self.tokens = arrays["tokens"]
-        self.logits = arrays["logits"]
+        self.tokens, logits = arrays["tokens"], arrays["logits"]
         self.name = f"logits:{path} (of {meta.get('source') or meta.get('model', '?')})"
         self.add_bos, self.bos = False, None
-        ok = self.logits.ndim in (2, 3) and self.tokens.ndim == 1
-        if ok and self.logits.ndim == 2:                       # one teacher-forced prompt
+        ok = logits.ndim in (2, 3) and self.tokens.ndim == 1
+        if ok and logits.ndim == 2:                             # one teacher-forced prompt
             T = self.tokens.shape[0]
             self.n_ctx, self.first = T, 0
-            ok = T >= 2 and self.logits.shape[0] == T and meta.get("n_ctx", str(T)) == str(T)
-            self.logits = self.logits[None, : T - 1]               # [1, T - 1, V]: the rows that predict a token
-        elif ok:                                                 # kld --save-base
-            self.n_ctx = int(meta.get("n_ctx", 0)) if str(meta.get("n_ctx", "0")).isdigit() else 0
+            ok = T >= 2 and logits.shape[0] == T and meta.get("n_ctx", str(T)) == str(T)
+            self.logits = logits[None, : T - 1]                 # [1, T - 1, V]: the rows that predict a token
+        elif ok:                                                # kld --save-base
+            self.n_ctx = int(meta["n_ctx"]) if str(meta.get("n_ctx", "")).isdigit() else 0
             self.first = self.n_ctx // 2
-            n_chunk = self.logits.shape[0]
+            n_chunk = logits.shape[0]
             ok = (self.n_ctx >= MIN_CTX and n_chunk >= 1 and self.tokens.shape == (n_chunk * self.n_ctx,)
-                  and self.logits.shape[1] == self.n_ctx - 1 - self.first)
+                  and logits.shape[1] == self.n_ctx - 1 - self.first)
+            self.logits = logits                                # [n_chunk, n_ctx - 1 - n_ctx // 2, V]
         if not ok:
-            raise RefinferError(f"{path}: tokens {self.tokens.shape}, logits {self.logits.shape} and n_ctx "
+            raise RefinferError(f"{path}: tokens {self.tokens.shape}, logits {logits.shape} and n_ctx "
                                 f"{meta.get('n_ctx', '(none)')} do not fit together",
                                 hint="expected logits [n_chunk, n_ctx - 1 - n_ctx // 2, vocab] with n_ctx in the "
                                      "metadata (kld --save-base), or [T, vocab] for tokens [T]; see formats/dump-format.md")
@@ -243,10 +243,11 @@ class LogitsFileSource:
                        for i in range(self.logits.shape[0])]
         self._index = {tuple(c): i for i, c in enumerate(self.chunks)}
 
-    def scored_logits(self, chunk, first):
+    def scored_logits(self, chunk, first=None):
         i = self._index.get(tuple(chunk))
-        if i is None or first != self.first:
-            raise RefinferError(f"{self.name}: no saved logits for this chunk of tokens")
+        if i is None or first not in (None, self.first):
+            raise RefinferError(f"{self.name}: no saved logits for this chunk of tokens",
+                                hint="score the file's own chunks: leave out -f and -c")
         return self.logits[i]
 
     def close(self):
@@ -273,7 +274,8 @@ class OpenAISource:
             from .model import load
             tok = load(vocab).tokenizer
             if tok is None:
-                raise RefinferError(f"{vocab}: no tokenizer to map the server's token texts to ids")
+                raise RefinferError(f"{vocab}: no tokenizer to map the server's token texts to ids",
+                                    hint="vocab= names a GGUF or HF model with the server's tokenizer")
             self.n_vocab, self.add_bos, self.bos = tok.n_vocab, tok.add_bos, tok.bos_id
             self._ids = {}
             for i in range(tok.n_vocab):
@@ -308,19 +310,23 @@ class OpenAISource:
                                 hint="give the model whose tokenizer the server uses: openai[vocab=MODEL]:URL")
         return self._ids[key]
 
-    def scored_logits(self, chunk, first):
-        """Approximate log-probs float32[n_ctx - 1 - first, n_vocab] of the scored positions."""
+    def scored_logits(self, chunk, first=None):
+        """Approximate log-probs float32[n_ctx - 1 - first, n_vocab] of the scored positions
+        (first = n_ctx // 2 unless given)."""
         if self.n_vocab is None:
             raise RefinferError(f"{self.url}: the vocabulary size is unknown", hint="openai[vocab=MODEL]:URL")
         n_ctx = len(chunk)
+        first = n_ctx // 2 if first is None else first
         try:
             lp = self._post(eval_tokens(chunk, self.add_bos, self.bos))["choices"][0]["logprobs"]
             token_lp, top_lp = lp["token_logprobs"], lp["top_logprobs"]
         except (KeyError, IndexError, TypeError):
             raise RefinferError(f"{self.url}: the reply has no choices[0].logprobs with token_logprobs and "
-                                "top_logprobs (does the server support echo with logprobs?)") from None
+                                "top_logprobs (does the server support echo with logprobs?)",
+                                hint="the URL is the completions endpoint, e.g. http://localhost:8080/v1/completions") from None
         if len(token_lp) < n_ctx or len(top_lp) < n_ctx:
-            raise RefinferError(f"{self.url}: {len(token_lp)} echoed log-probs for a prompt of {n_ctx} tokens")
+            raise RefinferError(f"{self.url}: {len(token_lp)} echoed log-probs for a prompt of {n_ctx} tokens",
+                                hint="the server must echo the prompt with logprobs (echo: true)")
         out = np.empty((n_ctx - 1 - first, self.n_vocab), dtype=np.float64)
         for row, j in enumerate(range(first + 1, n_ctx)):     # log-probs of tokens first+1 .. n_ctx-1
             known = {self._id(k): float(v) for k, v in (top_lp[j] or {}).items()}
@@ -352,13 +358,15 @@ def parse_source(spec: str, n_ctx=512, n_threads=1):
     for item in filter(None, (s.strip() for s in opts.split(","))):
         key, eq, value = item.partition("=")
         if not eq:
-            raise RefinferError(f"source option {item!r} in {spec!r} is not key=value")
+            raise RefinferError(f"source option {item!r} in {spec!r} is not key=value",
+                                hint="e.g. refinfer[mode=ggml]:MODEL.gguf")
         kw[key.strip()] = value.strip()
     allowed = {"refinfer": {"mode", "backend"}, "llama.cpp": {"variant"}, "logits": set(),
                "openai": {"vocab", "model", "top", "timeout"}}[kind]
     if set(kw) - allowed:
         raise RefinferError(f"{spec!r}: unknown option(s) {sorted(set(kw) - allowed)} for a {kind} source "
-                            f"(allowed: {sorted(allowed) or 'none'})")
+                            f"(allowed: {sorted(allowed) or 'none'})",
+                            hint="e.g. refinfer[mode=ggml,backend=numba]:MODEL.gguf or llama.cpp[variant=flash_attn]:MODEL.gguf")
     if kind == "refinfer":
         return RefinferSource(path, **kw)
     if kind == "llama.cpp":
@@ -429,7 +437,8 @@ def kl_divergence(base, tests, tokens, n_ctx=512, n_chunks=None, progress=False,
                 for src, a in zip(tests, acc):
                     zt = np.asarray(_scored_logits(src, chunk, first), dtype=np.float32)
                     if zt.shape != zb.shape:
-                        raise RefinferError(f"{src.name} gives logits {zt.shape}, the base {zb.shape}: different vocabularies?")
+                        raise RefinferError(f"{src.name} gives logits {zt.shape}, the base {zb.shape}: different vocabularies?",
+                                        hint="KL divergence compares models that share a tokenizer")
                     lt = log_softmax64(zt)
                     a["nll_base"].extend((-lb[rows, tgt]).tolist())
                     a["nll_test"].extend((-lt[rows, tgt]).tolist())
