@@ -51,7 +51,8 @@ class ModelConfig:
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             problems.append(f"rope_theta = {self.rope_theta!r}")
         if problems:
-            raise FormatError("inconsistent model hyperparameters: " + "; ".join(problems), file=source)
+            raise FormatError("inconsistent model hyperparameters: " + "; ".join(problems), file=source,
+                              hint="the file's metadata is damaged or was written by a broken converter: re-convert the model")
         return self
 
 
@@ -65,13 +66,15 @@ def _need(meta, key, source):
 def config_from_gguf(meta: dict, source=None, *, tied: bool = False) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
-        raise UnsupportedError(f"{source}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
+        raise UnsupportedError(f"{source}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}",
+                               hint="refinfer runs Llama-family models (llama, mistral, qwen2); `python -m refinfer inspect FILE` shows what the file holds")
     a = arch
     dim = int(_need(meta, f"{a}.embedding_length", source))
     n_heads = int(_need(meta, f"{a}.attention.head_count", source))
     n_kv = meta.get(f"{a}.attention.head_count_kv", n_heads)
     if isinstance(n_kv, list):
-        raise UnsupportedError(f"{source}: per-layer head_count_kv is not supported")
+        raise UnsupportedError(f"{source}: per-layer head_count_kv is not supported",
+                               hint="models whose layers have different numbers of KV heads (e.g. OpenELM) are not implemented")
     head_dim = int(meta.get(f"{a}.attention.key_length", dim // n_heads if n_heads else 0))
     vocab = meta.get(f"{a}.vocab_size")
     if vocab is None:
@@ -81,7 +84,8 @@ def config_from_gguf(meta: dict, source=None, *, tied: bool = False) -> ModelCon
     if scaling == "linear":
         freq_scale = 1.0 / float(meta.get(f"{a}.rope.scaling.factor", 1.0))
     elif scaling not in ("none", None):
-        raise UnsupportedError(f"{source}: RoPE scaling {scaling!r} is not supported (linear and llama3 rope_freqs are)")
+        raise UnsupportedError(f"{source}: RoPE scaling {scaling!r} is not supported (linear and llama3 rope_freqs are)",
+                               hint="YaRN and other context-extension schemes are not implemented")
     return ModelConfig(
         arch=arch, dim=dim,
         hidden_dim=int(_need(meta, f"{a}.feed_forward_length", source)),
@@ -104,7 +108,8 @@ def config_from_hf(cfg: dict, source=None, *, tied: bool | None = None) -> Model
     elif mt == "qwen2" or "Qwen2ForCausalLM" in archs:
         arch = "qwen2"
     else:
-        raise UnsupportedError(f"{source}: unsupported architecture {mt or archs!r}; supported: llama, mistral, qwen2")
+        raise UnsupportedError(f"{source}: unsupported architecture {mt or archs!r}; supported: llama, mistral, qwen2",
+                               hint="refinfer runs Llama-family models (llama, mistral, qwen2); `python -m refinfer inspect DIR` shows what the file holds")
     try:
         dim = int(cfg["hidden_size"])
         n_heads = int(cfg["num_attention_heads"])
@@ -115,7 +120,8 @@ def config_from_hf(cfg: dict, source=None, *, tied: bool | None = None) -> Model
         if kind == "linear":
             freq_scale = 1.0 / float(scaling["factor"])
         elif kind not in ("default", "llama3"):
-            raise UnsupportedError(f"{source}: rope_scaling {kind!r} is not supported (linear, llama3 are)")
+            raise UnsupportedError(f"{source}: rope_scaling {kind!r} is not supported (linear, llama3 are)",
+                                       hint="YaRN and other context-extension schemes are not implemented")
         return ModelConfig(
             arch=arch, dim=dim, hidden_dim=int(cfg["intermediate_size"]),
             n_layers=int(cfg["num_hidden_layers"]), n_heads=n_heads,
@@ -127,7 +133,8 @@ def config_from_hf(cfg: dict, source=None, *, tied: bool | None = None) -> Model
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) if tied is None else tied,
         ).check(source)
     except KeyError as e:
-        raise FormatError(f"config.json lacks {e.args[0]!r}", file=source) from None
+        raise FormatError(f"config.json lacks {e.args[0]!r}", file=source,
+                          hint="a transformers LlamaConfig/Qwen2Config has this key: the config.json is incomplete") from None
 
 
 def llama3_rope_factors(scaling: dict, head_dim: int, theta: float) -> np.ndarray:

@@ -323,8 +323,9 @@ def _convert(src: SourceModel, st: SourceTensor, new_type: str) -> np.ndarray:
             out[a:b] = quantize(st.rows(a, b), t)
         except (NonFiniteError, ShapeError) as e:
             raise type(e)(f"{src.path!r}, tensor {st.name!r}, rows {a}..{b}: {e}",
-                          hint=e.hint or "the input tensor cannot be stored in this type; "
-                                         "`python -m refinfer inspect IN` shows its shape and type") from None
+                          hint=e.hint if e.hint != e.default_hint else
+                          "the input tensor cannot be stored in this type; "
+                          "`python -m refinfer inspect IN` shows its shape and type") from None
     return out
 
 
