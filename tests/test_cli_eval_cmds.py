@@ -256,3 +256,8 @@ def test_threads_option_on_dump_and_compare(two_models, tmp_path, capsys):
     assert_clean_error(rc, err, "-t/--threads")
     rc, _, err = run(capsys, "compare", two_models["q8"], "--llama-cpp", Q8, "-t", "0")
     assert_clean_error(rc, err, "-t/--threads")
+
+
+def test_kld_floor_needs_a_text_not_a_prompt_base(capsys):
+    rc, _, err = run(capsys, "kld", "--base", FIXTURES / "logits-q4_0.safetensors", "--floor", Q4)
+    assert_clean_error(rc, err, "--floor", "logits-q4_0.safetensors", "one prompt")

@@ -97,6 +97,9 @@ def run(args) -> int:
             if args.ctx not in (None, n_ctx):
                 raise RefinferError(f"{args.base} holds chunks of {n_ctx} tokens, not -c {args.ctx}",
                                     hint=f"leave out -c (or give -c {n_ctx})")
+            if args.floor is not None and base.first == 0:
+                raise RefinferError(f"--floor runs llama.cpp on chunks of a text; {args.base} holds one prompt",
+                                    hint="measure the floor with a model as --base and -f TEXT")
         else:
             if args.file is None:
                 raise RefinferError("-f TEXT is needed unless --base is a saved logits file",
