@@ -6,7 +6,8 @@ oracle (libggml, llama.cpp, the safetensors writer) or another part of the test 
 missing would hide every failure the test exists to catch, so with CI=true (set by every CI
 service) such skips fail the run:
 - a skip raised through oracle_skip(), which tags its reason with ORACLE_TAG;
-- pytest.importorskip of a module that the test extra installs;
+- pytest.importorskip of a module that the test extra installs, or a skip whose reason says
+  that such a package "is not installed";
 - any skip in tests/test_mutants.py: a mutant check that skips proves nothing.
 Skips of tests are reported as failures of those tests; skipped modules (an importorskip at
 import time) are listed at the end and make the exit status non-zero.
@@ -25,6 +26,8 @@ ORACLE_TAG = "[oracle unavailable] "
 TEST_EXTRA_MODULES = {"llama_cpp", "safetensors", "hypothesis", "pytest_benchmark", "numba_cuda", "numba",
                       "sentencepiece", "gguf"}
 _IMPORTORSKIP = re.compile(r"could not import '([\w.]+)'")
+_NOT_INSTALLED = re.compile(r"\b(llama-cpp-python|llama_cpp|safetensors|numba-cuda|numba_cuda|sentencepiece) is not "
+                            r"installed")
 
 
 def ci() -> bool:
@@ -34,7 +37,7 @@ def ci() -> bool:
 def oracle_skip(reason: str):
     """Skip because an oracle or a tool from the test extra is unavailable: fails under CI=true."""
     __tracebackhide__ = True
-    pytest.skip(ORACLE_TAG + reason)
+    pytest.skip(ORACLE_TAG + reason, allow_module_level=True)
 
 
 def oracle_import(name: str):
@@ -52,6 +55,9 @@ def ci_failure(nodeid: str, reason: str) -> str | None:
         return "an oracle is unavailable"
     m = _IMPORTORSKIP.search(reason)
     if m and m.group(1).split(".")[0] in TEST_EXTRA_MODULES:
+        return f"{m.group(1)} (from the test extra) is not installed"
+    m = _NOT_INSTALLED.search(reason)
+    if m:
         return f"{m.group(1)} (from the test extra) is not installed"
     if nodeid.split("::")[0].endswith("test_mutants.py"):
         return "a mutant check that skips proves nothing"

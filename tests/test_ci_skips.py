@@ -61,6 +61,7 @@ def test_oracle_skip_fails_ci(monkeypatch):
 def test_importorskip_of_the_test_extra_and_mutant_skips_fail_ci():
     assert ci_skips.ci_failure("tests/test_x.py", "could not import 'llama_cpp': No module named 'llama_cpp'")
     assert ci_skips.ci_failure("tests/test_x.py::t", "could not import 'safetensors.numpy': halted")
+    assert ci_skips.ci_failure("tests/test_x.py::t", "llama-cpp-python is not installed")
     assert ci_skips.ci_failure("tests/test_mutants.py::test_mutant_is_caught[x]", "anything")
     assert ci_skips.ci_failure("tests/test_x.py::t", "could not import 'torch': No module named 'torch'") is None
     assert ci_skips.ci_failure("tests/test_x.py::t", "needs a real CUDA GPU (running in the CUDA simulator)") is None

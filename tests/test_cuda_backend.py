@@ -218,18 +218,28 @@ def test_error_without_gpu_outside_the_simulator():
     assert "--backend numba" in out and "NUMBA_ENABLE_CUDASIM=1" in out
 
 
+# Where the test extra installed the compiler libraries, the child hides them: the loader raises
+# what cuda.pathfinder raises when libnvrtc is not found.
+_HIDE_COMPILER = ("import cuda.pathfinder as pf\n"
+                  "def _missing(*a, **k):\n"
+                  "    raise pf.DynamicLibNotFoundError('Failure finding \"libnvrtc.so.13\": hidden by the test')\n"
+                  "cuda.compile_ptx = _missing\n")
+
+
 @pytest.mark.skipif(not simulated(), reason="a GPU is present")
 def test_error_without_the_cuda_compiler_libraries():
     """A GPU (pretended here) but no NVVM/NVRTC: said at get_backend, not at the first kernel."""
-    code = ("from numba import cuda\ncuda.is_available = lambda: True\n"
-            "from refinfer.backends import get_backend\n"
-            "try:\n    get_backend('cuda')\n    print('COMPILES')\n"
-            "except Exception as e:\n    print(type(e).__name__, e, '|', e.hint)\n")
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    out = child_process.finished(p, "get_backend('cuda') with a pretended GPU")
+    def run(hide: str):
+        code = ("from numba import cuda\ncuda.is_available = lambda: True\n" + hide +
+                "from refinfer.backends import get_backend\n"
+                "try:\n    get_backend('cuda')\n    print('COMPILES')\n"
+                "except Exception as e:\n    print(type(e).__name__, e, '|', e.hint)\n")
+        env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+        p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        return child_process.finished(p, "get_backend('cuda') with a pretended GPU")
+    out = run("")
     if out.strip() == "COMPILES":
-        pytest.skip("the CUDA compiler libraries are installed here, so their absence cannot be shown")
+        out = run(_HIDE_COMPILER)
     assert out.startswith("UnsupportedError backend 'cuda' found a GPU but cannot compile kernels"), out
     assert 'pip install "numba-cuda[cu13]"' in out
 
@@ -257,7 +267,7 @@ def tiny_cuda_models(vocab_dir, tmp_path_factory):
     f32 = make_tiny_llama_gguf(d / "tiny-f32.gguf", vocab_gguf=vocab, dim=32, hidden_dim=64, n_layers=1,
                                n_heads=4, n_kv_heads=2, ctx=64)
     out = {}
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = oracle_import("llama_cpp")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.pure = 3, True          # Q4_1
     dst = d / "tiny-q4_1.gguf"

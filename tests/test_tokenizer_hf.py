@@ -15,6 +15,7 @@ import pathlib
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from ci_skips import oracle_import
 from refinfer.errors import FormatError, UnsupportedError
 from refinfer.gguf_file import GGUFFile
 from refinfer.tokenizer.hf import _LLAMA3_REGEX, metadata_from_hf_dir, tokenizer_from_hf_dir
@@ -78,7 +79,7 @@ def llama3_dir(tmp_path_factory, vocab_dir):
 
 
 def _oracle(path):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = oracle_import("llama_cpp")
     return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
 
 
@@ -127,7 +128,7 @@ def test_unrecognized_tokenizer_json(tmp_path, vocab_dir):
 
 @pytest.fixture(scope="module")
 def spm_dir(tmp_path_factory):
-    sentencepiece = pytest.importorskip("sentencepiece")
+    sentencepiece = oracle_import("sentencepiece")
     d = tmp_path_factory.mktemp("spm_hf")
     corpus = d / "corpus.txt"
     lines = ["The quick brown fox jumps over the lazy dog 12345.", "Hello world, how are you today?",
