@@ -35,8 +35,8 @@ CASES = ([(t, 1536, 768 if t.endswith("_K") else 576) for t in WEIGHT_TYPES]   #
 QUICK_CASES = [(t, 80, 512) for t in WEIGHT_TYPES]     # 80 rows: a partial group of repacked rows
 
 
-def quick(config) -> bool:  # benchmarks off: check on small shapes, time nothing
-    return bool(config.getoption("benchmark_disable"))
+def quick(config) -> bool:  # benchmarks off (pytest-benchmark's rule): check on small shapes, time nothing
+    return bool(config.getoption("benchmark_disable") and not config.getoption("benchmark_enable"))
 
 
 def pytest_generate_tests(metafunc):

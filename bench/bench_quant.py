@@ -33,11 +33,14 @@ def ggml():
     return load_ggml()
 
 
+def quick(config) -> bool:  # benchmarks off (pytest-benchmark's rule): check on small input, time nothing
+    return bool(config.getoption("benchmark_disable") and not config.getoption("benchmark_enable"))
+
+
 @pytest.fixture(scope="module")
 def weights(request):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal(QUICK_FLOATS if request.config.getoption("benchmark_disable") else N_FLOATS,
-                            dtype=np.float32)
+    x = rng.standard_normal(QUICK_FLOATS if quick(request.config) else N_FLOATS, dtype=np.float32)
     x *= np.float32(0.02)  # the magnitude of typical LLM weights
     return x
 
