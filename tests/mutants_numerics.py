@@ -58,8 +58,62 @@ def check_ggml_matmul_q4_0(request):
     t.check_matmul(request.getfixturevalue("ggml"), "q4_0", 0)
 
 
+def release_pages_noop(monkeypatch):
+    """QTensor.release_pages does nothing: the file's pages stay resident beside the copy."""
+    from refinfer.weights import QTensor
+    monkeypatch.setattr(QTensor, "release_pages", lambda self: None)
+
+
+def check_released_pages(request):
+    import test_numba_backend as t
+    t.check_released_pages(request.getfixturevalue("tiny_quantized")["q4_0"])
+
+
+def numba_attention_softmax_off(monkeypatch):
+    """numba attention whose softmax is normalized by a sum 2^-19 (1.9e-6) relative too small,
+    as a float32 accumulation of the denominator would leave it."""
+    from refinfer.backends.numba_backend import NumbaBackend
+    original = NumbaBackend.attention
+
+    def attention(self, out, q, k, v, pos0):
+        original(self, out, q, k, v, pos0)
+        out *= np.float32(1 + 2.0 ** -19)
+    monkeypatch.setattr(NumbaBackend, "attention", attention)
+
+
+def check_numba_attention_ggml(request):
+    import test_numba_backend as t
+    t.check_activation_op("attention", "ggml")
+
+
+def output_norm_ignored(monkeypatch):
+    """The loader leaves output_norm.weight out: the final RMSNorm multiplies by ones."""
+    import refinfer.loader as loader
+    original = loader._assemble
+
+    def assemble(*args, **kwargs):
+        w = original(*args, **kwargs)
+        w.output_norm = np.ones_like(w.output_norm)
+        return w
+    monkeypatch.setattr(loader, "_assemble", assemble)
+
+
+def check_engine_ideal_q4_0(request):
+    import test_engine_llama as t
+    t.check_ideal_logits(request.getfixturevalue("tiny_quantized")["q4_0"], "q4_0")
+
+
+def check_engine_ggml_q4_0(request):
+    import test_engine_llama as t
+    t.check_ggml_logits(request.getfixturevalue("tiny_quantized")["q4_0"])
+
+
 MUTANTS = [
     Mutant("architectures_rms_eps_x100", rms_eps_x100, check_architecture_qwen2),
     Mutant("ggml_exact_tap_dropped", drop_ffn_out_tap, check_ggml_exact_prefill_q4_0),
     Mutant("ggml_matmul_hsum8_one_ulp", hsum8_one_ulp, check_ggml_matmul_q4_0),
+    Mutant("engine_llama_output_norm_ignored", output_norm_ignored, check_engine_ideal_q4_0),
+    Mutant("engine_llama_ggml_hsum8_one_ulp", hsum8_one_ulp, check_engine_ggml_q4_0),
+    Mutant("numba_release_pages_noop", release_pages_noop, check_released_pages),
+    Mutant("numba_attention_softmax_off", numba_attention_softmax_off, check_numba_attention_ggml),
 ]
