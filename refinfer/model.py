@@ -65,7 +65,7 @@ class Model:
     # ---- generation -----------------------------------------------------------------------
     def generate(self, prompt, max_tokens=128, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
                  repeat_penalty=1.0, seed=None, stream=False, stop=(), chat=False, add_special=True,
-                 stats=None):
+                 stats=None, repeat_last_n=64):
         """Generate up to max_tokens after prompt (text, or a list of token ids). Returns the text,
         or with stream=True an iterator of text pieces. Stops at an end-of-generation token or a
         stop string. seed None or -1: a random seed (llama.cpp's LLAMA_DEFAULT_SEED), reported
@@ -75,7 +75,7 @@ class Model:
         Every argument is checked, and the prompt tokenized and fitted into the context, before
         this returns, also with stream=True: an error never comes after the first piece."""
         seed = resolve_seed(seed)
-        cfg = SamplerConfig(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed).check()
+        cfg = SamplerConfig(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed=seed).check()
         check_max_tokens(max_tokens)
         ids = self._prompt_ids(prompt, chat, add_special)
         max_tokens = min(max_tokens, self._room(ids))

@@ -58,11 +58,31 @@ def check_fails(capsys, argv, *fragments):
     (["--backend", "nonsense"], ["backend", "'nonsense'"]),
     (["--mode", "fast"], ["mode", "'fast'"]),
     (["-t", "0"], ["-t/--threads", "0"]),
+    (["--repeat-last-n", "-2"], ["--repeat-last-n", "-2"]),
     (["-m", "/nonexistent/model.gguf"], ["/nonexistent/model.gguf"]),
 ])
 def test_generate_rejects_bad_options_before_output(capsys, args, fragments):
     argv = ["generate", "Once upon a time"] + (args if "-m" in args else ["-m", TINY_Q4_1, *args])
     check_fails(capsys, argv, *fragments)
+
+
+def test_generate_passes_the_sampling_options_to_the_sampler(monkeypatch, capsys):
+    import refinfer.model
+    seen = []
+
+    class Recorder(refinfer.model.Sampler):
+        def __init__(self, cfg):
+            seen.append(cfg)
+            super().__init__(cfg)
+
+    monkeypatch.setattr(refinfer.model, "Sampler", Recorder)
+    rc, _, err = cli(capsys, ["generate", "Once", "-m", TINY_Q4_1, "-n", "2", "--temp", "0.5", "--top-k", "7",
+                              "--top-p", "0.9", "--min-p", "0.1", "--repeat-penalty", "1.3", "--repeat-last-n", "5",
+                              "--seed", "11", "--backend", "numpy"])
+    assert rc == 0, err
+    c = seen[-1]
+    assert (c.temperature, c.top_k, c.top_p, c.min_p, c.repeat_penalty, c.repeat_last_n, c.seed) == \
+        (0.5, 7, 0.9, 0.1, 1.3, 5, 11)
 
 
 def test_generate_rejects_an_empty_prompt(capsys):

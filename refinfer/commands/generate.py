@@ -23,7 +23,8 @@ def add_arguments(p):
     p.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0 disables (default 40)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 disables (default 0.95)")
     p.add_argument("--min-p", type=float, default=0.05, help="drop tokens below min-p x the top probability (default 0.05)")
-    p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty over the last 64 tokens (default 1.0 = off)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty over the last --repeat-last-n tokens (default 1.0 = off)")
+    p.add_argument("--repeat-last-n", type=int, default=64, help="tokens of history the penalty looks at; 0 disables, -1 all (default 64)")
     p.add_argument("--seed", type=int, default=-1,
                    help="random seed for reproducible sampling (default -1: a random seed, printed in the summary line)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -43,7 +44,8 @@ def check_args(args):
 
     check_max_tokens(args.n_predict, "-n/--n-predict")
     seed = resolve_seed(args.seed, "--seed")
-    SamplerConfig(args.temp, args.top_k, args.top_p, args.min_p, args.repeat_penalty, seed=seed).check()
+    SamplerConfig(args.temp, args.top_k, args.top_p, args.min_p, args.repeat_penalty, args.repeat_last_n,
+                  seed=seed).check()
     check_backend_name(args.backend, args.mode)
     threads.check(args.threads)
     return seed
@@ -68,7 +70,7 @@ def run(args) -> int:
     stats = {}
     pieces = model.generate(prompt, max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
                             top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
-                            seed=seed, stream=True, stop=args.stop, chat=args.chat, stats=stats)
+                            repeat_last_n=args.repeat_last_n, seed=seed, stream=True, stop=args.stop, chat=args.chat, stats=stats)
     if not args.chat:   # the prompt has been tokenized and fits: nothing below raises on bad input
         sys.stdout.write(prompt)
     for piece in pieces:
