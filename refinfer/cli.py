@@ -22,9 +22,20 @@ def _load(name):
     return importlib.import_module(f"refinfer.commands.{name}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (an unknown option, a value that is not a number) in the same
+    shape as every other error: usage, `error: ...`, `hint: ...`, exit 2."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        print(f"hint: {self.prog} --help lists the options and what they accept", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    p = argparse.ArgumentParser(prog="python -m refinfer", description="refinfer: reference LLM inference")
+    p = _Parser(prog="python -m refinfer", description="refinfer: reference LLM inference")
     p.add_argument("--version", action="version", version=f"refinfer {__version__}")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -50,7 +61,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:         # --help, --version, or a usage error already printed
+        return int(e.code or 0)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
