@@ -108,6 +108,13 @@ def check_engine_ggml_q4_0(request):
     t.check_ggml_logits(request.getfixturevalue("tiny_quantized")["q4_0"])
 
 
+def check_fixture_layer_stats_f16(request):
+    import test_fixtures as t
+    m = t.committed_expectations()["models"]["f16"]
+    path, tokens = t.FIXTURES / m["file"], m["prompts"][m["logits_prompt"]]["tokens"]
+    t.check_layer_stats("f16", t.fresh_layer_stats(path, tokens), path, tokens)
+
+
 MUTANTS = [
     Mutant("architectures_rms_eps_x100", rms_eps_x100, check_architecture_qwen2),
     Mutant("ggml_exact_tap_dropped", drop_ffn_out_tap, check_ggml_exact_prefill_q4_0),
@@ -115,5 +122,6 @@ MUTANTS = [
     Mutant("engine_llama_output_norm_ignored", output_norm_ignored, check_engine_ideal_q4_0),
     Mutant("engine_llama_ggml_hsum8_one_ulp", hsum8_one_ulp, check_engine_ggml_q4_0),
     Mutant("numba_release_pages_noop", release_pages_noop, check_released_pages),
+    Mutant("fixtures_layer_stats_rms_eps", rms_eps_x100, check_fixture_layer_stats_f16),
     Mutant("numba_attention_softmax_off", numba_attention_softmax_off, check_numba_attention_ggml),
 ]
