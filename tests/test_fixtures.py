@@ -1,5 +1,6 @@
 """The portable fixtures in formats/fixtures/: they regenerate bit for bit (models) and value for
-value (expectations), and what they claim agrees with llama.cpp run now."""
+value (expectations), and what they claim agrees with llama.cpp run now: greedy ids, logits and
+every tensor's statistics."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 import refinfer
-from refinfer.dump import read_safetensors
+from refinfer.dump import capture_llama_cpp, capture_refinfer, read_safetensors
 from refinfer.metrics import compare_logits
 
 FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "formats" / "fixtures"
@@ -26,9 +27,13 @@ def load_script():
     return mod
 
 
+def committed_expectations() -> dict:
+    return json.loads((FIXTURES / "expected.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def committed():
-    return json.loads((FIXTURES / "expected.json").read_text())
+    return committed_expectations()
 
 
 def test_every_fixture_is_small_and_listed(committed):
@@ -63,6 +68,19 @@ def test_fixtures_regenerate_without_drift(vocab_dir, tmp_path, committed):
         assert r["nmse"] < 1e-12, f"{name}: logits drifted {r}"
 
 
+def greedy(model, ids, n):
+    """Greedy continuation through the KV cache: a prefill, then one token per step (ggml mode
+    equals llama.cpp's logits for both)."""
+    from refinfer.forward import KVCache, forward
+    cache = KVCache(model.config, len(ids) + n)
+    z = forward(model.config, model.weights, model.backend, ids, cache, all_logits=False)[-1]
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(z)))
+        z = forward(model.config, model.weights, model.backend, [out[-1]], cache, all_logits=False)[-1]
+    return out
+
+
 @pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16"])
 def test_fixture_expectations_agree_with_llama_cpp(name, committed):
     """Checked against llama.cpp now, not against refinfer: the greedy ids are llama.cpp's
@@ -71,8 +89,7 @@ def test_fixture_expectations_agree_with_llama_cpp(name, committed):
     from refinfer.llama_oracle import llama_logits
     m = committed["models"][name]
     path = FIXTURES / m["file"]
-    script = load_script()
-    ggml = refinfer.load(path, mode="ggml")
+    ggml = refinfer.load(path, mode="ggml", backend="numpy")
     for p in m["prompts"]:
         assert ggml.tokenize(p["text"]) == p["tokens"]
         llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
@@ -80,8 +97,87 @@ def test_fixture_expectations_agree_with_llama_cpp(name, committed):
             assert llm.tokenize(p["text"].encode(), add_bos=True) == p["tokens"]
         finally:
             llm.close()
-        assert script.refinfer_greedy(ggml, p["tokens"], committed["n_greedy"]) == p["greedy_llama_cpp"]
+        assert greedy(ggml, p["tokens"], committed["n_greedy"]) == p["greedy_llama_cpp"]
     _, stored = read_safetensors(FIXTURES / m["logits_file"], "refinfer-logits")
     ids = [int(t) for t in stored["tokens"]]
     r = compare_logits(np.asarray(stored["logits"]), llama_logits(path, ids))
-    assert r["nmse"] < 1e-2 and r["same_top"] == 1.0, r
+    assert r["nmse"] <= LOGITS_NMSE[name] and r["same_top"] == 1.0, (name, r)
+
+
+# the stored ideal-mode logits against llama.cpp's: about 10x the measured NMSE (q8_0/q8_1
+# activations in llama.cpp's quantized matmuls; F16 activations and KV cache for f16)
+LOGITS_NMSE = {"q4_0": 1.7e-3,   # measured 1.74e-4
+               "q4_1": 2.8e-3,   # 2.77e-4
+               "q5_0": 1.3e-3,   # 1.26e-4
+               "q5_1": 2.2e-3,   # 2.24e-4
+               "q8_0": 1.7e-3,   # 1.69e-4
+               "f16": 4e-6}      # 3.91e-7
+
+
+# layer_stats against the statistics of llama.cpp's own tensors for prompt 0: the difference of
+# each statistic (mean, rms, min, max) in units of the llama.cpp tensor's rms. Bounds: about 10x
+# the largest difference measured over the tensors of the fixture models (in parentheses).
+# ideal mode is exact arithmetic where llama.cpp rounds: F16 activations, Q, probabilities and
+# KV cache (f16), q8_0/q8_1 activations (the quantized models: larger, min/max most of all).
+STATS_BOUND_EXACT = {
+    "inp_embd": 0.0,           # (0) the same dequantized rows
+    "attn_norm-0": 3e-6,       # (2.3e-7) RMSNorm of those rows: float vs double sums only
+}
+STATS_BOUND = {
+    "f16": {"mean": 6e-3, "rms": 2e-3, "min": 2e-2, "max": 1.5e-2},      # (5.7e-4, 1.7e-4, 2.1e-3, 1.4e-3)
+    "quantized": {"mean": 0.1, "rms": 5e-2, "min": 0.7, "max": 0.9},     # (1.0e-2, 5.4e-3, 7.2e-2, 9.3e-2)
+}
+
+
+def fresh_layer_stats(path, tokens) -> dict:
+    """layer_stats as make_fixtures.py computes them now (ideal mode, refinfer's own taps)."""
+    return load_script().layer_stats(capture_refinfer(refinfer.load(path, mode="ideal"), tokens))
+
+
+def check_layer_stats(name, stats, path, tokens):
+    """Every tensor's statistics against those of the same tensor in llama.cpp's forward pass:
+    the same set of tensors, the same shapes, each statistic within its bound."""
+    script = load_script()
+    llama = script.layer_stats(capture_llama_cpp(path, tokens))
+    assert sorted(stats) == sorted(llama), f"{name}: tensors {sorted(set(stats) ^ set(llama))} only on one side"
+    bounds = STATS_BOUND["f16" if name == "f16" else "quantized"]
+    for t, s in stats.items():
+        want = llama[t]
+        assert s["shape"] == want["shape"], f"{name} {t}: shape {s['shape']} vs llama.cpp's {want['shape']}"
+        for k, bound in bounds.items():
+            err = abs(s[k] - want[k]) / want["rms"]
+            bound = STATS_BOUND_EXACT.get(t, bound)
+            assert err <= bound, (f"{name} {t}: {k} {s[k]:.7g} vs llama.cpp's {want[k]:.7g}: "
+                                  f"{err:.3g} of the rms > {bound:.3g}")
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16"])
+def test_layer_stats_agree_with_llama_cpp(name, committed):
+    """The committed statistics, and the ones make_fixtures.py would write now, against
+    llama.cpp's tensors."""
+    m = committed["models"][name]
+    path, tokens = FIXTURES / m["file"], m["prompts"][m["logits_prompt"]]["tokens"]
+    check_layer_stats(name, m["layer_stats"], path, tokens)
+    check_layer_stats(name, fresh_layer_stats(path, tokens), path, tokens)
+
+
+# where ideal mode's greedy continuation first leaves llama.cpp's, llama.cpp's logit of the token
+# ideal mode picked is at most this far below its own top logit: measured 0.010 to 0.029 (q4_0,
+# q4_1), the size of the ideal-vs-llama.cpp logit differences (rms ~0.03 on logits of std ~2)
+GREEDY_FLIP_MARGIN = 0.3
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16"])
+def test_greedy_refinfer_ideal_leaves_llama_cpp_only_at_near_ties(name, committed):
+    from refinfer.llama_oracle import llama_logits
+    m = committed["models"][name]
+    for p in m["prompts"]:
+        want, got = p["greedy_llama_cpp"], p["greedy_refinfer_ideal"]
+        assert len(got) == len(want) == committed["n_greedy"]
+        i = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
+        if i is None:
+            continue
+        z = llama_logits(FIXTURES / m["file"], p["tokens"] + want[:i])[-1]
+        gap = float(z[want[i]] - z[got[i]])
+        assert gap <= GREEDY_FLIP_MARGIN, (f"{name} {p['text']!r} step {i}: ideal picked {got[i]}, "
+                                           f"{gap:.3g} below llama.cpp's top logit")
