@@ -260,7 +260,7 @@ SMOLLM2_TEXT = ("The quick brown fox jumps over the lazy dog. Numerical referenc
 def test_smollm2_prefill_and_decode_equal_llama_cpp(smollm2_path):
     """The real model (Q4_1 and Q8_0 weights, tied Q8_0 output, GQA 9/3 heads, 30 layers):
     every intermediate and the logits of a 64-token prefill, then one-token decode steps, bit
-    for bit. (Most of the time goes to decomposing the weights once, not to the tokens.)"""
+    for bit."""
     with LlamaCpp(smollm2_path, n_ctx=64) as llm:
         ids = llm.tokenize(SMOLLM2_TEXT * 2)[:64]
     assert len(ids) == 64
