@@ -100,3 +100,18 @@ def assert_taps_match(mine: dict, theirs: dict, context: str, *, n_layers: int, 
             assert err <= bound, f"{context} {name}: NMSE {err:.3g} > {bound:.3g}"
             errors[name] = err
     return errors
+
+
+def refinfer_greedy(model, ids, n, prompt_logits=False):
+    """Greedy decoding through the path Model.generate takes: one prefill of ids, then n - 1
+    one-token steps through the KV cache. -> (n token ids, logits float32[rows, vocab]): the
+    prefill's rows (every prompt position with prompt_logits, else the last) and each step's."""
+    from refinfer.forward import forward
+    cache = model.new_cache(len(ids) + n + 1)
+    z = forward(model.config, model.weights, model.backend, ids, cache, all_logits=prompt_logits)
+    logits, toks = [z], []
+    for _ in range(n):
+        toks.append(int(np.argmax(z[-1])))
+        z = forward(model.config, model.weights, model.backend, [toks[-1]], cache, all_logits=False)
+        logits.append(z)
+    return toks, np.concatenate(logits)

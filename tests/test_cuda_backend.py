@@ -277,15 +277,8 @@ def tiny_cuda_models(vocab_dir, tmp_path_factory):
 
 
 def _greedy(model, ids, n):
-    from refinfer.forward import forward
-    cache = model.new_cache(len(ids) + n + 1)
-    z = forward(model.config, model.weights, model.backend, ids, cache, all_logits=True)
-    logits, toks = [z], []
-    for _ in range(n):
-        toks.append(int(np.argmax(z[-1])))
-        z = forward(model.config, model.weights, model.backend, [toks[-1]], cache, all_logits=False)
-        logits.append(z)
-    return toks, np.concatenate(logits)
+    from llama_ref import refinfer_greedy
+    return refinfer_greedy(model, ids, n, prompt_logits=True)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 import refinfer
-from llama_ref import llama_logits, noise_floor
+from llama_ref import llama_logits, noise_floor, refinfer_greedy
 from models import load_llama
-from refinfer.forward import KVCache, forward
 from refinfer.metrics import compare_logits
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -52,17 +51,6 @@ def llama_greedy(path, prompt_ids, n):
         return toks, margins
     finally:
         llm.close()
-
-
-def refinfer_greedy(model, prompt_ids, n):
-    """Greedy decoding through the same forward/KVCache path Model.generate uses."""
-    cache = KVCache(model.config, len(prompt_ids) + n + 1)
-    z = forward(model.config, model.weights, model.backend, prompt_ids, cache, all_logits=False)[-1]
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(z)))
-        z = forward(model.config, model.weights, model.backend, [out[-1]], cache, all_logits=False)[-1]
-    return out
 
 
 def check_ggml_logits(path):
@@ -121,7 +109,7 @@ def test_ggml_mode_greedy_generation_equals_llama_cpp(tiny_quantized, qtype):
     for prompt in PROMPTS[:2]:
         ids = llama_tokenize(path, prompt)
         want, margins = llama_greedy(path, ids, 64)
-        got = refinfer_greedy(model, ids, 64)
+        got = refinfer_greedy(model, ids, 64)[0]
         diff = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
         assert diff is None, (f"{qtype} {prompt!r}: first different token at step {diff}: refinfer {got[diff]} "
                               f"vs llama.cpp {want[diff]} (llama.cpp's top-2 margin {margins[diff]:.3g})")

@@ -69,16 +69,8 @@ def test_fixtures_regenerate_without_drift(vocab_dir, tmp_path, committed):
 
 
 def greedy(model, ids, n):
-    """Greedy continuation through the KV cache: a prefill, then one token per step (ggml mode
-    equals llama.cpp's logits for both)."""
-    from refinfer.forward import KVCache, forward
-    cache = KVCache(model.config, len(ids) + n)
-    z = forward(model.config, model.weights, model.backend, ids, cache, all_logits=False)[-1]
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(z)))
-        z = forward(model.config, model.weights, model.backend, [out[-1]], cache, all_logits=False)[-1]
-    return out
+    from llama_ref import refinfer_greedy
+    return refinfer_greedy(model, ids, n)[0]
 
 
 @pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16"])

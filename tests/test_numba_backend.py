@@ -421,15 +421,8 @@ PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", 
 
 
 def _greedy(model, ids, n):
-    from refinfer.forward import KVCache, forward
-    cache = KVCache(model.config, len(ids) + n + 1)
-    z = forward(model.config, model.weights, model.backend, ids, cache, all_logits=True)
-    logits, toks = [z], []
-    for _ in range(n):
-        toks.append(int(np.argmax(z[-1])))
-        z = forward(model.config, model.weights, model.backend, [toks[-1]], cache, all_logits=False)
-        logits.append(z)
-    return toks, np.concatenate(logits)
+    from llama_ref import refinfer_greedy
+    return refinfer_greedy(model, ids, n, prompt_logits=True)
 
 
 @pytest.mark.parametrize("name", ["q4_1", "f32", "q8_0", "q5_0"])
