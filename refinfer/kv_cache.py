@@ -69,6 +69,7 @@ Use from an engine and the forward pass (one step of a ragged batch):
     mgr.mark_computed(seq, start + T)              # after the step: registers full blocks
     mgr.truncate(seq, n)                           # speculative rollback
     mgr.free(seq)                                  # finished, cancelled or preempted
+A BlockManager is not thread-safe: the engine's step thread owns it.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def get_cache_type(name) -> CacheType:
     if name in CACHE_TYPES:
         return CACHE_TYPES[name]
     raise UnsupportedError(f"unknown KV cache type {name!r}; known: {', '.join(CACHE_TYPES)}",
-                           hint=f"use one of {', '.join(CACHE_TYPES)} for --cache-type-k / --cache-type-v")
+                           hint=f"the KV cache types are {', '.join(CACHE_TYPES)} (refinfer.kv_cache.CACHE_TYPES)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -320,6 +320,21 @@ def test_truncate_into_shared_block_copies_on_write():
             assert np.array_equal(k, as_f16(want[:, 0])) and np.array_equal(v, want[:, 1])
 
 
+def test_can_append_counts_the_copy_on_write_block():
+    mgr = make(4, 4)
+    prompt = list(range(12))
+    mgr.allocate("a", prompt)
+    compute(mgr, "a", 0, 12, prompt)
+    assert mgr.allocate("b", prompt[:8] + [99]) == 8
+    mgr.truncate("b", 6)                             # b's last block is a's block 1, shared, 2 of 4 used
+    mgr.allocate("c", [5])                           # takes the last free block
+    assert mgr.stats().free + mgr.stats().cached == 0
+    assert not mgr.can_append("b")                   # no block boundary, but the copy needs a block
+    mgr.free("c")
+    assert mgr.can_append("b") and mgr.append_slot("b", 42) == 6
+    mgr.check_accounting()
+
+
 # ---------------------------------------------------------------------------------------------
 # Negative control: check_accounting() catches each kind of broken bookkeeping
 
