@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import FormatError, RefinferError
+from .output_files import publish, temp_beside
 
 FORMAT = "refinfer-dump"
 FORMAT_VERSION = 1
@@ -157,7 +158,6 @@ class SafetensorsWriter:
     interrupted run leaves no half file."""
 
     def __init__(self, path, specs: dict, meta: dict):  # specs: name -> ("F32" | "I32", shape)
-        import tempfile
         head, offset, self._todo = {"__metadata__": {k: str(v) for k, v in meta.items()}}, 0, []
         for name, (dtype, shape) in specs.items():
             nbytes = math.prod(shape) * 4
@@ -167,7 +167,7 @@ class SafetensorsWriter:
         raw = json.dumps(head).encode()
         raw += b" " * (-len(raw) % 8)
         self.path = os.fspath(path)
-        fd, self._tmp = tempfile.mkstemp(prefix=".", suffix=".part", dir=os.path.dirname(os.path.abspath(self.path)))
+        fd, self._tmp = temp_beside(self.path)
         self._f = os.fdopen(fd, "wb")
         self._f.write(struct.pack("<Q", len(raw)))
         self._f.write(raw)
@@ -189,7 +189,7 @@ class SafetensorsWriter:
         if missing:
             raise ValueError(f"{self.path}: tensors not written in full: {missing}")
         self._f.close()
-        os.replace(self._tmp, self.path)
+        publish(self._tmp, self.path)
         self._tmp = None
 
     def abort(self):
@@ -248,7 +248,7 @@ def read_safetensors(path, expect_format: str):
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(data_size,)) if data_size else np.zeros(0, np.uint8)
     arrays = {}
     for name, e in head.items():
-        dtype = {"F32": "<f4", "I32": "<i4"}.get(e.get("dtype") if isinstance(e, dict) else None)
+        dtype = _DTYPES.get(e.get("dtype") if isinstance(e, dict) else None)
         if dtype is None:
             raise FormatError(f"dtype {e.get('dtype') if isinstance(e, dict) else e!r} not allowed (F32 or I32)",
                               file=path, tensor=name, hint=damaged)

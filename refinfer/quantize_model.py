@@ -49,7 +49,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -58,6 +57,7 @@ from gguf import GGUFValueType
 
 from .errors import FormatError, NonFiniteError, RefinferError, ShapeError, UnsupportedError
 from .gguf_file import GGUFFile, write_gguf
+from .output_files import check_output_path, publish, temp_beside
 from .quant import get_type, quantize
 
 # --type -> llama_ftype (LLAMA_FTYPE_MOSTLY_*, ALL_F32), written as general.file_type.
@@ -329,8 +329,8 @@ def _convert(src: SourceModel, st: SourceTensor, new_type: str) -> np.ndarray:
     return out
 
 
-def check_paths(in_path, out_path) -> str:
-    """Checks IN and OUT before any work; returns the directory the output goes to."""
+def check_paths(in_path, out_path):
+    """Checks IN and OUT before any work."""
     if not os.path.exists(in_path):
         raise RefinferError(f"input {in_path!r} does not exist",
                             hint="give the path of a GGUF model or an HF checkpoint directory")
@@ -339,19 +339,7 @@ def check_paths(in_path, out_path) -> str:
     if same:
         raise RefinferError(f"output {out_path!r} is the input",
                             hint="write the quantized model to a new file; the input is read while the output is written")
-    if os.path.isdir(out_path):
-        raise RefinferError(f"output {out_path!r} is a directory", hint="give a file name such as model-q4_0.gguf")
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise RefinferError(f"output directory {out_dir!r} is a file, not a directory",
-                            hint="write the output into an existing directory")
-    if not os.path.isdir(out_dir):
-        raise RefinferError(f"output directory {out_dir!r} does not exist",
-                            hint=f"create it first (mkdir -p {out_dir}) or write the output elsewhere")
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise RefinferError(f"output directory {out_dir!r} is not writable",
-                            hint="write the output to a directory you can write to")
-    return out_dir
+    check_output_path(out_path, "OUT")
 
 
 def quantize_model(in_path, out_path, qtype: str, *, vocab_from=None, progress: bool = False) -> QuantizeReport:
@@ -359,7 +347,7 @@ def quantize_model(in_path, out_path, qtype: str, *, vocab_from=None, progress: 
     in qtype: a quantized type, or f32/f16/bf16 (then it is a conversion)."""
     qtype = check_qtype(qtype)
     in_path, out_path = os.fspath(in_path), os.fspath(out_path)
-    out_dir = check_paths(in_path, out_path)
+    check_paths(in_path, out_path)
 
     start = time.perf_counter()
     is_hf = os.path.isdir(in_path) or in_path.endswith((".safetensors", ".safetensors.index.json"))
@@ -394,14 +382,11 @@ def quantize_model(in_path, out_path, qtype: str, *, vocab_from=None, progress: 
             yield name, data, t, st.shape
 
     # Written next to the target and renamed at the end: an interrupted run leaves no half file.
-    fd, tmp = tempfile.mkstemp(prefix=".quantize-", suffix=".gguf.part", dir=out_dir)
+    fd, tmp = temp_beside(out_path, prefix=".quantize-", suffix=".gguf.part")
     os.close(fd)
     try:
         write_gguf(tmp, src.arch, metadata, types, tensors(), array_types=src.array_types)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; a new file gets the usual permissions
-        os.replace(tmp, out_path)
+        publish(tmp, out_path)
     except BaseException:
         os.unlink(tmp)
         raise

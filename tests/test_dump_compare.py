@@ -148,6 +148,22 @@ def test_dump_file_is_in_forward_order(tmp_path):
     check_dump_file_order(tmp_path)
 
 
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """dump -o and write_safetensors (kld --save-base) write under a temporary name and rename
+    it: the file ends with the mode any new file gets, not the temporary file's 0600."""
+    from refinfer.dump import write_safetensors
+    umask = os.umask(0)
+    os.umask(umask)
+    dump = tmp_path / "d.safetensors"
+    assert main(["dump", "-m", str(FIXTURES / "tiny-llama-q4_0.gguf"), "--tokens", "1,9038", "-o", str(dump),
+                 "--no-progress"]) == 0
+    logits = tmp_path / "l.safetensors"
+    write_safetensors(logits, {"logits": np.zeros((2, 3), np.float32)}, {"format": "refinfer-logits"})
+    for path in (dump, logits):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (path, oct(path.stat().st_mode))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.safetensors", "l.safetensors"]   # no .part left
+
+
 def test_ggml_mode_equals_llama_cpp_tensor_by_tensor(dumps, tmp_path, capsys):
     strict = tmp_path / "strict.json"
     strict.write_text(json.dumps(GGML_VS_LLAMA_CPP))

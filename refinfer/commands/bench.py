@@ -51,7 +51,7 @@ def run(args) -> int:
 
     from ..bench import ENGINES, format_table, run_bench
     from ..errors import RefinferError
-    from ._paths import check_output_path
+    from ..output_files import check_output_path
 
     threads = _ints(args.threads, "threads")
     engines = [e.strip() for e in args.backends.split(",") if e.strip()]

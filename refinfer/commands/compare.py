@@ -49,7 +49,7 @@ def _label(d):
 def run(args) -> int:
     from ..dump import check_same_run, compare_dumps, load_tolerances, read_dump, summarise_names
     from ..errors import RefinferError
-    from ._paths import check_output_path
+    from ..output_files import check_output_path
 
     if (args.test is None) == (args.llama_cpp is None):
         raise RefinferError("give a second dump or --llama-cpp MODEL (exactly one)",

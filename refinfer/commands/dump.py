@@ -41,7 +41,7 @@ def run(args) -> int:
     from ..dump import capture_llama_cpp, capture_refinfer, sha256_file, write_dump
     from ..errors import RefinferError
     from ..model import load
-    from ._paths import check_output_path
+    from ..output_files import check_output_path
 
     if (args.prompt is None) == (args.tokens is None):
         raise RefinferError("give exactly one of -p PROMPT or --tokens IDS",

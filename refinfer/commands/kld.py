@@ -69,7 +69,7 @@ def run(args) -> int:
     from ..errors import RefinferError
     from ..perplexity import (LogitsFileSource, check_chunks, check_ctx, check_source_ctx, chunks_of, format_kld,
                               kl_divergence, parse_source)
-    from ._paths import check_distinct, check_output_path
+    from ..output_files import check_distinct, check_output_path
     from .perplexity import read_text
 
     if not args.test and args.floor is None:

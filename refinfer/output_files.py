@@ -1,12 +1,13 @@
-"""Checks of a command's output paths, made before any work starts: a run of an hour must not
-end in `cannot write`."""
+"""Files refinfer writes: their paths checked before any work starts (a run of an hour must
+not end in `cannot write`), and their bytes written under a temporary name beside the target
+and renamed at the end, so that an interrupted run leaves no half file."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 
-from ..errors import RefinferError
+from .errors import RefinferError
 
 
 def check_output_path(path, option: str):
@@ -17,10 +18,10 @@ def check_output_path(path, option: str):
         return
     path = os.fspath(path)
     if os.path.isdir(path):
-        raise RefinferError(f"{option} {path!r} is a directory", hint=f"give a file name, e.g. {option} out.json")
+        raise RefinferError(f"{option} {path!r} is a directory", hint=f"give {option} the name of a file to write")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        what = "is not a directory" if os.path.exists(parent) else "does not exist"
+        what = "is a file, not a directory" if os.path.exists(parent) else "does not exist"
         raise RefinferError(f"{option} {path!r}: the directory {parent!r} {what}",
                             hint=f"create the directory first (mkdir -p {parent}) or write somewhere else")
     if os.path.exists(path) and not os.access(path, os.W_OK):
@@ -44,3 +45,17 @@ def check_distinct(paths: dict):
             raise RefinferError(f"{seen[key]} and {option} name the same file {path!r}",
                                 hint="give each output its own file")
         seen[key] = option
+
+
+def temp_beside(path, prefix=".", suffix=".part") -> tuple:
+    """(fd, name) of a new temporary file in path's directory, to be renamed by publish()."""
+    return tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
+
+
+def publish(tmp, path):
+    """Rename the finished temporary file tmp to path, with the permissions any new file gets
+    (mkstemp makes it 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
