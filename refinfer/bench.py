@@ -228,10 +228,13 @@ def run_worker(engine, model, threads, n_prompt, n_gen, *, plain=False, timeout=
 def _best(a, b):
     """Keep the faster of two runs per test (best of N, as timings on a shared machine only
     ever get slower than the code is)."""
-    if "error" in a or a.get("check_errors"):   # a failed check is never outweighed by a run that passed
-        return a if a.get("check_errors") else b
-    if "error" in b or b.get("check_errors"):
-        return b if b.get("check_errors") else a
+    for r in (a, b):                # a failed check is never outweighed by a run that passed
+        if r.get("check_errors"):
+            return r
+    if "error" in a:
+        return b
+    if "error" in b:
+        return a
     out = dict(a)
     for k, v in b.items():
         if k in ("pp", "tg", "pp_cpu", "tg_cpu") and v is not None and (out.get(k) is None or v > out[k]):
