@@ -27,6 +27,7 @@ the NumPy shape, i.e. ne reversed: a [n_vocab, dim] embedding has ne = (dim, n_v
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
@@ -96,13 +97,10 @@ def _model_types():
     return [t for t in sorted(TYPES_BY_ID.values(), key=lambda t: t.type_id) if not t.activation_only]
 
 
-_UNSUPPORTED_TYPES: dict = {}
-
-
+@functools.cache
 def unsupported_type(type_id: int) -> BlockType | None:
-    """A size-only BlockType for a ggml type refinfer does not implement (None: no known size)."""
-    if type_id in _UNSUPPORTED_TYPES:
-        return _UNSUPPORTED_TYPES[type_id]
+    """A size-only BlockType for a ggml type refinfer does not implement (None: no known size);
+    one object per type, so that every tensor of that type shares it."""
     try:
         g = GGMLQuantizationType(type_id)
         block_size, type_size = GGML_QUANT_SIZES[g]
@@ -114,9 +112,7 @@ def unsupported_type(type_id: int) -> BlockType | None:
         raise UnsupportedError(f"ggml type {g.name} ({type_id}) cannot be computed by refinfer",
                                hint=_unsupported_hint())
 
-    t = BlockType(name, type_id, block_size, np.dtype((np.void, type_size)), dequantize_blocks, None)
-    _UNSUPPORTED_TYPES[type_id] = t
-    return t
+    return BlockType(name, type_id, block_size, np.dtype((np.void, type_size)), dequantize_blocks, None)
 
 
 @dataclass(frozen=True)
@@ -554,7 +550,7 @@ def write_gguf(path, arch: str, metadata: dict, metadata_types: dict | None = No
         if not shape or any(s <= 0 for s in shape) or shape[-1] % t.block_size:
             raise ShapeError(f"tensor {name!r}: shape {shape} is not a valid {t.name} shape (positive dims, "
                              f"last one a multiple of the block size {t.block_size})",
-                             hint=f"store it as f16 or f32, whose block size is 1")
+                             hint="store it as f16 or f32, whose block size is 1")
         row_bytes = shape[-1] // t.block_size * t.type_size
         data = np.asarray(data)
         if data.dtype != np.uint8:
