@@ -158,7 +158,6 @@ def test_perplexity_on_generated_models_within_llama_cpp_floor(qtype, record_pro
     pytest.importorskip("llama_cpp")
     path = FIXTURES / f"tiny-llama-{qtype}.gguf"
     default, floor, ours = floor_and_refinfer(path, TEXT, 64, ("single_token", "flash_attn", "kv_f32"), n_chunks=3)
-    spread = max(abs(v) for v in floor.values())
     print(f"\n[{qtype}] llama.cpp PPL {default:.4f}; relative to it: llama.cpp variants {floor}; refinfer {ours}")
     record_property(f"ppl_{qtype}", {"llama_cpp": default, "floor": floor, "refinfer": ours})
     assert ours["ggml"] == 0.0, (ours, floor)          # the same PPL, to the last bit (README)

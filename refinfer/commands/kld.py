@@ -106,7 +106,7 @@ def run(args) -> int:
                                     hint="e.g. -f README.md, or --base FILE.safetensors from an earlier --save-base")
             check_source_ctx(base, n_ctx)
             tokens = base.tokenize(read_text(args.file))
-        chunks_of(base, tokens, n_ctx)        # a text too short for -c fails here, before any model runs
+        _, first = chunks_of(base, tokens, n_ctx)   # a text too short for -c fails here, before any model runs
         tests = []
         for s in args.test:
             tests.append(parse_source(s, n_ctx=n_ctx, n_threads=n_llama))
@@ -134,7 +134,6 @@ def run(args) -> int:
         for s in opened:
             s.close()
 
-    _, first = chunks_of(base, tokens, n_ctx)
     scored = "second half of each chunk" if first == n_ctx // 2 else "every position of the prompt"
     n_scored = results[0]["n"] if results else next(iter(floor.values()))["n"]
     print(f"base: {base.name}\n{len(tokens)} tokens, chunks of {n_ctx}, {n_scored} scored positions ({scored})")
