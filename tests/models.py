@@ -229,15 +229,17 @@ def gguf_to_hf_dir(model, out_dir):
 
 
 # llama.cpp's LLAMA_FTYPE_* for each type the generated models are quantized to
-LLAMA_FTYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q8_0": 7, "f16": 1}
+LLAMA_FTYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q8_0": 7, "f32": 0, "f16": 1, "bf16": 32}
 
 
-def llama_quantize(src, dst, qtype):
-    """llama.cpp's llama_model_quantize with pure set (every 2-D tensor to qtype) -> dst."""
+def llama_quantize(src, dst, qtype, *, allow_requantize=False):
+    """llama.cpp's llama_model_quantize with pure set (every 2-D tensor to qtype) -> dst;
+    allow_requantize as llama-quantize --allow-requantize (a quantized src is dequantized first)."""
     import llama_cpp
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = LLAMA_FTYPES[qtype]
     params.pure = True
+    params.allow_requantize = allow_requantize
     rc = llama_cpp.llama_model_quantize(os.fspath(src).encode(), os.fspath(dst).encode(), params)
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize returned {rc} for {qtype}")

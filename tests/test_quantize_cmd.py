@@ -168,10 +168,8 @@ def test_already_quantized_input_is_requantized_with_a_note(tiny_llama_f32, tmp_
     assert r.returncode == 0, r.stderr
     assert "16 tensors q8_0 (from q4_0), 5 copied" in r.stdout
     assert r.stderr.startswith("note: the input was already quantized (q4_0)") and "compounds" in r.stderr
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.pure, params.allow_requantize = FTYPES["q8_0"], True, True
-    assert llama_cpp.llama_model_quantize(str(q).encode(), str(tmp_path / "ref.gguf").encode(), params) == 0
-    assert (tmp_path / "again.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()
+    ref = llama_quantize(q, tmp_path / "ref.gguf", "q8_0", allow_requantize=True)
+    assert (tmp_path / "again.gguf").read_bytes() == ref.read_bytes()
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".part")]
 
 
