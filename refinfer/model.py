@@ -122,8 +122,8 @@ class Model:
         emitted = 0                                     # characters of the decoded text already yielded
         hold = max((len(x) for x in stops), default=1) - 1  # a stop string may start in the last `hold` chars
         text = ""
-        for _ in range(max_tokens):
-            nxt = sample(logits, history)
+        for i in range(max_tokens):
+            nxt = sample(logits, history, i)            # generated token i: its draw depends on (seed, i) only
             if tok.is_eog(nxt):
                 break
             history.append(nxt)

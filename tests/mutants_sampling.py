@@ -1,11 +1,13 @@
-"""Wrong samplers that tests/test_sampling.py must catch, by comparing with llama.cpp's chain."""
+"""Wrong samplers that tests/test_sampling.py must catch: by comparing with llama.cpp's chain,
+with the full-sort definition of the candidates, and with the documented draw rule."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from test_mutants import Mutant
-from test_sampling import check_against_llama_cpp
+from test_sampling import (check_against_llama_cpp, check_draws_are_independent, check_fast_chain_is_the_sort,
+                           check_inverse_cdf_edges)
 
 from refinfer import sampling
 
@@ -44,6 +46,22 @@ def _temperature_first(self, logits, history=()):
     return order, sampling.softmax(z[order])
 
 
+def _ties_by_partition(z, k):  # argpartition's arbitrary choice among logits tied at the k-th
+    if k >= len(z):
+        return np.argsort(-z, kind="stable")
+    ids = np.argpartition(-z, k - 1)[:k]
+    return ids[np.argsort(-z[ids], kind="stable")]
+
+
+def _stream_uniform():  # one stream per seed: a draw depends on how many came before
+    streams = {}
+    return lambda seed, i: streams.setdefault(seed, np.random.default_rng(seed)).random()
+
+
+def _inverse_cdf_left(p, u):  # u on a cumulative edge stays with the candidate below it
+    return min(int(np.searchsorted(np.cumsum(p), u, side="left")), len(p) - 1)
+
+
 def _patch_penalize(wrong):
     return lambda monkeypatch: monkeypatch.setattr(sampling, "penalize", wrong)
 
@@ -57,4 +75,10 @@ MUTANTS = [
     Mutant("sampling_repeat_last_n_ignored", _patch_penalize(_whole_history), _check),
     Mutant("sampling_temperature_before_top_p_min_p",
            lambda mp: mp.setattr(sampling.Sampler, "candidates", _temperature_first), _check),
+    Mutant("sampling_top_k_ties_by_argpartition", lambda mp: mp.setattr(sampling, "best", _ties_by_partition),
+           lambda request: check_fast_chain_is_the_sort()),
+    Mutant("sampling_draw_from_a_shared_stream", lambda mp: mp.setattr(sampling, "uniform", _stream_uniform()),
+           lambda request: check_draws_are_independent()),
+    Mutant("sampling_inverse_cdf_edge_goes_below", lambda mp: mp.setattr(sampling, "inverse_cdf", _inverse_cdf_left),
+           lambda request: check_inverse_cdf_edges()),
 ]

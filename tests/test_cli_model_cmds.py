@@ -146,7 +146,7 @@ class ScriptedSampler:
     def __init__(self, cfg):
         self.ids = iter(type(self).script)
 
-    def __call__(self, logits, history=()):
+    def __call__(self, logits, history, i):
         return next(self.ids)
 
 

@@ -15,7 +15,7 @@ from refinfer.sampling import Sampler, SamplerConfig
 
 def draws(cfg, logits, n=400):
     s = Sampler(cfg)
-    return [s(logits) for _ in range(n)]
+    return [s(logits, (), i) for i in range(n)]
 
 
 LOGITS = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.04, 0.01]))
@@ -23,7 +23,7 @@ LOGITS = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.04, 0.01]))
 
 def test_greedy_is_argmax_with_first_index_on_ties():
     z = np.array([1.0, 3.0, 3.0, 0.0])
-    assert Sampler(SamplerConfig(temperature=0))(z) == 1
+    assert Sampler(SamplerConfig(temperature=0))(z, (), 0) == 1
 
 
 def test_top_k_top_p_min_p_restrict_the_candidates():
@@ -47,8 +47,8 @@ def test_temperature_sharpens_and_flattens():
 def test_repetition_penalty_discourages_seen_tokens():
     z = np.array([2.0, 1.9, -1.0])
     s = Sampler(SamplerConfig(temperature=0, repeat_penalty=1.5))
-    assert s(z, history=[0]) == 1          # 2.0 / 1.5 < 1.9
-    assert s(z, history=[]) == 0
+    assert s(z, [0], 0) == 1          # 2.0 / 1.5 < 1.9
+    assert s(z, [], 0) == 0
 
 
 def test_seeded_sampling_is_reproducible():

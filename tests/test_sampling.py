@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from refinfer.errors import RefinferError
+from refinfer import sampling
 from refinfer.sampling import Sampler, SamplerConfig
 
 # float32 (llama.cpp) against float64 (refinfer) probabilities: measured max |dp| 1.2e-7 and
@@ -191,7 +192,7 @@ def test_candidates_are_what_the_draw_uses():
     c = cfg(top_k=20, top_p=0.9, min_p=0.05, temperature=0.7, seed=5)
     ids, p = Sampler(c).candidates(z)
     s = Sampler(c)
-    draws = [s(z) for _ in range(4000)]
+    draws = [s(z, (), i) for i in range(4000)]
     assert set(draws) <= set(ids.tolist())
     freq = np.array([draws.count(t) for t in ids.tolist()]) / len(draws)
     assert np.abs(freq - p).max() < 0.03          # 4000 draws: sd of a frequency <= 0.008
@@ -212,6 +213,7 @@ def test_greedy_candidates_are_the_argmax():
     ("min_p", -0.1, "--min-p", "[0, 1]"), ("min_p", 1.5, "--min-p", "[0, 1]"),
     ("repeat_penalty", 0.0, "--repeat-penalty", "> 0"), ("repeat_penalty", -1.0, "--repeat-penalty", "> 0"),
     ("repeat_last_n", -2, "--repeat-last-n", ">= -1"), ("seed", -2, "--seed", ">= 0"), ("seed", 1.5, "--seed", ">= 0"),
+    ("seed", 2 ** 64, "--seed", "< 2**64"),
 ])
 def test_bad_settings_name_the_option_the_value_and_the_range(field, value, option, valid):
     with pytest.raises(RefinferError) as e:
@@ -229,7 +231,7 @@ def test_temperature_hint_names_greedy_decoding():
 
 @pytest.mark.parametrize("kw", [dict(temperature=0), dict(top_k=0), dict(top_p=1.0), dict(min_p=0.0), dict(min_p=1.0),
                                 dict(repeat_last_n=-1), dict(repeat_last_n=0), dict(seed=-1), dict(seed=None),
-                                dict(seed=2 ** 40), dict(top_k=np.int64(5))])
+                                dict(seed=2 ** 40), dict(seed=2 ** 64 - 1), dict(top_k=np.int64(5))])
 def test_edge_settings_are_valid(kw):
     SamplerConfig(**kw).check()
 
@@ -237,7 +239,210 @@ def test_edge_settings_are_valid(kw):
 def test_random_seed_is_reported_and_reproduces():
     z = (np.random.default_rng(4).standard_normal(100)).astype(np.float32)
     s = Sampler(cfg(seed=-1))
-    first = [s(z) for _ in range(30)]
+    first = [s(z, (), i) for i in range(30)]
     again = Sampler(cfg(seed=s.seed))
     assert isinstance(s.seed, int) and s.seed >= 0
-    assert [again(z) for _ in range(30)] == first
+    assert [again(z, (), i) for i in range(30)] == first
+
+
+# --- the fast chain is the sort-based chain, bit for bit -----------------------------------------
+
+def sorted_candidates(cfg, logits, history=()):
+    """The sampler as it was before partial selection, kept verbatim as the definition:
+    a full stable sort of the vocabulary."""
+    c = cfg
+    z = sampling.penalize(np.asarray(logits, dtype=np.float64), history, c.repeat_penalty, c.repeat_last_n)
+    if c.temperature <= 0:
+        return np.array([np.argmax(z)]), np.ones(1)
+    order = np.argsort(-z, kind="stable")                     # llama_sampler_top_k
+    if c.top_k > 0:
+        order = order[: c.top_k]
+    p = sampling.softmax(z[order])
+    if c.top_p < 1.0:                                         # llama_sampler_top_p: smallest prefix with mass >= top_p
+        keep = int(np.searchsorted(np.cumsum(p), c.top_p) + 1)
+        order, p = order[:keep], p[:keep]
+    if c.min_p > 0.0:                                         # llama_sampler_min_p: drop p < min_p * p_max
+        keep = p >= c.min_p * p[0]
+        order, p = order[keep], p[keep]
+    return order, sampling.softmax(z[order] / c.temperature)  # llama_sampler_temp, then dist's softmax
+
+
+def _tie_logits():
+    """Logits with many ties: on a grid of 1/4 (ties at every cut), a SmolLM2-sized grid, a
+    peaked one, a nearly flat one (top-p keeps thousands), and one with -inf entries."""
+    rng = np.random.default_rng(11)
+    grid = lambda n, s: (np.round(rng.standard_normal(n) * s) / 4).astype(np.float32)  # noqa: E731
+    big = grid(49152, 10)
+    peaked = big.copy()
+    peaked[rng.integers(0, 49152, 30)] += 12
+    flat = (np.round(rng.standard_normal(49152) * 2) / 64).astype(np.float32)
+    masked = grid(3000, 8)
+    masked[rng.integers(0, 3000, 1000)] = -np.inf
+    return [grid(300, 8), big, peaked, flat, masked]
+
+
+TIE_LOGITS = _tie_logits()
+ALL_SETTINGS = [dict(top_k=k, top_p=p, min_p=m, temperature=t, repeat_penalty=r)
+                for k in (0, 1, 40, 10 ** 9) for p in (1.0, 0.95, 0.02) for m in (0.0, 0.05, 0.9)
+                for t in (0, 0.8, 2.0) for r in (1.0, 1.5)]
+
+
+def check_fast_chain_is_the_sort(logits_list=TIE_LOGITS, settings=ALL_SETTINGS):
+    """Sampler.candidates against sorted_candidates: the same ids in the same order and the
+    same float64 probabilities, bitwise. Returns the number of cases whose cut fell on a tie."""
+    rng = np.random.default_rng(12)
+    on_a_tie = 0
+    for z in logits_list:
+        history = rng.integers(0, len(z), 64).tolist()
+        for kw in settings:
+            c = cfg(**kw)
+            ids, p = Sampler(c).candidates(z, history)
+            ref_ids, ref_p = sorted_candidates(c, z, history)
+            where = f"{kw}, vocab {len(z)}"
+            assert ids.dtype == ref_ids.dtype and p.dtype == ref_p.dtype, where
+            assert np.array_equal(ids, ref_ids), f"ids differ from the sort's: {where}"
+            assert np.array_equal(p, ref_p), f"probabilities differ from the sort's by {np.abs(p - ref_p).max()}: {where}"
+            zp = sampling.penalize(np.asarray(z, np.float64), history, c.repeat_penalty, c.repeat_last_n)
+            on_a_tie += len(ids) < len(z) and np.count_nonzero(zp == zp[ids[-1]]) > np.count_nonzero(zp[ids] == zp[ids[-1]])
+    return on_a_tie
+
+
+def test_fast_chain_equals_the_full_sort_bitwise():
+    on_a_tie = check_fast_chain_is_the_sort()
+    assert on_a_tie >= 50, f"only {on_a_tie} cases cut through a run of tied logits"   # 408 of 1080 today
+
+
+def test_best_is_the_stable_sort_prefix():
+    rng = np.random.default_rng(13)
+    z = np.round(rng.standard_normal(5000) * 3)            # about 20 distinct values
+    z[rng.integers(0, 5000, 50)] = np.nan                  # NaN sorts last in the stable sort of -z
+    for k in (1, 2, 7, 100, 4949, 4960, 4999, 5000, 6000):
+        assert np.array_equal(sampling.best(z, k), np.argsort(-z, kind="stable")[:k]), k
+
+
+# --- the draw: a pure function of (seed, i) ------------------------------------------------------
+
+M64 = (1 << 64) - 1
+
+
+def philox4x64_10(counter, key):
+    """Philox4x64-10 of Random123 (Salmon et al., SC'11), written from the paper's constants."""
+    c, k = list(counter), list(key)
+    for r in range(10):
+        if r:
+            k = [(k[0] + 0x9E3779B97F4A7C15) & M64, (k[1] + 0xBB67AE8584CAA73B) & M64]
+        p0, p1 = 0xD2E7470EE14C6C93 * c[0], 0xCA5A826395121157 * c[2]
+        c = [(p1 >> 64) ^ c[1] ^ k[0], p1 & M64, (p0 >> 64) ^ c[3] ^ k[1], p0 & M64]
+    return c
+
+
+def documented_uniform(seed, i):  # the rule of refinfer/sampling.py's docstring
+    return (philox4x64_10([i + 1, 0, 0, 0], [seed, 0])[0] >> 11) * 2.0 ** -53
+
+
+def test_uniform_is_the_documented_philox_rule():
+    for seed in (0, 1, 42, 2 ** 32 - 1, 2 ** 63 + 5, M64):
+        for i in (0, 1, 2, 3, 4, 5, 1000, 2 ** 40):
+            u = sampling.uniform(seed, i)
+            assert u == documented_uniform(seed, i) and 0.0 <= u < 1.0, (seed, i)
+
+
+def check_inverse_cdf_edges():
+    p = np.array([0.25, 0.5, 0.0, 0.25])
+    assert [sampling.inverse_cdf(p, u) for u in (0.0, 0.2499, 0.25, 0.7499, 0.75, 0.9999)] == [0, 0, 1, 1, 3, 3]
+    q = np.array([0.5, 0.25, 0.25 - 2 ** -40, 0.0])         # sums to below 1: u above it is the last p > 0
+    assert sampling.inverse_cdf(q, 1.0 - 2 ** -53) == 2
+
+
+def test_inverse_cdf_edges():
+    check_inverse_cdf_edges()
+
+
+class SharedStreamSampler(Sampler):
+    """Today's sampler before the counter-based draw: one stream per request, so a draw depends
+    on how many came before. The negative control of the independence test."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.rng = np.random.default_rng(self.seed)
+
+    def __call__(self, logits, history, i):
+        ids, p = self.candidates(logits, history)
+        return int(ids[self.rng.choice(len(ids), p=p)])
+
+
+FLAT = np.zeros(40, np.float32)   # 40 equally likely tokens: two unrelated draws agree 1 time in 40
+
+
+def check_draws_are_independent(make=Sampler):
+    """Token i is the same drawn first, drawn after tokens 0..i-1, or after other i."""
+    c = cfg(seed=123)
+    n = 30
+    in_order = make(c)
+    seq = [in_order(FLAT, (), i) for i in range(n)]
+    alone = [make(c)(FLAT, (), i) for i in range(n)]
+    backwards = make(c)
+    rev = [backwards(FLAT, (), i) for i in reversed(range(n))][::-1]
+    assert seq == alone == rev, (seq, alone, rev)
+    assert len(set(seq)) > 10                               # the draws do vary with i
+    first5 = make(c)(FLAT, (), 5)
+    assert first5 == seq[5]
+
+
+def test_draw_i_does_not_depend_on_earlier_draws():
+    check_draws_are_independent()
+
+
+def test_a_shared_stream_fails_the_independence_test():
+    with pytest.raises(AssertionError):
+        check_draws_are_independent(SharedStreamSampler)
+
+
+def check_draw_frequencies(n=20000):
+    """Tokens drawn with keys (seed, i), i < n, follow the candidate probabilities. Each
+    frequency has sd sqrt(p(1 - p) / n) <= 0.0035; the bound is 5 sd per candidate (a chance
+    of 6e-7 each for a correct draw; the draw is deterministic, so the test cannot flake) and
+    chi-square below df + 5 sqrt(2 df)."""
+    z = (np.random.default_rng(14).standard_normal(200) * 1.5).astype(np.float32)
+    c = cfg(top_k=40, top_p=0.95, min_p=0.02, temperature=0.9, seed=2024)
+    s = Sampler(c)
+    ids, p = s.candidates(z)
+    pos = {t: j for j, t in enumerate(ids.tolist())}
+    counts = np.bincount([pos[s(z, (), i)] for i in range(n)], minlength=len(ids))
+    freq = counts / n
+    sd = np.sqrt(p * (1 - p) / n)
+    assert np.all(np.abs(freq - p) <= 5 * sd + 1 / n), np.max(np.abs(freq - p) / sd)
+    chi2 = float(np.sum((counts - n * p) ** 2 / (n * p)))
+    df = len(ids) - 1
+    assert chi2 < df + 5 * math.sqrt(2 * df), (chi2, df)
+    return chi2, df
+
+
+def test_draw_frequencies_follow_the_probabilities():
+    chi2, df = check_draw_frequencies()
+    print(f"chi-square {chi2:.1f} with {df} degrees of freedom")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_f32):
+    import refinfer
+    return refinfer.load(tiny_llama_f32, backend="numpy")
+
+
+def test_generate_draws_token_i_with_key_seed_i(tiny, monkeypatch):
+    import refinfer.model
+    calls = []
+
+    class Recorder(refinfer.model.Sampler):
+        def __call__(self, logits, history, i):
+            tok = super().__call__(logits, history, i)
+            calls.append((i, self.seed, tok))
+            return tok
+
+    monkeypatch.setattr(refinfer.model, "Sampler", Recorder)
+    kw = dict(max_tokens=10, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=77)
+    first = tiny.generate("Hello world", **kw)
+    run1, calls[:] = list(calls), []
+    assert tiny.generate("Hello world", **kw) == first and calls == run1
+    assert [i for i, _, _ in run1] == list(range(len(run1))) and {s for _, s, _ in run1} == {77}
+    assert len(run1) == 10                                  # no end-of-generation token in 10 at temperature 1.5
