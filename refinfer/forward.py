@@ -47,7 +47,8 @@ def forward(cfg: ModelConfig, w: Weights, be, tokens, cache: KVCache, *, all_log
         raise RefinferError(f"context overflow: {pos0} cached + {T} new tokens > context length {cache.max_len}",
                             hint="use a larger --ctx or a shorter prompt")
     if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
-        raise RefinferError(f"token id out of range [0, {cfg.vocab_size}): {int(tokens.max() if tokens.max() >= cfg.vocab_size else tokens.min())}")
+        raise RefinferError(f"token id out of range [0, {cfg.vocab_size}): {int(tokens.max() if tokens.max() >= cfg.vocab_size else tokens.min())}",
+                            hint="token ids come from this model's tokenizer (Model.tokenize)")
     dt = be.dtype
     hd, n_heads, n_kv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
 

@@ -147,6 +147,20 @@ def test_kld_base_file_and_ctx_disagree(tmp_path, capsys):
     assert_clean_error(rc, err, "logits-q8_0.safetensors", "chunks of 5 tokens", "-c 64")
 
 
+# ---- dump: token ids checked against the model before anything runs -------------------------------
+
+@pytest.mark.parametrize("tokens,needles", [
+    ("1,32000", ["--tokens", "id 32000", "0..31999"]),          # the fixtures' vocabulary has 32000 ids
+    ("1,-3", ["--tokens", "id -3", "0..31999"]),
+    (",".join(["1"] * 129), ["--tokens", "129 tokens", "context length", "(128)"]),
+])
+def test_dump_tokens_outside_the_model(tokens, needles, tmp_path, capsys):
+    out = tmp_path / "d.safetensors"
+    rc, _, err = run(capsys, "dump", "-m", Q8, "--tokens", tokens, "-o", out, "--no-progress")
+    assert_clean_error(rc, err, *needles)
+    assert not out.exists()
+
+
 # ---- output paths: checked before any work -------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["missing-dir", "dir-is-a-file", "is-a-dir"])

@@ -54,6 +54,16 @@ def run(args) -> int:
     ids = ids if ids is not None else model.tokenize(args.prompt)
     if not ids:
         raise RefinferError("the prompt is empty after tokenization", hint='give some text, e.g. -p "Hello"')
+    n_vocab = model.config.vocab_size
+    bad = [t for t in ids if not 0 <= t < n_vocab]
+    if bad:
+        raise RefinferError(f"--tokens: id {bad[0]} is outside the vocabulary of {model.path} (0..{n_vocab - 1})",
+                            hint="take the ids from this model's tokenizer: dump -p PROMPT prints the ids it used")
+    if len(ids) > model.config.max_seq_len:
+        what = "--tokens gives" if args.tokens is not None else "-p tokenizes to"
+        raise RefinferError(f"{what} {len(ids)} tokens, more than the context length of {model.path} "
+                            f"({model.config.max_seq_len})",
+                            hint=f"dump at most {model.config.max_seq_len} tokens (the model's context_length)")
     if args.backend == "llama.cpp":
         if not str(model.path).endswith(".gguf"):
             raise RefinferError(f"{model.path}: llama.cpp reads GGUF files only",
