@@ -109,13 +109,14 @@ def softmax(z):
     return p
 
 
-def best(z, k):
+def best(z, k, kth=None):
     """The ids of the k largest entries of z, largest first, ties in id order:
-    np.argsort(-z, kind="stable")[:k], found by partition and a sort of those k alone."""
+    np.argsort(-z, kind="stable")[:k], found by partition and a sort of those k alone. kth,
+    if given, is the k-th largest value of z (so no partition is needed)."""
     w = -z
     if k >= len(z):
         return np.argsort(w, kind="stable")
-    kth = np.partition(w, k - 1)[k - 1]                     # the k-th smallest of -z
+    kth = np.partition(w, k - 1)[k - 1] if kth is None else -kth   # the k-th smallest of -z
     if np.isnan(kth):                                       # fewer than k non-NaN entries
         return np.argsort(w, kind="stable")[:k]
     chosen = w < kth
@@ -167,7 +168,7 @@ class Sampler:
             return np.array([np.argmax(z)]), np.ones(1)
         n = len(z)
         k = c.top_k if 0 < c.top_k < n else n                   # llama_sampler_top_k
-        if k < n or not np.isfinite(z.max()):                # a NaN or +inf logit: the plain way
+        if k < n or not np.isfinite(z.max()):                # top-k; or a NaN or +inf logit (a NaN softmax)
             order = best(z, k)
             p = softmax(z[order])
             if c.top_p < 1.0:                                   # llama_sampler_top_p: smallest prefix with mass >= top_p
@@ -177,14 +178,15 @@ class Sampler:
                 keep = p >= c.min_p * p[0]
                 order, p = order[keep], p[keep]
         else:                                                   # no top-k: cut on the sorted values, then find the ids
-            p = softmax(-np.sort(-z))                           # = softmax(z[np.argsort(-z, kind="stable")])
+            zs = np.sort(z)[::-1]                               # = z[np.argsort(-z, kind="stable")]: ties are equal
+            p = softmax(zs)
             keep = np.ones(n, bool)
             if c.top_p < 1.0:
                 keep[top_p_count(p, c.top_p):] = False
             if c.min_p > 0.0:
                 keep &= p >= c.min_p * p[0]
             cut = int(np.flatnonzero(keep)[-1]) + 1              # keep is a prefix, unless exp is not monotonic
-            order = best(z, cut)[keep[:cut]]
+            order = best(z, cut, zs[cut - 1])[keep[:cut]]
         return order, softmax(z[order] / c.temperature)         # llama_sampler_temp, then dist's softmax
 
     def __call__(self, logits, history, i) -> int:

@@ -46,7 +46,7 @@ def _temperature_first(self, logits, history=()):
     return order, sampling.softmax(z[order])
 
 
-def _ties_by_partition(z, k):  # argpartition's arbitrary choice among logits tied at the k-th
+def _ties_by_partition(z, k, kth=None):  # argpartition's arbitrary choice among logits tied at the k-th
     if k >= len(z):
         return np.argsort(-z, kind="stable")
     ids = np.argpartition(-z, k - 1)[:k]
