@@ -103,9 +103,10 @@ def assert_taps_match(mine: dict, theirs: dict, context: str, *, n_layers: int, 
 
 
 def refinfer_greedy(model, ids, n, prompt_logits=False):
-    """Greedy decoding through the path Model.generate takes: one prefill of ids, then n - 1
-    one-token steps through the KV cache. -> (n token ids, logits float32[rows, vocab]): the
-    prefill's rows (every prompt position with prompt_logits, else the last) and each step's."""
+    """Greedy decoding through the path Model.generate takes: one prefill of ids, then one
+    one-token step through the KV cache for each of the n tokens chosen. -> (n token ids,
+    logits float32[rows, vocab]): the prefill's rows (every prompt position with prompt_logits,
+    else the last), then each step's row (n rows, the last one after the n-th token)."""
     from refinfer.forward import forward
     cache = model.new_cache(len(ids) + n + 1)
     z = forward(model.config, model.weights, model.backend, ids, cache, all_logits=prompt_logits)

@@ -24,6 +24,7 @@ from ci_skips import oracle_import, oracle_skip  # noqa: E402
 oracle_import("numba_cuda")
 
 import child_process  # noqa: E402
+from llama_ref import refinfer_greedy  # noqa: E402
 from refinfer import quant  # noqa: E402
 from refinfer.backends import blockdecode as bd  # noqa: E402
 from refinfer.backends import cuda_backend  # noqa: E402
@@ -276,11 +277,6 @@ def tiny_cuda_models(vocab_dir, tmp_path_factory):
     return out
 
 
-def _greedy(model, ids, n):
-    from llama_ref import refinfer_greedy
-    return refinfer_greedy(model, ids, n, prompt_logits=True)
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_whole_model_same_greedy_tokens_and_logits(tiny_cuda_models, mode):
     import refinfer
@@ -289,8 +285,8 @@ def test_whole_model_same_greedy_tokens_and_logits(tiny_cuda_models, mode):
     gpu_model.backend = _be(mode, threads=3, token_tile=3)   # fewer simulated threads; T = 4 splits 3 + 1
     assert isinstance(gpu_model.new_cache(4), cuda_backend.DeviceKVCache)
     ids = ref.tokenize(PROMPTS[0])[:4]
-    want, z_ref = _greedy(ref, ids, 4)
-    got, z = _greedy(gpu_model, ids, 4)
+    want, z_ref = refinfer_greedy(ref, ids, 4, prompt_logits=True)
+    got, z = refinfer_greedy(gpu_model, ids, 4, prompt_logits=True)
     assert got == want
     nmse = float(np.sum((z.astype(np.float64) - z_ref) ** 2) / np.sum(z_ref.astype(np.float64) ** 2))
     assert nmse <= 1e-10, f"{mode}: logits NMSE {nmse:.3g}"

@@ -15,6 +15,7 @@ import pytest
 
 numba = pytest.importorskip("numba")
 
+from llama_ref import refinfer_greedy  # noqa: E402
 from refinfer import quant  # noqa: E402
 from refinfer.backends import blockdecode as bd  # noqa: E402
 from refinfer.backends import get_backend  # noqa: E402
@@ -420,11 +421,6 @@ PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", 
            "In a hole in the ground there lived", "Q: What is 2+2?\nA:", "Le chat est", "import numpy as np\n"]
 
 
-def _greedy(model, ids, n):
-    from llama_ref import refinfer_greedy
-    return refinfer_greedy(model, ids, n, prompt_logits=True)
-
-
 @pytest.mark.parametrize("name", ["q4_1", "f32", "q8_0", "q5_0"])
 def test_whole_model_same_greedy_tokens_and_logits(tiny_quantized, name):
     """All 8 prompts for the default model's type and f32; 2 for the others (test time)."""
@@ -434,8 +430,8 @@ def test_whole_model_same_greedy_tokens_and_logits(tiny_quantized, name):
     worst = 0.0
     for prompt in PROMPTS if name in ("q4_1", "f32") else PROMPTS[:2]:
         ids = ref.tokenize(prompt)
-        want, z_ref = _greedy(ref, ids, 64)
-        got, z = _greedy(fast, ids, 64)
+        want, z_ref = refinfer_greedy(ref, ids, 64, prompt_logits=True)
+        got, z = refinfer_greedy(fast, ids, 64, prompt_logits=True)
         assert got == want, f"{name} {prompt!r}: first difference at step {next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)}"
         worst = max(worst, float(np.sum((z.astype(np.float64) - z_ref) ** 2) / np.sum(z_ref.astype(np.float64) ** 2)))
     # measured 1.8e-13 (q4_1), 1.1e-13 (f32), 7.7e-14 (q8_0, q5_0): the kernels' float32 sums
