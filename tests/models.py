@@ -173,6 +173,14 @@ def load_llama(path, **kwargs):
     return open_llama(path, plain=True, **kwargs)
 
 
+def llama_cpp_logits(path, prompt=b"The quick brown fox jumps over the lazy dog"):
+    """llama.cpp's float32[n_tokens, vocab] logits of every position of prompt (BOS first)."""
+    llm = load_llama(path, n_ctx=64, verbose=False, logits_all=True)
+    toks = llm.tokenize(prompt, add_bos=True)
+    llm.eval(toks)
+    return np.array(llm.scores[:len(toks)], dtype=np.float32)
+
+
 def write_safetensors(path, arrays):
     """A minimal independent safetensors writer: u64 header length, JSON header, C-order data.
     Values are (safetensors dtype, array)."""

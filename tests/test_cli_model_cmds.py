@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import refinfer
+from models import llama_cpp_logits, llama_quantize
 from refinfer.cli import main as cli_main
 from refinfer.gguf_file import GGUFFile
 
@@ -322,25 +323,6 @@ llama_cpp_required = pytest.mark.skipif(not __import__("importlib").util.find_sp
                                         reason="llama-cpp-python is not installed")
 
 
-def llama_model_quantize(src, dst, ftype):
-    """llama.cpp's llama_model_quantize, pure, requantizing a quantized input as --allow-requantize."""
-    import llama_cpp
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.pure = True
-    params.allow_requantize = True
-    assert llama_cpp.llama_model_quantize(os.fspath(src).encode(), os.fspath(dst).encode(), params) == 0
-    return dst
-
-
-def llama_cpp_logits(path):
-    from models import load_llama
-    llm = load_llama(path, n_ctx=64, verbose=False, logits_all=True)
-    toks = llm.tokenize(b"The quick brown fox jumps over the lazy dog", add_bos=True)
-    llm.eval(toks)
-    return np.array(llm.scores[:len(toks)], dtype=np.float32)
-
-
 def nmse(a, b):
     return float(((a - b) ** 2).sum() / (b ** 2).sum())
 
@@ -355,7 +337,7 @@ def check_convert_f16(tmp_path, capsys):
     rc, o, err = cli(capsys, ["convert", TINY_Q4_1, f16, "--type", "f16"])
     assert rc == 0, err
     assert "15 tensors dequantized to f16 (from q4_1), 5 copied;" in o, o
-    ref = llama_model_quantize(TINY_Q4_1, tmp_path / "ref-f16.gguf", 1)   # LLAMA_FTYPE_MOSTLY_F16
+    ref = llama_quantize(TINY_Q4_1, tmp_path / "ref-f16.gguf", "f16", allow_requantize=True)
     assert f16.read_bytes() == ref.read_bytes()
     f = GGUFFile(f16)
     assert f.metadata["general.file_type"] == 1
@@ -367,14 +349,15 @@ def check_convert_f16(tmp_path, capsys):
     assert err_f16 < 1e-5, err_f16   # measured 8.8e-7 (f16 weights, llama.cpp's q8 activations and f16 KV)
     f32 = tmp_path / "f32.gguf"
     assert cli(capsys, ["convert", TINY_Q4_1, f32, "--type", "f32"])[0] == 0
-    assert f32.read_bytes() == llama_model_quantize(TINY_Q4_1, tmp_path / "ref-f32.gguf", 0).read_bytes()
+    ref = llama_quantize(TINY_Q4_1, tmp_path / "ref-f32.gguf", "f32", allow_requantize=True)
+    assert f32.read_bytes() == ref.read_bytes()
     err_f32 = nmse(llama_cpp_logits(f32), ours)
     assert err_f32 < 2e-6, err_f32   # measured 1.8e-7: llama.cpp's own roundings on exact weights
     # quantize takes the f16 conversion back to q4_0, as llama.cpp does
     q4 = tmp_path / "q4_0.gguf"
     rc, o, err = cli(capsys, ["quantize", f16, q4, "--type", "q4_0"])
     assert rc == 0 and "15 tensors q4_0, 5 copied" in o and "note:" not in err, (o, err)
-    assert q4.read_bytes() == llama_model_quantize(f16, tmp_path / "ref-q4_0.gguf", 2).read_bytes()
+    assert q4.read_bytes() == llama_quantize(f16, tmp_path / "ref-q4_0.gguf", "q4_0").read_bytes()
 
 
 @llama_cpp_required
@@ -384,7 +367,8 @@ def test_quantize_requantizes_a_quantized_model_and_says_what_it_costs(tmp_path,
     assert rc == 0, err
     assert "15 tensors q8_0 (from q4_1)" in o
     assert "already quantized (q4_1)" in err and "compounds the rounding error" in err
-    assert out.read_bytes() == llama_model_quantize(TINY_Q4_1, tmp_path / "ref.gguf", 7).read_bytes()
+    ref = llama_quantize(TINY_Q4_1, tmp_path / "ref.gguf", "q8_0", allow_requantize=True)
+    assert out.read_bytes() == ref.read_bytes()
 
 
 def test_convert_bf16_and_errors(tmp_path, capsys):

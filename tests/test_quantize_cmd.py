@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from models import gguf_to_hf_dir, llama_quantize, load_llama, make_tiny_llama_gguf
+from models import gguf_to_hf_dir, llama_cpp_logits, llama_quantize, make_tiny_llama_gguf
 from refinfer.cli import main as cli_main
 from refinfer.gguf_file import GGUFFile, write_gguf
 from refinfer.quantize_model import FTYPES, quantize_model
@@ -49,16 +49,9 @@ def assert_same_as_llama_cpp(ours, ref):
         assert a.metadata[k] == b.metadata[k], k
 
 
-def llama_logits(path):
-    llm = load_llama(path, n_ctx=64, verbose=False, logits_all=True)
-    toks = llm.tokenize(b"The quick brown fox jumps over the lazy dog", add_bos=True)
-    llm.eval(toks)
-    return np.array(llm.scores[:len(toks)], dtype=np.float32)
-
-
 @pytest.fixture(scope="module")
 def f32_logits(tiny_llama_f32):
-    return llama_logits(tiny_llama_f32)
+    return llama_cpp_logits(tiny_llama_f32)
 
 
 # q4_0 from f32 and q8_0 from f16 go through the command line in a subprocess; the rest call
@@ -85,7 +78,7 @@ def test_matches_llama_model_quantize(src, qtype, tiny_llama_f32, tiny_llama_f16
 
     md = GGUFFile(ours).metadata
     assert md["general.file_type"] == FTYPES[qtype] and md["general.quantization_version"] == 2
-    logits = llama_logits(ours)
+    logits = llama_cpp_logits(ours)
     assert np.isfinite(logits).all()
     # the quantized model still computes the f32 model's function, roughly
     nmse = float(((logits - f32_logits) ** 2).sum() / (f32_logits ** 2).sum())
@@ -104,7 +97,7 @@ def test_bf16_input_odd_row_length_and_tied_embeddings(vocab_dir, tmp_path):
         assert_same_as_llama_cpp(ours, llama_quantize(model, ref, qtype))
         types = {t.name: t.qtype.name for t in GGUFFile(ours).tensors.values()}
         assert types["blk.1.ffn_down.weight"] == "f16" and types["token_embd.weight"] == qtype
-        assert np.isfinite(llama_logits(ours)).all()
+        assert np.isfinite(llama_cpp_logits(ours)).all()
 
 
 def test_f16_input_with_odd_rows_copies_them(vocab_dir, tmp_path):
@@ -205,7 +198,7 @@ def test_hf_directory_matches_llama_cpp_on_the_converted_gguf(dtype, qtype, voca
     for k, v in b.metadata.items():
         if k.startswith(("llama.", "tokenizer.")) or k in ("general.file_type", "general.quantization_version"):
             assert a.metadata.get(k) == v and a.metadata_types[k] == b.metadata_types[k], k
-    assert np.isfinite(llama_logits(ours)).all()
+    assert np.isfinite(llama_cpp_logits(ours)).all()
 
 
 def test_hf_directory_needs_a_vocabulary(tiny_llama_f32, vocab_dir, tmp_path, capsys):
@@ -235,7 +228,7 @@ def test_non_default_alignment_is_kept_consistent(tiny_llama_f32, tmp_path):
     ref = GGUFFile(llama_quantize(tiny_llama_f32, tmp_path / "ref.gguf", "q8_0"))
     assert list(ours.tensors) == list(ref.tensors)
     assert all(np.array_equal(ours.raw(n), ref.raw(n)) for n in ref.tensors)
-    assert np.isfinite(llama_logits(tmp_path / "ours.gguf")).all()
+    assert np.isfinite(llama_cpp_logits(tmp_path / "ours.gguf")).all()
 
 
 def test_progress_bar_goes_to_stderr(tiny_llama_f32, tmp_path, capsys):
