@@ -25,9 +25,16 @@ def add_argument(p, default_help="all cores"):
                         "with NUMBA_NUM_THREADS set, at most that many")
 
 
+# ggml's GGML_MAX_N_THREADS. Numba starts every thread of its pool at once: tens of thousands
+# exhaust the process's threads and crash it (a segmentation fault at -t 99999).
+MAX_THREADS = 512
+
+
 def check(n, option="-t/--threads"):
-    if n is not None and n < 1:
-        raise RefinferError(f"{option} must be >= 1, got {n}", hint="-t 1 for one thread; leave it out for all cores")
+    if n is not None and not 1 <= n <= MAX_THREADS:
+        raise RefinferError(f"{option} must be in 1..{MAX_THREADS}, got {n}",
+                            hint=f"this machine has {os.cpu_count() or 1} cores; -t 1 for one thread, "
+                                 "leave it out for all of them")
     return n
 
 

@@ -111,6 +111,7 @@ def test_check_logits_bounds():
 
 
 @pytest.mark.parametrize("args,option", [(["--threads", "0"], "--threads"), (["-t", "a"], "--threads"),
+                                         (["-t", "1,600"], "--threads"), (["-t", ","], "--threads"),
                                          (["--backends", "tpu"], "--backends"), (["-p", "0", "-n", "0"], "-p"),
                                          (["-r", "0"], "--reps")])
 def test_bench_rejects_bad_arguments(args, option, capsys):

@@ -71,6 +71,7 @@ def no_work(monkeypatch):
     (["-c", "3"], ["-c/--ctx", "at least 4", "got 3"]),
     (["-c", "-8"], ["-c/--ctx", "got -8"]),
     (["-t", "0"], ["-t/--threads", "got 0"]),
+    (["-t", "513"], ["-t/--threads", "1..512", "got 513"]),
 ])
 def test_kld_bad_ctx_chunks_threads(args, needles, text, capsys, no_work):
     rc, _, err = run(capsys, "kld", "--base", Q8, "--test", Q4, "-f", text, *args)

@@ -59,6 +59,7 @@ def check_fails(capsys, argv, *fragments):
     (["--backend", "nonsense"], ["backend", "'nonsense'"]),
     (["--mode", "fast"], ["mode", "'fast'"]),
     (["-t", "0"], ["-t/--threads", "0"]),
+    (["-t", "99999"], ["-t/--threads", "1..512", "99999"]),   # was a segmentation fault in Numba's pool
     (["--repeat-last-n", "-2"], ["--repeat-last-n", "-2"]),
     (["-m", "/nonexistent/model.gguf"], ["/nonexistent/model.gguf"]),
 ])

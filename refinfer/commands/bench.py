@@ -35,14 +35,17 @@ def add_arguments(p):
     p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as a JSON array to FILE")
 
 
-def _ints(text, what):
+def _thread_counts(text):
+    from .. import threads
     from ..errors import RefinferError
     try:
         vals = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise RefinferError(f"--{what} must be comma-separated integers, got {text!r}", hint=f"e.g. --{what} 1,2") from None
-    if not vals or min(vals) < 1:
-        raise RefinferError(f"--{what} needs integers >= 1, got {text!r}", hint=f"e.g. --{what} 1,2")
+        raise RefinferError(f"--threads must be comma-separated integers, got {text!r}", hint="e.g. --threads 1,2") from None
+    if not vals:
+        raise RefinferError(f"--threads names no thread count, got {text!r}", hint="e.g. --threads 1,2")
+    for n in vals:
+        threads.check(n, "--threads")
     return vals
 
 
@@ -53,7 +56,7 @@ def run(args) -> int:
     from ..errors import RefinferError
     from ..output_files import check_output_path
 
-    threads = _ints(args.threads, "threads")
+    threads = _thread_counts(args.threads)
     engines = [e.strip() for e in args.backends.split(",") if e.strip()]
     bad = [e for e in engines if e not in ENGINES]
     if bad or not engines:
