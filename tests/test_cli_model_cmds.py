@@ -246,6 +246,8 @@ def check_threads_in_process(monkeypatch, capsys):
     """-t 1 is in force (Numba and BLAS) when the model loads."""
     import numba
     import threadpoolctl
+
+    import refinfer.model        # `import refinfer` alone does not load it
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("one core: a thread count of 1 cannot be told from the default")
     seen = {}
