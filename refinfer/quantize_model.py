@@ -351,6 +351,9 @@ def quantize_model(in_path, out_path, qtype: str, *, vocab_from=None, progress: 
 
     start = time.perf_counter()
     is_hf = os.path.isdir(in_path) or in_path.endswith((".safetensors", ".safetensors.index.json"))
+    if vocab_from is not None and not is_hf:
+        raise RefinferError(f"--vocab-from {vocab_from}: the input {in_path!r} is a GGUF file, which keeps its own "
+                            "tokenizer", hint="leave out --vocab-from; it is for an HF checkpoint directory IN")
     src = hf_source(in_path, vocab_from) if is_hf else gguf_source(in_path)
     report = QuantizeReport(qtype)
     metadata, types = dict(src.metadata), dict(src.types)

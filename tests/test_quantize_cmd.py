@@ -146,6 +146,12 @@ def test_error_missing_input_and_output_dir(tiny_llama_f32, tmp_path, capsys):
                 "does not exist", "hint:")
 
 
+def test_error_vocab_from_with_a_gguf_input(tiny_llama_f32, tmp_path, capsys):
+    check_error(capsys, ["quantize", str(tiny_llama_f32), str(tmp_path / "o.gguf"), "--type", "q4_0",
+                         "--vocab-from", str(tiny_llama_f32)], "--vocab-from", "GGUF", "hint:")
+    assert not (tmp_path / "o.gguf").exists()
+
+
 def test_error_output_is_input(tiny_llama_f32, tmp_path, capsys):
     link = tmp_path / "same.gguf"
     os.symlink(tiny_llama_f32, link)
