@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import codecs
-import secrets
 import time
 
 import numpy as np
@@ -12,7 +11,7 @@ from .backends import get_backend
 from .errors import RefinferError
 from .forward import KVCache, forward
 from .loader import load as load_checkpoint
-from .sampling import Sampler, SamplerConfig
+from .sampling import Sampler, SamplerConfig, resolve_seed
 
 
 class Model:
@@ -155,16 +154,6 @@ def complete_text(data: bytes) -> str:
     bytes of a character that the next tokens would complete (or that -n cut off). Invalid
     bytes elsewhere still decode to U+FFFD, as in a plain decode with errors="replace"."""
     return codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=False)
-
-
-def resolve_seed(seed, option="seed") -> int:
-    """seed None or -1 (llama.cpp's LLAMA_DEFAULT_SEED, "random"): a fresh random 32-bit seed."""
-    if seed is None or seed == -1:
-        return secrets.randbits(32)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise RefinferError(f"{option} must be an integer >= 0, or -1 for a random seed; got {seed!r}",
-                            hint="--seed 42 repeats a run; --seed -1 (the default) picks a random seed and reports it")
-    return int(seed)
 
 
 def check_max_tokens(n, option="max_tokens") -> int:

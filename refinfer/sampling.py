@@ -150,6 +150,16 @@ def inverse_cdf(p, u) -> int:
     return j if j < len(p) else int(np.flatnonzero(p > 0)[-1])
 
 
+def resolve_seed(seed) -> int:
+    """The seed a request draws with: None or -1 (llama.cpp's LLAMA_DEFAULT_SEED, "random")
+    picks a fresh 32-bit seed, to be reported so that the run can be repeated; any other value
+    must pass SamplerConfig's seed rule."""
+    if seed is None or (not isinstance(seed, bool) and seed == -1):
+        return secrets.randbits(32)
+    SamplerConfig(seed=seed).check()
+    return int(seed)
+
+
 class Sampler:
     """One request's sampler: the chain of SamplerConfig and its seed. sampler(logits, history,
     i) gives generated token i; it keeps no state between calls, so calls may come in any
@@ -157,7 +167,7 @@ class Sampler:
 
     def __init__(self, cfg: SamplerConfig):
         self.cfg = cfg.check()
-        self.seed = secrets.randbits(32) if cfg.seed in (None, -1) else int(cfg.seed)
+        self.seed = resolve_seed(cfg.seed)
 
     def candidates(self, logits, history=()):
         """The candidates of the draw: token ids int64[n], best first, and their probabilities

@@ -57,3 +57,9 @@ def set_threads(n: int | None) -> int:
     except ImportError:                      # threadpoolctl is a dependency; a broken install only loses this
         pass
     return n
+
+
+def llama_cpp_threads(n: int | None) -> int:
+    """llama.cpp's thread count for a -t value: one thread unless asked, since its spin-waiting
+    threads make two threads slower than one on a busy machine (see llama_oracle.LlamaCpp)."""
+    return 1 if n is None else n

@@ -62,7 +62,7 @@ def run(args) -> int:
         test = read_dump(args.test)
     else:
         threads.set_threads(args.threads)
-        test = _llama_dump(ref, args.llama_cpp, args.threads or 1)
+        test = _llama_dump(ref, args.llama_cpp, threads.llama_cpp_threads(args.threads))
     diffs, only_ref, only_test = compare_dumps(ref, test, table)    # check_same_run first: exit 2, not 1
     if not diffs:
         raise RefinferError(f"{ref.path} and {test.path} share no tensor names",

@@ -68,7 +68,7 @@ def run(args) -> int:
         if not str(model.path).endswith(".gguf"):
             raise RefinferError(f"{model.path}: llama.cpp reads GGUF files only",
                                 hint="dump an HF directory with --backend numpy")
-        tensors = capture_llama_cpp(model.path, ids, skip=args.skip, n_threads=args.threads or 1)
+        tensors = capture_llama_cpp(model.path, ids, skip=args.skip, n_threads=threads.llama_cpp_threads(args.threads))
         engine, mode = "llama.cpp", "llama.cpp-default"
     else:
         tensors = capture_refinfer(model, ids, progress=not args.no_progress, skip=args.skip)

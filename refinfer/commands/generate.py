@@ -43,7 +43,7 @@ def check_args(args):
     from ..sampling import SamplerConfig
 
     check_max_tokens(args.n_predict, "-n/--n-predict")
-    seed = resolve_seed(args.seed, "--seed")
+    seed = resolve_seed(args.seed)
     SamplerConfig(args.temp, args.top_k, args.top_p, args.min_p, args.repeat_penalty, args.repeat_last_n,
                   seed=seed).check()
     check_backend_name(args.backend, args.mode)

@@ -85,7 +85,7 @@ def run(args) -> int:
     if args.save_base is not None and not args.test:
         raise RefinferError("--save-base saves the base logits of a --test run", hint="add --test SRC")
     threads.set_threads(args.threads)
-    n_llama = args.threads or 1                 # llama.cpp: one thread unless asked (see llama_oracle.LlamaCpp)
+    n_llama = threads.llama_cpp_threads(args.threads)
     n_ctx = 512 if args.ctx is None else args.ctx
     base = parse_source(args.base, n_ctx=n_ctx, n_threads=n_llama)
     opened = [base]

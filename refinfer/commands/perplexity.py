@@ -50,7 +50,7 @@ def run(args) -> int:
         spec = str(default_model_path())
     if SOURCE_SPEC.match(spec) is None and not spec.startswith(("http://", "https://")):  # a plain path: refinfer
         spec = f"refinfer[mode={args.mode},backend={args.backend}]:{spec}"
-    src = parse_source(spec, n_ctx=args.ctx, n_threads=args.threads or 1)
+    src = parse_source(spec, n_ctx=args.ctx, n_threads=threads.llama_cpp_threads(args.threads))
     try:
         if isinstance(src, LogitsFileSource):
             raise RefinferError(f"-m {spec}: perplexity runs a model, not saved logits",
