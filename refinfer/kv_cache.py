@@ -102,8 +102,8 @@ def _expect(ok: bool, message: str):
 class CacheType:
     name: str
     row_bytes: Callable[[int], int]                    # head_dim -> bytes of one row; ShapeError if it does not fit
-    store: Callable[[np.ndarray, np.ndarray], None]    # store(dst uint8[..., row_bytes], rows float32[..., head_dim])
-    load: Callable[[np.ndarray], np.ndarray]           # load(src uint8[..., row_bytes]) -> float32[..., head_dim]
+    store: Callable[[np.ndarray, np.ndarray], None]    # store(dst uint8[..., row_bytes], rows float[..., head_dim])
+    load: Callable[[np.ndarray], np.ndarray]           # load(src uint8[..., row_bytes]) -> float32[..., head_dim] (f64: float64)
     doc: str
 
 
@@ -125,9 +125,18 @@ def _load_f16(src):
     return fp16_to_f32(np.ascontiguousarray(src).view("<u2"))
 
 
+def _store_f64(dst, rows):
+    dst[...] = np.ascontiguousarray(rows, dtype="<f8").view(np.uint8)
+
+
+def _load_f64(src):
+    return np.ascontiguousarray(src).view("<f8").astype(np.float64)
+
+
 F32 = CacheType("f32", lambda hd: 4 * hd, _store_f32, _load_f32, "float32, exact")
 F16 = CacheType("f16", lambda hd: 2 * hd, _store_f16, _load_f16, "IEEE binary16, ggml's default KV type")
-CACHE_TYPES: dict[str, CacheType] = {t.name: t for t in (F32, F16)}
+F64 = CacheType("f64", lambda hd: 8 * hd, _store_f64, _load_f64, "float64, for the float64 reference (dtype=np.float64)")
+CACHE_TYPES: dict[str, CacheType] = {t.name: t for t in (F32, F16, F64)}
 
 
 def get_cache_type(name) -> CacheType:
@@ -424,10 +433,32 @@ class BlockManager:
         pos = np.arange(start, start + n)
         return np.asarray(self.tables[seq].block_ids, np.int64)[pos // self.block_size] * self.block_size + pos % self.block_size
 
+    def step_slots(self, seq: Hashable, start: int, token_ids) -> np.ndarray:
+        """The slots that a forward step writes for seq's token_ids at positions start ..: checks
+        that the step continues the sequence (start is its computed length, the tokens are its
+        own) and that every block it writes belongs to it alone and is not registered."""
+        if seq not in self.tables:
+            raise RefinferError(f"sequence {seq!r} has no block table", hint="allocate() it before its first step")
+        t, n = self.tables[seq], len(token_ids)
+        if start != t.num_computed or start + n > len(t.token_ids):
+            raise RefinferError(f"sequence {seq!r}: a step of positions {start}..{start + n - 1}, but {t.num_computed} "
+                                f"positions are computed and {len(t.token_ids)} have slots",
+                                hint="a step starts at num_computed_tokens(seq); give tokens slots with "
+                                     "allocate() / append_slot() first")
+        if list(t.token_ids[start:start + n]) != [int(x) for x in token_ids]:
+            raise RefinferError(f"sequence {seq!r}: the step's tokens differ from the block table's at positions "
+                                f"{start}..{start + n - 1}", hint="feed the tokens given to allocate() / append_slot()")
+        for i in range(start // self.block_size, self.blocks_needed(start + n)):
+            block = self.blocks[t.block_ids[i]]
+            _expect(block.ref_cnt == 1 and block.block_hash is None,
+                    f"a step writes block {block.block_id} (ref_cnt {block.ref_cnt}, registered "
+                    f"{block.block_hash is not None}) of sequence {seq!r}")
+        return self.slot_mapping(seq, start, n)
+
     def write(self, layer: int, seq: Hashable, start: int, k_rows, v_rows):
         """Store k_rows, v_rows float32[T, n_kv_heads, head_dim] at positions start .. start + T - 1."""
         t, p = self.tables[seq], self.pool
-        k_rows, v_rows = np.asarray(k_rows, np.float32), np.asarray(v_rows, np.float32)
+        k_rows, v_rows = np.asarray(k_rows), np.asarray(v_rows)
         T = len(k_rows)
         if k_rows.shape != (T, p.n_kv_heads, p.head_dim) or v_rows.shape != k_rows.shape:
             raise ShapeError(f"write: K {k_rows.shape} and V {v_rows.shape} must both be "

@@ -28,10 +28,10 @@ class Model:
         return self.backend.mode
 
     def new_cache(self, max_len=None) -> KVCache:
+        """A paged cache for one sequence of up to max_len positions (the context length), in
+        the backend's memory (be.new_kv_pool)."""
         n = self.config.max_seq_len if max_len is None else min(int(max_len), self.config.max_seq_len)
-        if hasattr(self.backend, "new_kv_cache"):   # a backend that keeps the cache in its own memory
-            return self.backend.new_kv_cache(self.config, n)
-        return KVCache(self.config, n, dtype=self.backend.dtype)
+        return KVCache(self.config, n, be=self.backend)
 
     # ---- text <-> tokens ------------------------------------------------------------------
     def _need_tokenizer(self):

@@ -1,7 +1,10 @@
 """The reference backend, in NumPy. Two numeric modes:
 
 ideal  the mathematically intended model: weights dequantized exactly, activations in float32
-       (or float64 with dtype=np.float64), reductions accumulated in float64.
+       (or float64 with dtype=np.float64), every reduction in float64 and in a fixed order:
+       a matmul element sums its exact products in column order (column_order_matmul), RMSNorm
+       and attention sum in index order (in_order_sum). So each row's numbers are a function of
+       that row's data alone, never of the batch around it (forward.py: batch invariance).
 ggml   llama.cpp's CPU arithmetic (x86 AVX2 + FMA + F16C build; sources in ggml/src/ggml-cpu),
        reproduced operation by operation; the kernels are in ggml_emulation.py:
        - quantized matmuls first quantize the activation rows to the weight's vec_dot type
@@ -33,6 +36,7 @@ import math
 import numpy as np
 
 from .. import quant
+from ..kv_cache import BlockPool
 from . import ggml_emulation as ge
 from ..quant._common import F32, f32_to_fp16_bits, fp16_to_f32
 
@@ -62,6 +66,27 @@ def quantize_act_q8(x: np.ndarray):
     return round_f16(d), round_f16(s), codes
 
 
+def in_order_sum(a: np.ndarray, axis: int) -> np.ndarray:
+    """Sum along axis strictly in index order: ((a0 + a1) + a2) + ... (np.sum's pairwise order
+    depends on the array's length and memory layout; an accumulation does not)."""
+    return np.cumsum(a, axis=axis).take(-1, axis=axis)
+
+
+def column_order_matmul(x: np.ndarray, wt: np.ndarray) -> np.ndarray:
+    """x[T, cols] @ wt[cols, rows] -> float64[T, rows], each element summed over the columns in
+    order, in float64: float32 x float32 products are exact in float64, so out[t, r] is a
+    function of row t of x alone, whatever T is (a BLAS product of T rows is not: its blocking
+    and kernels change with the shape). Vectorised across T x rows, one column at a time."""
+    T, cols = x.shape
+    acc = np.zeros((T, wt.shape[1]))
+    tmp = np.empty_like(acc)
+    x64 = x.astype(np.float64)
+    for c in range(cols):
+        np.multiply(x64[:, c, None], wt[c], out=tmp)
+        acc += tmp
+    return acc
+
+
 class NumpyBackend:
     name = "numpy"
 
@@ -75,6 +100,12 @@ class NumpyBackend:
         key = ("dense", id(w))
         if key not in self._dense:
             self._dense[key] = w.dequantize().astype(self.dtype if self.mode == "ideal" else np.float64)
+        return self._dense[key]
+
+    def _dequantized_t(self, w):  # -> float[cols, rows]: W transposed, self.dtype, for column_order_matmul
+        key = ("dense_t", id(w))
+        if key not in self._dense:
+            self._dense[key] = np.ascontiguousarray(w.dequantize().astype(self.dtype).T)
         return self._dense[key]
 
     def _q8_parts(self, w, lanes=False):
@@ -118,7 +149,7 @@ class NumpyBackend:
     def matmul(self, out, x, w):
         """out[T, rows] = x[T, cols] @ W(rows, cols).T"""
         if self.mode == "ideal":
-            out[...] = x.astype(self.dtype) @ self._dequantized(w).T
+            out[...] = column_order_matmul(x, self._dequantized_t(w))
             return
         vd = VEC_DOT_TYPE.get(w.qtype.name)
         if vd in ("q8_0", "q8_1"):
@@ -160,7 +191,7 @@ class NumpyBackend:
     def rmsnorm(self, out, x, weight, eps):
         """out = x / sqrt(mean(x^2) + eps) * weight, per row."""
         if self.mode == "ideal":
-            ms = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
+            ms = in_order_sum(np.square(x, dtype=np.float64), axis=-1)[:, None] / x.shape[-1]
             out[...] = (x / np.sqrt(ms + eps)).astype(self.dtype) * weight
         else:
             sq = np.square(x.astype(np.float32))                     # x*x rounded to float
@@ -199,29 +230,77 @@ class NumpyBackend:
         else:
             x[..., first], x[..., second] = ge.rope_rotate(x0, x1, c, s)
 
-    def store_kv(self, cache, pos0, x):
-        """cache[pos0 : pos0 + T] = x (F16 cache in ggml mode: the value read back is rounded)."""
-        cache[pos0: pos0 + len(x)] = x if self.mode == "ideal" else round_f16(x)
+    # ---- the paged KV cache (kv_cache.py) -----------------------------------------------------
+    def kv_types(self):
+        """(K type, V type) of the cache: exact rows in ideal mode (float64 ones for a float64
+        reference), llama.cpp's default F16 cache in ggml mode."""
+        if self.mode == "ggml":
+            return "f16", "f16"
+        return ("f64", "f64") if self.dtype == np.float64 else ("f32", "f32")
 
-    def attention(self, out, q, k, v, pos0):
-        """Causal GQA attention. q[T, n_heads, hd] at positions pos0.., k/v[S, n_kv, hd] with
-        S = pos0 + T cached positions -> out[T, n_heads, hd]."""
+    def new_kv_pool(self, **shape):
+        return BlockPool(**shape)
+
+    def store_kv(self, pool, layer, meta, k, v):
+        """Rows k, v float[N, n_kv, hd] at meta.slots of layer's K and V, as the pool's types
+        store them (F16 in ggml mode: what attention reads back is rounded)."""
+        for arr, ctype, rows in ((pool.k, pool.k_type, k), (pool.v, pool.v_type, v)):
+            flat = arr[layer].reshape(-1, *arr.shape[-2:])           # [n_blocks * block_size, n_kv, row_bytes]
+            buf = np.empty((len(rows),) + arr.shape[-2:], np.uint8)
+            ctype.store(buf, rows)
+            flat[meta.slots] = buf
+
+    @staticmethod
+    def gather_kv(pool, layer, meta, seg, n_positions):
+        """K and V of positions 0 .. n_positions - 1 of segment seg's sequence, through its block
+        table -> (float[n, n_kv, hd], float[n, n_kv, hd])."""
+        ids = meta.tables[seg][: -(-n_positions // meta.block_size)]
+        k = pool.k[layer][ids].reshape(-1, *pool.k.shape[-2:])[:n_positions]
+        v = pool.v[layer][ids].reshape(-1, *pool.v.shape[-2:])[:n_positions]
+        return pool.k_type.load(k), pool.v_type.load(v)
+
+    def attention(self, out, q, pool, layer, meta):
+        """Causal GQA attention over the paged cache: q, out [N, n_heads, hd]; token i attends to
+        positions 0 .. meta.positions[i] of its segment's sequence.
+
+        ideal  per token and head, in float64 with every sum in a fixed order: a score sums q.k
+               over d in order, the softmax denominator and the V sum run over positions in
+               order (np.cumsum is a sequential sum). A token's numbers depend on its own query
+               and its sequence's K/V only: the tokens of a segment are computed together, each
+               with its later positions masked to exact zeros, which add nothing to a sum.
+        ggml   llama.cpp's single-sequence batch of each segment's tokens (_attention_ggml)."""
+        for j in range(len(meta.seg_starts) - 1):
+            t0, t1 = int(meta.seg_starts[j]), int(meta.seg_starts[j + 1])
+            pos = meta.positions[t0:t1]
+            S = int(pos.max()) + 1
+            k, v = self.gather_kv(pool, layer, meta, j, S)
+            mask = np.arange(S)[None, :] > pos[:, None]                  # [T, S] future positions
+            if self.mode == "ideal":
+                self._attention_ideal(out[t0:t1], q[t0:t1], k, v, mask)
+            else:
+                self._attention_ggml(out[t0:t1], q[t0:t1], k, v, mask)
+
+    def _attention_ideal(self, out, q, k, v, mask):
         T, n_heads, hd = q.shape
         S, n_kv, _ = k.shape
         group = n_heads // n_kv
-        kh = np.repeat(k, group, axis=1).transpose(1, 2, 0)          # [n_heads, hd, S]
-        vh = np.repeat(v, group, axis=1).transpose(1, 0, 2)          # [n_heads, S, hd]
-        mask = np.arange(S)[None, :] > (pos0 + np.arange(T))[:, None]  # [T, S] future positions
+        kh = np.repeat(k, group, axis=1).transpose(1, 2, 0).astype(np.float64)   # [n_heads, hd, S]
+        vh = np.repeat(v, group, axis=1).transpose(1, 0, 2).astype(np.float64)   # [n_heads, S, hd]
+        qh = q.transpose(1, 0, 2).astype(np.float64)                             # [n_heads, T, hd]
         scale = 1.0 / math.sqrt(hd)
-        if self.mode == "ideal":
-            scores = np.matmul(q.transpose(1, 0, 2).astype(np.float64), kh) * scale  # [n_heads, T, S]
-            scores[:, mask] = -np.inf
+        step = max(1, (1 << 24) // (n_heads * S * hd))         # query rows at a time: bounds [n_heads, Tc, S, hd]
+        for t0 in range(0, T, step):
+            t1 = min(T, t0 + step)
+            scores = np.zeros((n_heads, t1 - t0, S))
+            for d in range(hd):                                  # sum over d in order
+                scores += qh[:, t0:t1, d, None] * kh[:, None, d, :]
+            scores *= scale
+            scores[:, mask[t0:t1]] = -np.inf
             scores -= scores.max(axis=-1, keepdims=True)
-            p = np.exp(scores)
-            p /= p.sum(axis=-1, keepdims=True)
-            out[...] = np.matmul(p, vh).transpose(1, 0, 2).astype(self.dtype)
-        else:
-            self._attention_ggml(out, q, k, v, mask)
+            p = np.exp(scores)                                   # masked positions: exactly 0
+            tot = in_order_sum(p, axis=-1)                       # [n_heads, Tc]
+            o = in_order_sum(p[..., None] * vh[:, None], axis=2)  # [n_heads, Tc, hd], over positions in order
+            out[t0:t1] = (o / tot[..., None]).transpose(1, 0, 2).astype(self.dtype)
 
     @staticmethod
     def _attention_ggml(out, q, k, v, mask):
