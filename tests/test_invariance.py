@@ -1,0 +1,82 @@
+"""Batch invariance of the forward pass, the guarantee of forward.py: in ideal mode, on each
+backend, every row of a ragged batch over the shared paged cache is bitwise equal to the same
+row of the sequence alone (Model.logits), whatever the batch composition, arrival order, prompt
+split, prefix-cache hits, block size and thread count. A negative control shows that the check
+fails for a backend whose matmul is a plain float32 BLAS product over the batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import refinfer
+from refinfer.backends.numpy_backend import NumpyBackend
+
+from invariance_workloads import SHAPES, first_difference, run_batched
+
+BACKENDS = ("numpy", "numba")
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def model(request, tiny_quantized):
+    return refinfer.load(tiny_quantized["q4_1"], backend=request.param)
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("block_size", [1, 3, 16])
+def test_ragged_batches_equal_each_sequence_alone(model, shape, block_size):
+    rng = np.random.default_rng([block_size, len(shape)])
+    work = SHAPES[shape](rng, model.config.vocab_size)
+    rows, stats = run_batched(model, work, rng, block_size=block_size)
+    assert first_difference(model, work, rows) is None
+    if shape == "shared_prefix" and block_size < 16:
+        assert stats.prefix_hits > 0, "the shared-prefix workload should hit the prefix cache"
+
+
+THREADS_CHILD = """
+import sys, numpy as np, numba, refinfer
+sys.path.insert(0, {tests!r})
+from invariance_workloads import SHAPES, first_difference, run_batched
+model = refinfer.load({path!r}, backend="numba")
+work = SHAPES["mixed"](np.random.default_rng(7), model.config.vocab_size)
+numba.set_num_threads(2)
+ref = {{i: model.logits(s) for i, s in enumerate(work.sequences)}}
+for n in (1, 2, 3):
+    numba.set_num_threads(n)
+    rows, _ = run_batched(model, work, np.random.default_rng(n), block_size=3)
+    for (i, p), row in rows.items():
+        assert np.array_equal(row.view(np.uint32), ref[i][p].view(np.uint32)), (n, i, p)
+    print("threads", n, "ok", len(rows))
+"""
+
+
+def test_thread_counts_1_2_3_change_no_bit(tiny_quantized):
+    """Numba's pool size is fixed when it starts: a child with NUMBA_NUM_THREADS=3 runs the mixed
+    workload on 1, 2 and 3 threads against references computed on 2."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    from child_process import finished
+    code = THREADS_CHILD.format(tests=str(pathlib.Path(__file__).parent), path=str(tiny_quantized["q4_1"]))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "NUMBA_NUM_THREADS": "3"})
+    out = finished(p, "thread-count child")
+    assert [line.split()[:3] for line in out.splitlines()] == [["threads", str(n), "ok"] for n in (1, 2, 3)]
+
+
+class _BatchDependentMatmul(NumpyBackend):
+    """The negative control: a float32 BLAS product over the whole batch, whose blocking (and so
+    each element's summation order) changes with the number of rows."""
+
+    def matmul(self, out, x, w):
+        out[...] = x.astype(np.float32) @ self._dequantized(w).T
+
+
+def test_negative_control_batch_dependent_matmul_is_caught(tiny_quantized):
+    model = refinfer.load(tiny_quantized["q4_1"], backend="numpy")
+    model.backend = _BatchDependentMatmul()
+    rng = np.random.default_rng(3)
+    work = SHAPES["mixed"](rng, model.config.vocab_size)
+    rows, _ = run_batched(model, work, rng, block_size=16)
+    assert first_difference(model, work, rows) is not None
