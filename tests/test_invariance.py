@@ -80,3 +80,47 @@ def test_negative_control_batch_dependent_matmul_is_caught(tiny_quantized):
     work = SHAPES["mixed"](rng, model.config.vocab_size)
     rows, _ = run_batched(model, work, rng, block_size=16)
     assert first_difference(model, work, rows) is not None
+
+
+CPU_BITS_CHILD = """
+import hashlib, sys, numpy as np, refinfer
+m = refinfer.load(sys.argv[1], backend=sys.argv[2])
+if sys.argv[3] == "blas":       # the negative control: a float32 BLAS matmul
+    m.backend.matmul = lambda out, x, w: out.__setitem__(..., x @ m.backend._dequantized(w).T)
+ids = [int(t) for t in np.random.default_rng(0).integers(3, m.config.vocab_size, 40)]
+print(hashlib.sha256(m.logits(ids).tobytes()).hexdigest())
+"""
+
+# NumPy dispatches its loops at run time to the widest SIMD the CPU has (baseline X86_V2, then
+# X86_V3 = AVX2 + FMA, X86_V4 = AVX-512), OpenBLAS its kernels to the CPU's core type;
+# NPY_DISABLE_CPU_FEATURES and OPENBLAS_CORETYPE make this machine behave as an older CPU. The
+# reference's ideal mode uses only elementwise IEEE operations, exp and ordered sums, no BLAS:
+# its bits must not depend on either.
+EMULATED_CPUS = {"host": {},
+                 "haswell": {"NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL", "OPENBLAS_CORETYPE": "Haswell"},
+                 "sandybridge": {"NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL",
+                                 "OPENBLAS_CORETYPE": "Sandybridge"}}
+
+
+def _digests_per_cpu(path, backend, matmul):
+    import os
+    import subprocess
+    import sys
+    from child_process import finished
+    digests = {}
+    for cpu, env in EMULATED_CPUS.items():
+        p = subprocess.run([sys.executable, "-c", CPU_BITS_CHILD, str(path), backend, matmul],
+                           capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+        digests[cpu] = finished(p, f"logits as a {cpu} CPU").split()[-1]
+    return digests
+
+
+def test_reference_bits_do_not_depend_on_the_cpu(tiny_quantized):
+    digests = _digests_per_cpu(tiny_quantized["q4_1"], "numpy", "reference")
+    assert len(set(digests.values())) == 1, digests
+
+
+def test_negative_control_blas_bits_depend_on_the_cpu(tiny_quantized):
+    """The same check sees a float32 BLAS matmul change with OpenBLAS's core type."""
+    digests = _digests_per_cpu(tiny_quantized["q4_1"], "numpy", "blas")
+    assert len(set(digests.values())) > 1, digests
