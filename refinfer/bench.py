@@ -79,11 +79,11 @@ def _worker_refinfer(model, backend, threads, n_prompt, n_gen, out_dir):
         import numba
         numba.set_num_threads(threads)
 
-    from .forward import KVCache, forward
+    from .forward import forward
     from .model import load
     m = load(model, backend=backend, mode="ideal")
     cfg, w, be = m.config, m.weights, m.backend
-    new_cache = getattr(be, "new_kv_cache", lambda cfg, n: KVCache(cfg, n, dtype=be.dtype))  # cuda: in GPU memory
+    new_cache = lambda cfg, n: m.new_cache(n)  # noqa: E731  (in the backend's memory: cuda's on the GPU)
     toks = bench_tokens(max(n_prompt, n_gen + 1), cfg.vocab_size)
     # warm-up (compiles or loads the cached kernels): a 2-token prompt and one decode step
     cache = new_cache(cfg, 8)
@@ -156,16 +156,15 @@ def reference_logits(model, n_prompt, n_gen) -> dict:
     """The logits every worker must reproduce, from the NumPy backend in ideal mode: "pp" the
     last position of the n_prompt-token prompt [V]; "tg" the n_gen decode steps [n_gen, V],
     computed as one teacher-forced pass over the same tokens (row 1 + i is what step i sees)."""
-    from .forward import KVCache, forward
+    from .forward import forward
     from .model import load
     m = load(model, backend="numpy", mode="ideal")
     toks = bench_tokens(max(n_prompt, n_gen + 1), m.config.vocab_size)
     out = {}
     if n_prompt:
-        out["pp"] = forward(m.config, m.weights, m.backend, toks[:n_prompt], KVCache(m.config, n_prompt),
-                            all_logits=False)[-1]
+        out["pp"] = forward(m.config, m.weights, m.backend, toks[:n_prompt], m.new_cache(n_prompt), all_logits=False)[-1]
     if n_gen:
-        out["tg"] = forward(m.config, m.weights, m.backend, toks[:n_gen + 1], KVCache(m.config, n_gen + 1))[1:]
+        out["tg"] = forward(m.config, m.weights, m.backend, toks[:n_gen + 1], m.new_cache(n_gen + 1))[1:]
     return out
 
 
