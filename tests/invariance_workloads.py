@@ -54,35 +54,49 @@ def shared_prefix(rng, vocab, n_requests=4, prefix=(17, 40), tail=(1, 12)) -> Wo
 SHAPES = {"single": single, "mixed": mixed, "shared_prefix": shared_prefix}
 
 
-def run_batched(model, work: Workload, rng, *, block_size=16, max_tokens_per_step=24, prefix_caching=True):
-    """-> ({(sequence index, position): float32[vocab] logits row}, BlockManager stats). Every
-    sequence ends computed and freed; the cache's accounting is checked."""
+def run_batched(model, work: Workload, rng=None, *, block_size=16, max_tokens_per_step=24, prefix_caching=True,
+                schedule=None):
+    """-> ({(sequence index, position): float32[vocab] logits row}, BlockManager stats, schedule).
+    Steps are drawn with rng, or replayed from schedule (a list of steps, each a list of
+    (sequence, start, n_tokens); a sequence is admitted at its first segment; no prefix caching
+    then, since a hit would move the starts). Every sequence ends computed and freed; the cache's
+    accounting is checked."""
     cfg, be = model.config, model.backend
     total = sum(-(-len(s) // block_size) for s in work.sequences)
     k_type, v_type = be.kv_types()
     pool = be.new_kv_pool(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                           n_blocks=total + 2, block_size=block_size, k_type=k_type, v_type=v_type)
-    kv = BlockManager(pool, enable_prefix_caching=prefix_caching)
+    kv = BlockManager(pool, enable_prefix_caching=prefix_caching and schedule is None)
     done: dict = {}
+    taken = []
     running: list[int] = []
-    step = 0
     waiting = list(range(len(work.sequences)))
-    while waiting or running:
-        for i in [i for i in waiting if work.arrivals[i] <= step]:
-            kv.allocate(i, work.sequences[i])        # slots for every position; leading blocks may be hits
-            running.append(i)
-            waiting.remove(i)
-        budget, batch = max_tokens_per_step, []
-        for i in rng.permutation(running):
-            i = int(i)
-            start = kv.num_computed_tokens(i)
-            left = len(work.sequences[i]) - start
-            if budget == 0:
-                break
-            n = int(rng.integers(1, min(left, budget) + 1))
-            batch.append(Segment(i, work.sequences[i][start:start + n], start, "all"))
-            budget -= n
+    step = 0
+    while (waiting or running) if schedule is None else step < len(schedule):
+        batch = []
+        if schedule is None:
+            for i in [i for i in waiting if work.arrivals[i] <= step]:
+                kv.allocate(i, work.sequences[i])        # slots for every position; leading blocks may be hits
+                running.append(i)
+                waiting.remove(i)
+            budget = max_tokens_per_step
+            for i in rng.permutation(running):
+                i = int(i)
+                start = kv.num_computed_tokens(i)
+                left = len(work.sequences[i]) - start
+                if budget == 0:
+                    break
+                n = int(rng.integers(1, min(left, budget) + 1))
+                batch.append(Segment(i, work.sequences[i][start:start + n], start, "all"))
+                budget -= n
+        else:
+            for i, start, n in schedule[step]:
+                if i not in kv.tables:
+                    kv.allocate(i, work.sequences[i])
+                    running.append(i)
+                batch.append(Segment(i, work.sequences[i][start:start + n], start, "all"))
         if batch:
+            taken.append([(s.seq_id, s.start, len(s.tokens)) for s in batch])
             for seg, rows in zip(batch, forward(cfg, model.weights, be, batch, kv)):
                 for j, row in enumerate(rows):
                     done[seg.seq_id, seg.start + j] = row
@@ -92,7 +106,7 @@ def run_batched(model, work: Workload, rng, *, block_size=16, max_tokens_per_ste
                     kv.free(seg.seq_id)
         step += 1
     kv.check_accounting()
-    return done, kv.stats()
+    return done, kv.stats(), taken
 
 
 def first_difference(model, work: Workload, rows: dict):

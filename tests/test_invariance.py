@@ -27,7 +27,7 @@ def model(request, tiny_quantized):
 def test_ragged_batches_equal_each_sequence_alone(model, shape, block_size):
     rng = np.random.default_rng([block_size, len(shape)])
     work = SHAPES[shape](rng, model.config.vocab_size)
-    rows, stats = run_batched(model, work, rng, block_size=block_size)
+    rows, stats, _ = run_batched(model, work, rng, block_size=block_size)
     assert first_difference(model, work, rows) is None
     if shape == "shared_prefix" and block_size < 16:
         assert stats.prefix_hits > 0, "the shared-prefix workload should hit the prefix cache"
@@ -43,7 +43,7 @@ numba.set_num_threads(2)
 ref = {{i: model.logits(s) for i, s in enumerate(work.sequences)}}
 for n in (1, 2, 3):
     numba.set_num_threads(n)
-    rows, _ = run_batched(model, work, np.random.default_rng(n), block_size=3)
+    rows, _, _ = run_batched(model, work, np.random.default_rng(n), block_size=3)
     for (i, p), row in rows.items():
         assert np.array_equal(row.view(np.uint32), ref[i][p].view(np.uint32)), (n, i, p)
     print("threads", n, "ok", len(rows))
@@ -78,7 +78,7 @@ def test_negative_control_batch_dependent_matmul_is_caught(tiny_quantized):
     model.backend = _BatchDependentMatmul()
     rng = np.random.default_rng(3)
     work = SHAPES["mixed"](rng, model.config.vocab_size)
-    rows, _ = run_batched(model, work, rng, block_size=16)
+    rows, _, _ = run_batched(model, work, rng, block_size=16)
     assert first_difference(model, work, rows) is not None
 
 
