@@ -20,3 +20,14 @@ def load(path=None, backend=None, mode="ideal", **kw):
     command line)."""
     from .model import load as _load
     return _load(path, backend=backend, mode=mode, **kw)
+
+
+def __getattr__(name):
+    # refinfer.Engine and refinfer.GenerationResult without importing numpy at `import refinfer`
+    if name == "Engine":
+        from .engine import Engine
+        return Engine
+    if name == "GenerationResult":
+        from .generation import GenerationResult
+        return GenerationResult
+    raise AttributeError(f"module 'refinfer' has no attribute {name!r}")

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import codecs
 import time
 
 import numpy as np
 
 from .backends import get_backend
 from .errors import RefinferError
-from .forward import KVCache, forward
+from .forward import KVCache, Segment, forward
+from .generation import Decoder, Request, check_fields, complete_text  # noqa: F401  (complete_text: re-exported)
+from .kv_cache import DEFAULT_BLOCK_SIZE, MIB, BlockManager, BlockPool
 from .loader import load as load_checkpoint
 from .sampling import Sampler, SamplerConfig, resolve_seed
 
@@ -62,30 +63,56 @@ class Model:
         return forward(self.config, self.weights, self.backend, tokens, cache, **kw)
 
     # ---- generation -----------------------------------------------------------------------
-    def generate(self, prompt, max_tokens=128, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
+    def generate(self, prompt=None, max_tokens=128, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
                  repeat_penalty=1.0, seed=None, stream=False, stop=(), chat=False, add_special=True,
-                 stats=None, repeat_last_n=64):
-        """Generate up to max_tokens after prompt (text, or a list of token ids). Returns the text,
-        or with stream=True an iterator of text pieces. Stops at an end-of-generation token or a
-        stop string. seed None or -1: a random seed (llama.cpp's LLAMA_DEFAULT_SEED), reported
-        in stats["seed"] so that the run can be repeated. `stats`, if a dict, receives seed,
-        prompt_tokens, generated_tokens and timings.
+                 stats=None, repeat_last_n=64, *, messages=None, details=False, top_logprobs=None,
+                 prompt_logprobs=False):
+        """Generate up to max_tokens after prompt (text, or a list of token ids) or messages (chat
+        turns through the chat template). Returns the text; with details=True the
+        GenerationResult (token ids, text, finish_reason, per-token logprobs, prompt logprobs
+        with prompt_logprobs=True); with stream=True an iterator of text pieces (of Events with
+        details=True). Stops at an end-of-generation token or a stop string. seed None or -1: a
+        random seed (llama.cpp's LLAMA_DEFAULT_SEED), reported in stats["seed"] and the result
+        so that the run can be repeated. `stats`, if a dict, receives seed, prompt_tokens,
+        generated_tokens and timings.
+
+        This is the reference for one request alone: the plain serial loop, one forward step of
+        one segment per token over a paged cache of its own, and the same Decoder as the Engine.
 
         Every argument is checked, and the prompt tokenized and fitted into the context, before
         this returns, also with stream=True: an error never comes after the first piece."""
-        seed = resolve_seed(seed)
-        cfg = SamplerConfig(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed=seed).check()
-        check_max_tokens(max_tokens)
-        ids = self._prompt_ids(prompt, chat, add_special)
-        max_tokens = min(max_tokens, self._room(ids))
+        req = self.prepare_request(prompt=prompt, messages=messages, max_tokens=max_tokens, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                                   repeat_last_n=repeat_last_n, seed=seed, stop=stop, chat=chat,
+                                   add_special=add_special, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
         if isinstance(stats, dict):
-            stats["seed"] = seed
-        it = self._generate(ids, max_tokens, cfg, stop, stats)
-        return it if stream else "".join(it)
+            stats["seed"] = req.seed
+        dec = Decoder(req, self._need_tokenizer(), Sampler(req.sampler))
+        events = self._generate(dec, stats)
+        if stream:
+            return events if details else (e.text for e in events if e.text)
+        for _ in events:
+            pass
+        return dec.result() if details else dec.text
 
-    def _prompt_ids(self, prompt, chat, add_special) -> list:
+    def prepare_request(self, **fields) -> Request:
+        """One request (Model.generate's keyword names) checked, tokenized and fitted into the
+        context; RefinferError names the bad field."""
+        f = check_fields(fields)
+        seed = resolve_seed(f["seed"])
+        cfg = SamplerConfig(f["temperature"], f["top_k"], f["top_p"], f["min_p"], f["repeat_penalty"],
+                            f["repeat_last_n"], seed=seed).check()
+        max_tokens = check_max_tokens(f["max_tokens"])
+        ids = self._prompt_ids(f["prompt"], f["chat"], f["add_special"], f["messages"])
+        max_tokens = min(max_tokens, self._room(ids))
+        return Request(ids, max_tokens, cfg, f["stop"], f["top_logprobs"], f["prompt_logprobs"])
+
+    def _prompt_ids(self, prompt, chat, add_special, messages=None) -> list:
         tok = self._need_tokenizer()
-        if isinstance(prompt, str):
+        if messages is not None:
+            text = self.apply_chat_template(list(messages))
+            ids = tok.encode(text, add_special=add_special, parse_special=True)
+        elif isinstance(prompt, str):
             if not prompt:
                 raise RefinferError("the prompt is empty", hint=EMPTY_PROMPT_HINT)
             if chat:
@@ -95,6 +122,11 @@ class Model:
                 ids = tok.encode(prompt, add_special=add_special)
         else:
             ids = [int(i) for i in prompt]
+            n_vocab = self.config.vocab_size
+            for i, t in enumerate(ids):
+                if not 0 <= t < n_vocab:
+                    raise RefinferError(f"prompt token {i} is id {t}, outside the vocabulary [0, {n_vocab})",
+                                        hint="token ids come from this model's tokenizer (Model.tokenize)")
         if not ids:
             raise RefinferError("the prompt is empty after tokenization (0 tokens)", hint=EMPTY_PROMPT_HINT)
         return ids
@@ -109,51 +141,79 @@ class Model:
                                      f"context_length is {n_ctx})")
         return n_ctx - len(ids)
 
-    def _generate(self, ids, max_tokens, sampler_cfg, stop, stats):
-        sample = Sampler(sampler_cfg)
-        tok = self._need_tokenizer()
-        cache = self.new_cache()
-        stops = [s for s in (stop or ()) if s]
+    def new_kv(self, tokens=None, mib=None, block_size=DEFAULT_BLOCK_SIZE, enable_prefix_caching=True) -> BlockManager:
+        """A paged KV cache for many sequences in the backend's memory (be.new_kv_pool, with the
+        backend's cache types): a pool of `mib` MiB or of `tokens` positions (whole blocks; by
+        default the context length, llama.cpp's unified cache of n_ctx cells)."""
+        if tokens is not None and mib is not None:
+            raise RefinferError(f"kv_cache_tokens ({tokens!r}) and kv_cache_mib ({mib!r}) both given",
+                                hint="size the KV pool with one of --kv-cache-tokens and --kv-cache-mib")
+        if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+            raise RefinferError(f"kv_block_size (--kv-block-size) must be a positive integer, got {block_size!r}",
+                                hint=f"positions per KV block; the default is {DEFAULT_BLOCK_SIZE}")
+        cfg, bs = self.config, int(block_size)
+        k_type, v_type = self.backend.kv_types()
+        shape = dict(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, block_size=bs,
+                     k_type=k_type, v_type=v_type)
+        per_block = BlockPool.bytes_per_block(**shape)
+        if mib is not None:
+            if isinstance(mib, bool) or not isinstance(mib, (int, float, np.integer, np.floating)) \
+                    or not np.isfinite(mib) or mib <= 0:
+                raise RefinferError(f"kv_cache_mib (--kv-cache-mib) must be a positive number, got {mib!r}",
+                                    hint="give the KV pool's size in MiB, e.g. 256")
+            n_blocks = int(mib * MIB) // per_block
+            what = f"kv_cache_mib (--kv-cache-mib) {mib}"
+        else:
+            tokens = cfg.max_seq_len if tokens is None else tokens
+            if isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or tokens < 1:
+                raise RefinferError(f"kv_cache_tokens (--kv-cache-tokens) must be a positive integer, got {tokens!r}",
+                                    hint=f"give the KV pool's size in positions, e.g. {cfg.max_seq_len} (the context length)")
+            n_blocks = int(tokens) // bs
+            what = f"kv_cache_tokens (--kv-cache-tokens) {tokens}"
+        if n_blocks == 0:
+            raise RefinferError(f"{what} holds no KV block: a block of {bs} positions takes {per_block} bytes "
+                                f"({cfg.n_layers} layers x {cfg.n_kv_heads} KV heads x {cfg.head_dim}, "
+                                f"K {k_type}, V {v_type})",
+                                hint=f"give at least {bs} positions ({per_block / MIB:.4g} MiB), or a smaller --kv-block-size")
+        pool = self.backend.new_kv_pool(n_blocks=n_blocks, **shape)
+        return BlockManager(pool, enable_prefix_caching=enable_prefix_caching)
+
+    def _generate(self, dec: Decoder, stats):
+        """The serial loop: the prompt in one step, then one step per generated token, every step
+        a batch of one segment over this request's own paged cache."""
+        req, seq = dec.request, 0
+        bs = DEFAULT_BLOCK_SIZE
+        kv = self.new_kv(tokens=-(-req.positions // bs) * bs, block_size=bs, enable_prefix_caching=False)
+        kv.allocate(seq, req.prompt_ids, use_prefix_cache=False)
         t0 = time.perf_counter()
-        logits = forward(self.config, self.weights, self.backend, ids, cache, all_logits=False)[-1]
-        t1 = time.perf_counter()
-        history, out_ids = list(ids), []
-        emitted = 0                                     # characters of the decoded text already yielded
-        hold = max((len(x) for x in stops), default=1) - 1  # a stop string may start in the last `hold` chars
-        text = ""
-        for i in range(max_tokens):
-            nxt = sample(logits, history, i)            # generated token i: its draw depends on (seed, i) only
-            if tok.is_eog(nxt):
-                break
-            history.append(nxt)
-            out_ids.append(nxt)
-            text = complete_text(tok.decode_bytes(out_ids))
-            cut = min((text.find(x) for x in stops if x in text), default=-1)
-            if cut >= 0:
-                text = text[:cut]
-                break
-            safe = len(text) - hold
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-            if len(out_ids) == max_tokens:
-                break
-            logits = forward(self.config, self.weights, self.backend, [nxt], cache, all_logits=False)[-1]
-        if len(text) > emitted:
-            yield text[emitted:]
-        t2 = time.perf_counter()
-        if isinstance(stats, dict):
-            stats.update(prompt_tokens=len(ids), generated_tokens=len(out_ids), prefill_s=t1 - t0, decode_s=t2 - t1)
+        rows = forward(self.config, self.weights, self.backend,
+                       [Segment(seq, req.prompt_ids, 0, "all" if req.prompt_logprobs else "last")], kv)[0]
+        if req.prompt_logprobs:
+            dec.add_prompt_rows(1, rows[:-1])
+        row, t1 = rows[-1], None
+        while True:
+            ev = dec.step(row)
+            now = time.perf_counter()
+            if t1 is None:
+                t1 = now
+                dec.stats.ttft_s = dec.stats.prefill_s = t1 - t0
+            if ev.token_id is not None:
+                dec.stats.token_times.append(now - t0)
+            if ev.finish_reason is not None:
+                dec.stats.decode_s = now - t1
+                dec.stats.generated_tokens = len(dec.token_ids)
+                if isinstance(stats, dict):
+                    s = dec.stats
+                    stats.update(prompt_tokens=s.prompt_tokens, generated_tokens=s.generated_tokens,
+                                 prefill_s=s.prefill_s, decode_s=s.decode_s, ttft_s=s.ttft_s)
+                yield ev
+                return
+            yield ev
+            pos = kv.append_slot(seq, ev.token_id)
+            row = forward(self.config, self.weights, self.backend, [Segment(seq, [ev.token_id], pos)], kv)[0][-1]
 
 
 EMPTY_PROMPT_HINT = 'give some text, e.g. python -m refinfer generate "Once upon a time"'
-
-
-def complete_text(data: bytes) -> str:
-    """The text of data up to a trailing incomplete UTF-8 sequence, which is left out: the
-    bytes of a character that the next tokens would complete (or that -n cut off). Invalid
-    bytes elsewhere still decode to U+FFFD, as in a plain decode with errors="replace"."""
-    return codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=False)
 
 
 def check_max_tokens(n, option="max_tokens") -> int:

@@ -22,7 +22,7 @@ def _patch_widen_f16(monkeypatch):
 MUTANTS = [
     # -n cuts an emoji after two of its four bytes: the tail decodes to U+FFFD
     Mutant("utf8_incomplete_tail_emitted",
-           lambda mp: mp.setattr("refinfer.model.complete_text", lambda data: data.decode("utf-8", "replace")),
+           lambda mp: mp.setattr("refinfer.generation.complete_text", lambda data: data.decode("utf-8", "replace")),
            lambda request: t.check_utf8_cut(*_fixtures(request, "monkeypatch", "capsys"))),
     # the prompt is not fitted into the context before the echo: the error comes after the prompt
     Mutant("prompt_length_checked_after_echo",
