@@ -9,7 +9,7 @@ import numpy as np
 from .backends import get_backend
 from .errors import RefinferError
 from .forward import KVCache, Segment, forward
-from .generation import Decoder, Request, check_fields, complete_text  # noqa: F401  (complete_text: re-exported)
+from .generation import Decoder, Request, check_fields
 from .kv_cache import DEFAULT_BLOCK_SIZE, MIB, BlockManager, BlockPool
 from .loader import load as load_checkpoint
 from .sampling import Sampler, SamplerConfig, resolve_seed
