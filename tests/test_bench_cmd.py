@@ -128,3 +128,107 @@ def test_backends_command_lists_the_matrix():
     assert q41["numpy"] == "reference" and q41["numba"] == "native"
     text = _cli("backends").stdout
     assert "q6_K" in text and "attention" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# bench --batched (refinfer.bench_batched): quick shapes on the tiny model
+
+BATCHED = ["bench", "--batched", "-m", str(MODEL), "-t", "1", "--seqs", "1,3", "-p", "8", "-n", "4", "--prefill", "24",
+           "--system", "32", "--user", "5", "--kv-block-size", "4"]
+
+
+def test_bench_batched_rows_settings_and_json(tmp_path, capsys):
+    """Every test of both engines is measured and checked: exit 0, a rate and a ratio in every
+    row, the settings stated above the table."""
+    pytest.importorskip("llama_cpp")
+    out = tmp_path / "b.json"
+    rc = main([*BATCHED, "--backends", "numpy,llama.cpp", "--json", str(out)])
+    stdout, stderr = capsys.readouterr()
+    assert rc == 0, stdout + stderr
+    rows = json.loads(out.read_text())
+    tests = ["p8+tg4 x1", "p8+tg4 x3", "p8+tg4 x3 sampled", "pp24", "ttft sys32+5 miss", "ttft sys32+5 hit"]
+    assert sorted((r["backend"], r["test"]) for r in rows) == sorted(
+        [(e, t) for e in ("numpy", "llama.cpp") for t in tests] + [("numpy", "p8+tg4 x1 engine"), ("numpy", "p8+tg4 x3 engine")])
+    for r in rows:
+        assert "error" not in r and r["ratio_vs_llama_cpp"] > 0, r
+        assert (r["ttft_ms"] if "ttft_ms" in r else r["tokens_per_s"]) > 0, r
+    by = {(r["backend"], r["test"]): r for r in rows}
+    assert by["numpy", "ttft sys32+5 hit"]["cached_tokens"] == 32 and by["numpy", "ttft sys32+5 miss"]["cached_tokens"] == 0
+    # 8 + 4 positions in blocks of 4 (f32 K and V: 2 layers x 1 KV head x 16 x 4 bytes x 2 per position)
+    assert by["numpy", "p8+tg4 x3"]["kv_bytes_per_seq"] == 3 * 4 * 2 * 16 * 4 * 2
+    assert by["numpy", "p8+tg4 x3"]["kv_contiguous_bytes_per_seq"] == 128 * 2 * 16 * 4 * 2
+    settings = stdout.splitlines()[0]
+    for s in ("tiny-llama-q4_0.gguf (q4_0", "threads 1", "flash attention off", "unified KV (f16)",
+              "extra buffer types off", "paged KV blocks of 4 (f32/f32)"):
+        assert s in settings, settings
+
+
+def check_batched_worker_catches_a_batch_dependent_step(monkeypatch):
+    """A batched step whose last logits of sequence 1 are one ulp off, or an engine that returns
+    another token, fails that row alone, naming the sequence."""
+    import refinfer.bench_batched as bb
+    real, real_engine = bb.batched_generate, bb.engine_generate
+
+    def off_by_one_ulp(m, kv, prompts, *a):
+        r = real(m, kv, prompts, *a)
+        if len(prompts) == 3:
+            r["last"][1, 7] = np.nextafter(r["last"][1, 7], np.float32(np.inf))
+        return r
+
+    def other_token(m, prompts, *a, **kw):
+        results, rate = real_engine(m, prompts, *a, **kw)
+        if len(prompts) == 3:
+            results[2].token_ids[1] += 1
+        return results, rate
+
+    monkeypatch.setattr(bb, "batched_generate", off_by_one_ulp)
+    monkeypatch.setattr(bb, "engine_generate", other_token)
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        tests = bb.worker_refinfer(str(MODEL), "numpy", 1, bb.QUICK, d)["tests"]
+    assert tests["tg x3"]["error"] == "sequence 1's last-step logits differ from the serial run's at (7,)"
+    assert tests["tg x3 sampled"]["error"] == tests["tg x3"]["error"]
+    assert tests["engine x3"]["error"].startswith("sequence 2's token 1 is ")
+    assert [t for t, v in tests.items() if v["error"]] == ["tg x3", "tg x3 sampled", "engine x3"]
+
+
+def test_batched_worker_catches_a_batch_dependent_step(monkeypatch):
+    check_batched_worker_catches_a_batch_dependent_step(monkeypatch)
+
+
+def test_bench_batched_logits_off_the_reference_fail(tmp_path, capsys, monkeypatch):
+    """Against a NumPy reference nudged by 1e-4 relative, refinfer's rows fail (NMSE 1e-8 >
+    1e-10) and llama.cpp's pass (its bound is loose): exit 1, the failures listed."""
+    pytest.importorskip("llama_cpp")
+    import refinfer.bench_batched as bb
+    real = bb.numpy_reference
+
+    def nudged(*a):
+        ref = real(*a)
+        tf = ref["teacher_forced"]
+        ref["teacher_forced"] = lambda toks: tf(toks) * np.float32(1 + 1e-4)
+        ref["pp"] = ref["pp"] * np.float32(1 + 1e-4)
+        return ref
+
+    monkeypatch.setattr(bb, "numpy_reference", nudged)
+    rc = main([*BATCHED, "--backends", "numpy,llama.cpp", "--system", "0", "--no-sampled", "--json", str(tmp_path / "b.json")])
+    stdout, _ = capsys.readouterr()
+    assert rc == 1
+    rows = {(r["backend"], r["test"]): r for r in json.loads((tmp_path / "b.json").read_text())}
+    for test in ("p8+tg4 x1", "p8+tg4 x3", "p8+tg4 x3 engine", "pp24"):
+        assert rows["numpy", test]["tokens_per_s"] is None and "nmse 1e-08 > 1e-10" in rows["numpy", test]["error"]
+    assert all("error" not in r for (e, _), r in rows.items() if e == "llama.cpp")
+    assert stdout.rstrip().splitlines()[-1].startswith("FAILED: numpy threads=1 pp24: pp logits differ")
+
+
+@pytest.mark.parametrize("args,option", [(["--seqs", "0"], "--seqs"), (["--seqs", "a"], "--seqs"),
+                                         (["--seqs", "1,300"], "--seqs"), (["--seqs", ","], "--seqs"),
+                                         (["-p", "0"], "-p"), (["-n", "0"], "-n"), (["--prefill", "-1"], "--prefill"),
+                                         (["--user", "0"], "--user"), (["--kv-block-size", "0"], "--kv-block-size"),
+                                         (["-p", "124"], "-p/-n"), (["--prefill", "129"], "--prefill"),
+                                         (["--system", "124"], "--system/--user"), (["-t", "0"], "--threads"),
+                                         (["--backends", "tpu"], "--backends"), (["-r", "0"], "--reps")])
+def test_bench_batched_rejects_bad_arguments(args, option, capsys):
+    rc = main([*BATCHED, *args])
+    _, err = capsys.readouterr()
+    assert rc == 2 and err.startswith(f"error: {option}") and "\nhint: " in err and "Traceback" not in err, err
