@@ -16,6 +16,7 @@ import sys
 import types
 
 from numba import cuda
+from numba import from_dtype
 from numba import types as nt
 
 CC = tuple(int(v) for v in (sys.argv[1] if len(sys.argv) > 1 else "8.0").split("."))
@@ -41,28 +42,37 @@ def main():
         dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=CC)
 
     from refinfer.backends import blockdecode as bd
+    from refinfer.backends.cuda_kernels import kv
     from refinfer.backends.cuda_kernels import matmul as mk
     from refinfer.backends.cuda_kernels import ops as ok
 
-    u8_2d, i8_2d = nt.Array(nt.uint8, 2, "A"), nt.int8[:, ::1]
-    f32_1d, f32_2d, f32_3d, f32_3d_view = nt.float32[::1], nt.float32[:, ::1], nt.float32[:, :, ::1], nt.Array(nt.float32, 3, "A")
-    f64_3d, i64, f64, b = nt.float64[:, :, ::1], nt.int64, nt.float64, nt.boolean
+    u8_1d, u8_2d, u8_3d, i8_2d = nt.uint8[::1], nt.Array(nt.uint8, 2, "A"), nt.uint8[:, :, ::1], nt.int8[:, ::1]
+    f32_1d, f32_2d, f32_3d = nt.float32[::1], nt.float32[:, ::1], nt.float32[:, :, ::1]
+    f64_3d, i32_1d, i32_2d, i64_1d = nt.float64[:, :, ::1], nt.int32[::1], nt.int32[:, ::1], nt.int64[::1]
+    i64, f64, b = nt.int64, nt.float64, nt.boolean
+    rows = {name: nt.Array(from_dtype(dt), 4, "C") for name, dt in kv.ROW_DTYPE.items()}  # one layer's typed rows
     kernels = []
     for name, kind in bd.KINDS.items():
-        kernels.append((f"dequantize_rows {name}", mk.dequantize_rows(kind), (f32_2d, u8_2d, nt.int64[::1])))
+        kernels.append((f"dequantize_rows {name}", mk.dequantize_rows(kind), (f32_2d, u8_2d, i64_1d)))
         for tile in (1, 8):
             kernels.append((f"matmul_float {name} tile {tile}", mk.matmul_float(kind, tile), (f32_2d, f32_2d, u8_2d)))
             if kind in bd.LEGACY:
                 kernels.append((f"matmul_q8 {name} tile {tile}", mk.matmul_q8(kind, tile), (f32_2d, i8_2d, f32_2d, f32_2d, u8_2d)))
+    for k_type in kv.ROW_DTYPE:
+        for v_type in kv.ROW_DTYPE:
+            kr, vr = rows[k_type], rows[v_type]
+            kernels += [
+                (f"store_kv {k_type}/{v_type}", kv.store_kv(k_type, v_type), (kr, vr, i64_1d, i64, f32_3d, f32_3d)),
+                (f"attention {k_type}/{v_type}", kv.attention(k_type, v_type),
+                 (f32_3d, f32_3d, kr, vr, i64_1d, i32_1d, i32_2d, i64, f64, f64_3d, b)),
+            ]
     kernels += [
         ("quantize_act_q8", mk.quantize_act_q8, (f32_2d, i8_2d, f32_2d, f32_2d)),
         ("rmsnorm", ok.rmsnorm, (f32_2d, f32_2d, f32_1d, f64, b)),
         ("rope", ok.rope, (f32_3d, f32_2d, f32_2d, b)),
-        ("store_kv", ok.store_kv, (f32_3d_view, i64, f32_3d, b)),
-        ("attention_scores", ok.attention_scores, (f64_3d, f32_3d, f32_3d_view, i64, f64, b)),
-        ("softmax", ok.softmax, (f64_3d, i64, b)),
-        ("attention_values", ok.attention_values, (f32_3d, f64_3d, f32_3d_view, i64)),
         ("swiglu", ok.swiglu, (f32_2d, f32_2d, f32_2d, b)),
+        ("copy_block", kv.copy_block, (u8_3d, i64, i64, i64)),
+        ("fill_zero", kv.fill_zero, (u8_1d,)),
     ]
     failed = 0
     for name, kernel, sig in kernels:

@@ -29,9 +29,12 @@ from refinfer import quant  # noqa: E402
 from refinfer.backends import blockdecode as bd  # noqa: E402
 from refinfer.backends import cuda_backend  # noqa: E402
 from refinfer.backends import get_backend  # noqa: E402
-from refinfer.backends.cuda_backend import CudaBackend, CudaFallbackWarning, coverage, simulated  # noqa: E402
+from refinfer.backends.cuda_backend import (CudaBackend, CudaBlockPool, CudaFallbackWarning, coverage,  # noqa: E402
+                                            simulated)
 from refinfer.backends.numpy_backend import NumpyBackend, quantize_act_q8  # noqa: E402
 from refinfer.errors import UnsupportedError  # noqa: E402
+from refinfer.forward import AttnMeta, Segment, attn_meta  # noqa: E402
+from refinfer.kv_cache import BlockManager, BlockPool  # noqa: E402
 from test_numba_backend import MODES, PROMPTS, TOLERANCES, _acts, _run_op, _weights  # noqa: E402
 from test_numba_backend import _check as check_against_table  # noqa: E402
 
@@ -146,7 +149,7 @@ def test_matmul_equals_reference(name, mode):
 
 
 @pytest.mark.parametrize("mode,op", [(mode, op) for mode in MODES for op, t in NATIVE[mode]
-                                     if op not in ("embed", "matmul")])
+                                     if op not in ("embed", "matmul", "store_kv", "attention")])
 def test_activation_ops_equal_reference(op, mode):
     for T in (1, 3):
         ref = _run_op(NumpyBackend(mode=mode), op, T, np.random.default_rng(T))
@@ -154,31 +157,141 @@ def test_activation_ops_equal_reference(op, mode):
         _check(op, mode, got, ref)
 
 
-class _Cfg:
-    n_layers, n_kv_heads, head_dim = 2, 2, 16
+# ---- the paged KV cache on the device (store_kv, attention, copy_block) -------------------------
+# Odd shapes: blocks of 3 positions, 7 threads for head_dim 16, GQA 6 heads over 2.
+N_HEADS, N_KV, HD = 6, 2, 16
+
+
+def _pools(be, k_type, v_type, n_blocks=8, block_size=3, n_layers=2):
+    shape = dict(n_layers=n_layers, n_kv_heads=N_KV, head_dim=HD, n_blocks=n_blocks, block_size=block_size,
+                 k_type=k_type, v_type=v_type)
+    return be.new_kv_pool(**shape), BlockPool(**shape)
+
+
+def _ragged_step(pool, lengths, computed, rng):
+    """A BlockManager over pool with sequences of `lengths` tokens, computed[i] of them already
+    computed (their K/V stored by earlier steps), and the step that computes the rest of each:
+    -> (manager, [Segment])."""
+    mgr = BlockManager(pool, enable_prefix_caching=False)
+    batch = []
+    for i, (n, done) in enumerate(zip(lengths, computed)):
+        tokens = [int(t) for t in rng.integers(3, 100, n)]
+        mgr.allocate(i, tokens)
+        mgr.mark_computed(i, done)
+        batch.append(Segment(i, tokens[done:], done))
+    return mgr, batch
+
+
+def _kv_rows(rng, n, scale=1.0):
+    return tuple((rng.standard_normal((n, N_KV, HD)) * scale).astype(np.float32) for _ in range(2))
+
+
+@pytest.mark.parametrize("k_type,v_type", [("f32", "f32"), ("f16", "f16"), ("f32", "f16")])
+def test_store_kv_writes_the_host_pools_bytes(k_type, v_type):
+    """store_kv into the device pool leaves exactly the bytes that the reference's store_kv
+    leaves in a kv_cache.BlockPool (zeros elsewhere), for a ragged step over two sequences;
+    then copy_block copies on the device as BlockPool.copy_block does on the host."""
+    rng = np.random.default_rng(11)
+    be, ref_be = _be(), NumpyBackend()
+    pool, host = _pools(be, k_type, v_type)
+    assert isinstance(pool, CudaBlockPool) and pool.k.shape == host.k.shape and pool.v.shape == host.v.shape
+    mgr, batch = _ragged_step(pool, [5, 4], [0, 2], rng)
+    meta = attn_meta(mgr, batch)
+    k, v = _kv_rows(rng, len(meta.slots), scale=3.0)
+    be.store_kv(pool, 1, meta, k, v)
+    ref_be.store_kv(host, 1, meta, k, v)
+    got = pool.to_host()
+    np.testing.assert_array_equal(got.k, host.k)
+    np.testing.assert_array_equal(got.v, host.v)
+    pool.copy_block(1, 5, 2)
+    host.copy_block(1, 5, 2)
+    got = pool.to_host()
+    np.testing.assert_array_equal(got.k, host.k)
+    np.testing.assert_array_equal(got.v, host.v)
+
+
+def _f16_edge_values():
+    """float32 values at and around every kind of binary16 rounding: zeros, subnormals, the
+    normal boundary, ties (to even, both ways), the largest finite value and the overflow
+    threshold 65520, infinities and a NaN; and midpoints around a sample of binary16 values."""
+    h = np.arange(0, 0x7C00, 97, dtype=np.uint16)
+    lo, hi = h.view(np.float16).astype(np.float32), (h + 1).view(np.float16).astype(np.float32)
+    mid = ((lo.astype(np.float64) + hi) / 2).astype(np.float32)         # exact: a tie
+    up, down = np.nextafter(mid, np.float32(np.inf)), np.nextafter(mid, np.float32(-np.inf))
+    special = np.array([0.0, -0.0, 2.0 ** -24, 2.0 ** -25, 2.0 ** -25 * 1.5, 2.0 ** -26, 2.0 ** -14,
+                        2.0 ** -14 - 2.0 ** -25, 65504.0, 65519.996, 65520.0, 1e9, np.inf, -np.inf, np.nan],
+                       np.float32)
+    v = np.concatenate([lo, mid, up, down, special])
+    return np.concatenate([v, -v])
+
+
+def test_f16_store_rounds_as_the_host():
+    """The device's float32 -> binary16 encoder (kv.f16_bits) against NumPy's, bit for bit."""
+    be = _be()
+    vals = _f16_edge_values()
+    n = -(-len(vals) // (N_KV * HD))
+    rows = np.zeros(n * N_KV * HD, np.float32)
+    rows[:len(vals)] = vals
+    rows = rows.reshape(n, N_KV, HD)
+    pool, host = _pools(be, "f16", "f16", n_blocks=-(-n // 3))
+    meta = AttnMeta(np.arange(n), np.arange(n), np.zeros(n, np.int32), np.array([0, n]),
+                    np.arange(pool.n_blocks, dtype=np.int32)[None], 3)
+    be.store_kv(pool, 0, meta, rows, -rows)
+    NumpyBackend().store_kv(host, 0, meta, rows, -rows)
+    got = pool.to_host()
+    np.testing.assert_array_equal(got.k, host.k)
+    np.testing.assert_array_equal(got.v, host.v)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_kv_cache_on_device(mode):
-    """store_kv into a DeviceKVCache, then attention over its device views (as forward() does),
-    for a prompt of 3 and one more token, against the reference over a NumPy cache."""
-    rng = np.random.default_rng(5)
+def test_paged_attention_equals_reference(mode):
+    """A ragged step (a chunk after a cached prefix, a decode, a whole prompt) over the device
+    pool against the reference over a host pool with the same bytes; the reference's KV types
+    for the mode (f32 ideal, f16 ggml)."""
+    rng = np.random.default_rng(12)
     be, ref_be = _be(mode), NumpyBackend(mode=mode)
-    cache = be.new_kv_cache(_Cfg, 8)
-    ref_k = np.zeros((8, 2, 16), np.float32)
-    ref_v = np.zeros_like(ref_k)
-    for pos0, T in ((0, 3), (3, 1)):
-        k, v = (rng.standard_normal((T, 2, 16)).astype(np.float32) for _ in range(2))
-        q = rng.standard_normal((T, 6, 16)).astype(np.float32)
-        be.store_kv(cache.k[1], pos0, k)
-        be.store_kv(cache.v[1], pos0, v)
-        ref_be.store_kv(ref_k, pos0, k)
-        ref_be.store_kv(ref_v, pos0, v)
-        _check("store_kv", mode, cache.k[1].copy_to_host()[: pos0 + T], ref_k[: pos0 + T])
+    pool, host = _pools(be, *ref_be.kv_types(), n_blocks=10)
+    mgr, batch = _ragged_step(pool, [7, 5, 4], [4, 4, 0], rng)
+    meta = attn_meta(mgr, batch)
+    cached = AttnMeta(np.arange(8), np.concatenate([mgr.slot_mapping(0, 0, 4), mgr.slot_mapping(1, 0, 4)]),
+                      np.repeat(np.arange(2, dtype=np.int32), 4), np.array([0, 4, 8]), meta.tables[:2], 3)
+    for m in (cached, meta):           # the cached prefixes first, as earlier steps stored them
+        k, v = _kv_rows(rng, len(m.slots))
+        for b, p in ((be, pool), (ref_be, host)):
+            b.store_kv(p, 1, m, k, v)
+    q = (rng.standard_normal((len(meta.slots), N_HEADS, HD)) * 2).astype(np.float32)
+    got, ref = np.empty_like(q), np.empty_like(q)
+    be.attention(got, q, pool, 1, meta)
+    ref_be.attention(ref, q, host, 1, meta)
+    _check("attention", mode, got, ref)
+
+
+def test_host_pool_runs_the_reference():
+    """A kv_cache.BlockPool (host memory) given to the cuda backend, and the host pool it makes
+    for float64: the reference's store_kv and attention, one warning per op."""
+    rng = np.random.default_rng(13)
+    for dtype in (np.float32, np.float64):
+        be, ref_be = _be(dtype=dtype), NumpyBackend(dtype=dtype)
+        k_type, v_type = ref_be.kv_types()
+        pool = (be.new_kv_pool if dtype == np.float64 else BlockPool)(
+            n_layers=1, n_kv_heads=N_KV, head_dim=HD, n_blocks=4, block_size=3, k_type=k_type, v_type=v_type)
+        assert type(pool) is BlockPool
+        host = BlockPool(1, N_KV, HD, 4, 3, k_type, v_type)
+        mgr, batch = _ragged_step(pool, [5], [0], rng)
+        meta = attn_meta(mgr, batch)
+        k, v = (a.astype(dtype) for a in _kv_rows(rng, 5))
+        q = rng.standard_normal((5, N_HEADS, HD)).astype(dtype)
         got, ref = np.empty_like(q), np.empty_like(q)
-        be.attention(got, q, cache.k[1, : pos0 + T], cache.v[1, : pos0 + T], pos0)
-        ref_be.attention(ref, q, ref_k[: pos0 + T], ref_v[: pos0 + T], pos0)
-        _check("attention", mode, got, ref)
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                be.store_kv(pool, 0, meta, k, v)
+                be.attention(got, q, pool, 0, meta)
+        assert len([r for r in rec if issubclass(r.category, CudaFallbackWarning)]) == 2
+        ref_be.store_kv(host, 0, meta, k, v)
+        ref_be.attention(ref, q, host, 0, meta)
+        np.testing.assert_array_equal(pool.k, host.k)
+        np.testing.assert_array_equal(got, ref)
 
 
 def test_fallback_warns_once_per_op_and_type():
@@ -283,7 +396,7 @@ def test_whole_model_same_greedy_tokens_and_logits(tiny_cuda_models, mode):
     ref = refinfer.load(tiny_cuda_models["q4_1"], backend="numpy", mode=mode)
     gpu_model = refinfer.load(tiny_cuda_models["q4_1"], backend="cuda", mode=mode)
     gpu_model.backend = _be(mode, threads=3, token_tile=3)   # fewer simulated threads; T = 4 splits 3 + 1
-    assert isinstance(gpu_model.new_cache(4), cuda_backend.DeviceKVCache)
+    assert isinstance(gpu_model.new_cache(4).bind(gpu_model.backend).pool, CudaBlockPool)
     ids = ref.tokenize(PROMPTS[0])[:4]
     want, z_ref = refinfer_greedy(ref, ids, 4, prompt_logits=True)
     got, z = refinfer_greedy(gpu_model, ids, 4, prompt_logits=True)

@@ -4,18 +4,25 @@
 GPU memory holds
   the weights   each matrix uploaded once, in its stored block format (uint8[rows, row_bytes]),
                 decoded inside the kernels by the block decoders shared with the CPU kernels;
-  the KV cache  DeviceKVCache, from new_kv_cache (Model.new_cache asks the backend for it).
+  the KV pool   CudaBlockPool, from new_kv_pool: kv_cache.BlockPool's blocks and bytes, in GPU
+                memory; store_kv and attention read and write it through the block tables
+                (cuda_kernels/kv.py), and BlockManager's copy-on-write copies blocks there.
 Activations live on the host, as forward() allocates them: each op copies its inputs in and its
 output back (the logits are the output of the last matmul, copied back once per step).
 
-Matmuls: cuda_kernels/matmul.py (fused dequantize-matvec for one token, token tiles for a
-prompt); ggml mode quantizes the activations to q8_0/q8_1 on the device, to q8_K (K-quants),
-f16 or bf16 (float weights) on the host with the reference quantizer.
+Matmuls: cuda_kernels/matmul.py, one kernel for a decode and a prompt (token tiles, each decoded
+weight group serving a tile of tokens); ggml mode quantizes the activations to q8_0/q8_1 on the
+device, to q8_K (K-quants), f16 or bf16 (float weights) on the host with the reference quantizer.
+
+Batch invariance (ideal mode): every output element is the same float operations whatever the
+batch: a matmul or rmsnorm row sums in the fixed lane order of cuda_kernels/device.LANES (the
+same for T = 1 and T = 512, and for any number of threads per block), attention is per (token,
+head) in position order (kv.py), rope and swiglu are elementwise.
 
 Without a GPU the kernels run in numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1): every
 thread in Python, very slowly, for tests. Whatever has no kernel here (float64 ideal mode, a
-matrix whose width is not a multiple of the block group) runs the NumPy reference, with one
-warning per (op, type).
+matrix whose width is not a multiple of the block group, a KV cache type other than f32/f16, a
+KV pool in host memory) runs the NumPy reference, with one warning per (op, type).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import numpy as np
 
 from .. import quant
 from ..errors import UnsupportedError
-from ..forward import KVCache
+from ..kv_cache import DEFAULT_BLOCK_SIZE, BlockPool, _positive_int, get_cache_type
 from . import blockdecode as bd
 from .numpy_backend import VEC_DOT_TYPE, NumpyBackend, round_f16
 
@@ -38,7 +45,8 @@ ACT_OPS = ("rmsnorm", "rope", "store_kv", "attention", "swiglu")
 SHARED_OPS = ("rope_cos_sin",)      # once per forward pass: every backend uses the reference's
 THREADS = 128                       # threads per block (at most device.MAX_THREADS)
 SIMULATOR_THREADS = 4               # the simulator runs each thread as a Python thread
-TOKEN_TILE = 8                      # tokens per thread block in a prompt matmul
+TOKEN_TILE = 8                      # tokens per thread block of a matmul
+DEVICE_KV_TYPES = ("f32", "f16")     # cache types with device kernels (cuda_kernels/kv.py)
 
 
 class CudaFallbackWarning(UserWarning):
@@ -88,29 +96,65 @@ def coverage(mode="ideal", dtype=np.float32):
     return cov
 
 
-def _on_device(a) -> bool:
-    return not isinstance(a, np.ndarray)
-
-
 def _blocks(n, threads):  # thread blocks of `threads` covering n elements
     return max(1, -(-n // threads))
 
 
-class DeviceKVCache:
-    """forward.KVCache with k and v in GPU memory. forward() indexes it as the NumPy cache:
-    cache.k[i] and cache.k[i, :n] are device views, read and written only by this backend's
-    store_kv and attention."""
+def _grid_stride_blocks(n, threads):  # a grid-stride kernel: enough blocks, not one per element
+    return min(_blocks(n, threads), 1 if simulated() else 4096)
 
-    def __init__(self, cuda, cfg, max_len: int):
-        shape = (cfg.n_layers, max_len, cfg.n_kv_heads, cfg.head_dim)
-        self.k = cuda.device_array(shape, np.float32)  # [layer, position, kv_head, head_dim]
-        self.v = cuda.device_array(shape, np.float32)  # positions >= pos are never read
-        self.max_len = max_len
-        self.pos = 0
 
-    def truncate(self, n: int):
-        """Forget positions >= n (reuse a shared prompt prefix)."""
-        self.pos = min(self.pos, n)
+class CudaBlockPool(BlockPool):
+    """kv_cache.BlockPool with k and v in GPU memory: the same shapes, bytes and copy_block.
+    k and v are numba device arrays uint8[n_layers, n_blocks, block_size, n_kv_heads, row_bytes],
+    read and written only by the cuda backend's store_kv and attention (and copy_block)."""
+
+    def __init__(self, n_layers, n_kv_heads, head_dim, n_blocks, block_size=DEFAULT_BLOCK_SIZE,
+                 k_type="f32", v_type="f32"):
+        self.cuda = require_cuda()
+        self.n_layers = _positive_int(n_layers, "n_layers")
+        self.n_kv_heads = _positive_int(n_kv_heads, "n_kv_heads")
+        self.head_dim = _positive_int(head_dim, "head_dim")
+        self.n_blocks = _positive_int(n_blocks, "the number of KV blocks")
+        self.block_size = _positive_int(block_size, "--kv-block-size")
+        self.k_type, self.v_type = get_cache_type(k_type), get_cache_type(v_type)
+        for t in (self.k_type, self.v_type):
+            if t.name not in DEVICE_KV_TYPES:
+                raise UnsupportedError(f"KV cache type {t.name!r} has no cuda kernels (the device pool holds "
+                                       f"{', '.join(DEVICE_KV_TYPES)})",
+                                       hint="CudaBackend.new_kv_pool gives a host pool for it, which the "
+                                            "NumPy reference's store_kv and attention run on")
+        shape = (self.n_layers, self.n_blocks, self.block_size, self.n_kv_heads)
+        self.k = self._zeros(shape + (self.k_type.row_bytes(self.head_dim),))
+        self.v = self._zeros(shape + (self.v_type.row_bytes(self.head_dim),))
+
+    def _zeros(self, shape):  # -> device uint8[shape], zeroed on the device (no host copy)
+        a = self.cuda.device_array(shape, np.uint8)
+        flat = a.reshape(a.size)
+        threads = SIMULATOR_THREADS if simulated() else THREADS
+        from .cuda_kernels import kv
+        kv.fill_zero[_grid_stride_blocks(a.size, threads), threads](flat)
+        return a
+
+    def copy_block(self, src: int, dst: int, n_positions: int):
+        """The first n_positions of block src, every layer, K and V, into block dst (on the device)."""
+        from .cuda_kernels import kv
+        threads = SIMULATOR_THREADS if simulated() else THREADS
+        for a in (self.k, self.v):
+            per_position = a.shape[3] * a.shape[4]
+            flat = a.reshape(self.n_layers, self.n_blocks, self.block_size * per_position)
+            n = self.n_layers * n_positions * per_position
+            if n:
+                kv.copy_block[_grid_stride_blocks(n, threads), threads](flat, int(src), int(dst),
+                                                                        n_positions * per_position)
+
+    def to_host(self) -> BlockPool:
+        """A kv_cache.BlockPool with a copy of this pool's bytes (for tests and inspection)."""
+        host = BlockPool(self.n_layers, self.n_kv_heads, self.head_dim, self.n_blocks, self.block_size,
+                         self.k_type, self.v_type)
+        host.k[...] = self.k.copy_to_host()
+        host.v[...] = self.v.copy_to_host()
+        return host
 
 
 class CudaBackend(NumpyBackend):
@@ -121,21 +165,30 @@ class CudaBackend(NumpyBackend):
         self.cuda = require_cuda()
         if threads is None:
             threads = SIMULATOR_THREADS if simulated() else THREADS
+        from .cuda_kernels import kv as kk
         from .cuda_kernels import matmul as mk
         from .cuda_kernels import ops as ok
         from .cuda_kernels.device import MAX_THREADS
         if not 1 <= threads <= MAX_THREADS:
             raise UnsupportedError(f"threads per block must be in 1..{MAX_THREADS}, got {threads}")
-        self.mk, self.ok = mk, ok
+        self.mk, self.ok, self.kk = mk, ok, kk
         self.threads, self.tile = int(threads), int(token_tile)
         self._native = self.dtype == np.float32   # the kernels are float32 (ggml mode always is)
         self._warned = set()
         self._weights = {}   # id(QTensor) -> (QTensor, its blocks in GPU memory)
+        self._meta = None    # (AttnMeta, its arrays in GPU memory): a step's meta serves every layer
 
-    def new_kv_cache(self, cfg, max_len):
-        if not self._native:    # the fallback ops read a NumPy cache
-            return KVCache(cfg, max_len, dtype=self.dtype)
-        return DeviceKVCache(self.cuda, cfg, max_len)
+    def new_kv_pool(self, **shape) -> BlockPool:
+        """The KV pool in GPU memory (CudaBlockPool); a host kv_cache.BlockPool where the kernels
+        do not apply (float64, or a cache type without device kernels), for the reference ops."""
+        k_type, v_type = (get_cache_type(shape.get(f, "f32")).name for f in ("k_type", "v_type"))
+        if not self._native:
+            self._fallback("new_kv_pool", f"{k_type}/{v_type}", f"dtype {self.dtype}: a host pool")
+        elif k_type not in DEVICE_KV_TYPES or v_type not in DEVICE_KV_TYPES:
+            self._fallback("new_kv_pool", f"{k_type}/{v_type}", "no device kernels for this cache type: a host pool")
+        else:
+            return CudaBlockPool(**shape)
+        return BlockPool(**shape)
 
     def device_weights(self, w):  # -> device uint8[rows, row_bytes], uploaded on first use
         """The QTensor is kept with its device copy so that its id cannot be reused."""
@@ -192,7 +245,7 @@ class CudaBackend(NumpyBackend):
             return super().matmul(out, x, w)
         kind = bd.KINDS[w.qtype.name]
         T, rows = out.shape
-        tile = 1 if T == 1 else self.tile
+        tile = self.tile            # one kernel for every T: the same sums for a decode and a prompt
         grid, threads = (rows, _blocks(T, tile)), self.matmul_threads(w)
         d_out = self.cuda.device_array((T, rows), np.float32)
         vd = VEC_DOT_TYPE[w.qtype.name]
@@ -206,9 +259,9 @@ class CudaBackend(NumpyBackend):
         out[...] = d_out.copy_to_host()
 
     def matmul_threads(self, w):
-        """Threads per output row: no more than the row has groups, rounded up to a warp (32)."""
+        """Threads per output row: no more than its lanes (LANES) or its groups, at least 1."""
         groups = w.shape[1] // (256 if w.qtype.name.endswith("_K") else 32)
-        return min(self.threads, 32 * _blocks(groups, 32))
+        return max(1, min(self.threads, self.mk.LANES, groups))
 
     @staticmethod
     def vec_dot_activations(x, vd):
@@ -246,27 +299,58 @@ class CudaBackend(NumpyBackend):
             d_x, self._put(cos), self._put(sin), bool(neox))
         x[...] = d_x.copy_to_host()
 
-    def store_kv(self, cache, pos0, x):
-        """cache[pos0 : pos0 + T] = x; the cache is a DeviceKVCache layer (or a NumPy array)."""
-        if not _on_device(cache):
-            return super().store_kv(cache, pos0, x)
-        self.ok.store_kv[_blocks(x.size, self.threads), self.threads](cache, int(pos0), self._put(x),
-                                                                      self.mode == "ggml")
+    def _on_device_pool(self, op, pool):
+        if not isinstance(pool, CudaBlockPool):
+            self._fallback(op, pool.k_type.name, "the KV pool is in host memory")
+            return False
+        return self._act_ok(op)
 
-    def attention(self, out, q, k, v, pos0):
-        if not self._act_ok("attention"):
-            return super().attention(out, q, k, v, pos0)
-        T, n_heads, hd = q.shape
-        S = k.shape[0]
-        d_k = k if _on_device(k) else self._put(k)
-        d_v = v if _on_device(v) else self._put(v)
-        ggml = self.mode == "ggml"
-        scores = self.cuda.device_array((n_heads, T, S), np.float64)
-        self.ok.attention_scores[_blocks(scores.size, self.threads), self.threads](
-            scores, self._put(q), d_k, int(pos0), 1.0 / math.sqrt(hd), ggml)
-        self.ok.softmax[n_heads * T, self.threads](scores, int(pos0), ggml)
+    def _device_meta(self, meta):  # -> the step's AttnMeta arrays on the device, uploaded once a step
+        if self._meta is None or self._meta[0] is not meta:
+            put = self.cuda.to_device
+            self._meta = (meta, {
+                "slots": put(np.ascontiguousarray(meta.slots, np.int64)),
+                "positions": put(np.ascontiguousarray(meta.positions, np.int64)),
+                "seg_of_token": put(np.ascontiguousarray(meta.seg_of_token, np.int32)),
+                "tables": put(np.ascontiguousarray(meta.tables, np.int32)),
+                "scores": {},   # n_heads -> float64[N, n_heads, max position + 1], attention's scratch
+            })
+        return self._meta[1]
+
+    def _rows(self, a, cache_type):  # a layer's uint8[n_blocks, block_size, n_kv, row_bytes] -> typed rows
+        return a.view(self.kk.ROW_DTYPE[cache_type.name])
+
+    def store_kv(self, pool, layer, meta, k, v):
+        """Rows k, v float32[N, n_kv, hd] at the slots meta.slots of layer `layer` of the pool, as
+        its cache types store them (f16: GGML_FP32_TO_FP16 bits)."""
+        if not self._on_device_pool("store_kv", pool):
+            return super().store_kv(pool, layer, meta, k, v)
+        N, H, D = k.shape
+        d = self._device_meta(meta)
+        kernel = self.kk.store_kv(pool.k_type.name, pool.v_type.name)
+        kernel[_blocks(N * H * D, self.threads), self.threads](
+            self._rows(pool.k[layer], pool.k_type), self._rows(pool.v[layer], pool.v_type), d["slots"],
+            pool.block_size, self._put(k), self._put(v))
+
+    def attention(self, out, q, pool, layer, meta):
+        """Causal GQA attention of q float32[N, n_heads, hd] over each token's own sequence in the
+        pool (positions 0..meta.positions[i] through its block table) -> out[N, n_heads, hd]."""
+        N, n_heads, hd = q.shape
+        if hd > self.kk.MAX_HEAD_DIM:
+            self._fallback("attention", pool.k_type.name, f"head_dim {hd} > {self.kk.MAX_HEAD_DIM}")
+            return super().attention(out, q, pool, layer, meta)
+        if not self._on_device_pool("attention", pool):
+            return super().attention(out, q, pool, layer, meta)
+        d = self._device_meta(meta)
+        if n_heads not in d["scores"]:
+            S = int(np.max(meta.positions)) + 1
+            d["scores"][n_heads] = self.cuda.device_array((N, n_heads, S), np.float64)
         d_out = self.cuda.device_array(out.shape, np.float32)
-        self.ok.attention_values[_blocks(out.size, self.threads), self.threads](d_out, scores, d_v, int(pos0))
+        kernel = self.kk.attention(pool.k_type.name, pool.v_type.name)
+        kernel[N * n_heads, self.threads](
+            d_out, self._put(q), self._rows(pool.k[layer], pool.k_type), self._rows(pool.v[layer], pool.v_type),
+            d["positions"], d["seg_of_token"], d["tables"], pool.block_size, 1.0 / math.sqrt(hd),
+            d["scores"][n_heads], self.mode == "ggml")
         out[...] = d_out.copy_to_host()
 
     def swiglu(self, out, gate, up):
@@ -278,5 +362,5 @@ class CudaBackend(NumpyBackend):
         out[...] = d_out.copy_to_host()
 
 
-__all__ = ["CudaBackend", "DeviceKVCache", "coverage", "require_cuda", "simulated", "WEIGHT_TYPES",
+__all__ = ["CudaBackend", "CudaBlockPool", "coverage", "require_cuda", "simulated", "WEIGHT_TYPES",
            "CudaFallbackWarning"]

@@ -15,8 +15,13 @@ from numba import cuda
 
 from .. import blockdecode as _cpu
 
-MAX_THREADS = 256   # threads per block the kernels' shared-memory reductions are sized for
-SCRATCH = MAX_THREADS + 1   # their float64 scratch (a constant: shared array sizes are compile-time)
+MAX_THREADS = 256   # threads per block block_max's shared scratch is sized for
+SCRATCH = MAX_THREADS + 1   # its float64 scratch (a constant: shared array sizes are compile-time)
+# A fixed-order sum over n terms (a matmul row, an rmsnorm row): lane l adds terms l, l + LANES,
+# l + 2 LANES, ... in order, then the LANES partial sums are added in lane order. Threads take
+# lanes (thread i: lanes i, i + blockDim, ...), so the order, and therefore every bit of the
+# result, depends on neither the number of threads nor anything else in the launch.
+LANES = 32
 
 
 def _device_module():
@@ -52,26 +57,19 @@ def group_size(kind):
 
 
 @cuda.jit(device=True)
-def block_sum(scratch, v):
-    """Sum of v over the threads of the block, returned to every thread. scratch is a shared
-    float64[SCRATCH]; thread 0 adds the partial sums in thread order (deterministic)."""
-    tid, nt = cuda.threadIdx.x, cuda.blockDim.x
-    scratch[tid] = v
-    cuda.syncthreads()
-    if tid == 0:
-        s = 0.0
-        for i in range(nt):
-            s += scratch[i]
-        scratch[MAX_THREADS] = s
-    cuda.syncthreads()
-    total = scratch[MAX_THREADS]
-    cuda.syncthreads()          # scratch may be reused right after
+def lanes_total(part, i, stride):
+    """part[i], part[i + stride], ..., LANES of them, added in lane order from 0.0: the second
+    half of a fixed-order sum (see LANES). Every thread that calls it gets the same bits."""
+    total = 0.0
+    for lane in range(LANES):
+        total += part[lane * stride + i]
     return total
 
 
 @cuda.jit(device=True)
 def block_max(scratch, v):
-    """Maximum of v over the threads of the block, returned to every thread (as block_sum)."""
+    """Maximum of v over the threads of the block, returned to every thread. scratch is a shared
+    float64[SCRATCH]. A maximum is exact in any order, so this may depend on the thread count."""
     tid, nt = cuda.threadIdx.x, cuda.blockDim.x
     scratch[tid] = v
     cuda.syncthreads()

@@ -3,12 +3,18 @@
 blockdecode helpers shared with the CPU kernels (device.py).
 
 A matmul launch is grid (rows, ceil(T / tile)) x `threads`: thread block (r, y) computes output
-row r for the tokens y*tile .. y*tile + tile - 1. Its threads stride over the row's groups (a
-32-element block, a 256-element K-quant super-block, or 32 elements of a float type); each
-thread decodes a group once into its own buffer and multiplies it into `tile` accumulators,
-one per token; the threads' partial sums are then added in thread order (block_sum).
-    tile = 1   decode: the fused dequantize-matvec
-    tile > 1   prefill: a batched matmul in which each decoded group serves `tile` tokens
+row r for the tokens y*tile .. y*tile + tile - 1. The row's groups (a 32-element block, a
+256-element K-quant super-block, or 32 elements of a float type) are dealt to LANES lanes,
+group g to lane g % LANES, and each thread runs whole lanes: it decodes each of its groups once
+into its own buffer and multiplies it into `tile` accumulators, one per token. The lanes'
+partial sums are then added in lane order (device.lanes_total).
+
+Batch invariance: every output element out[t, r] is the same float operations in the same
+order, whatever T, the tile, the token's place in the tile or the number of threads:
+    for each lane l:   acc_l = sum over g = l, l + LANES, ... of (sum over j of w[r, gG + j] * x[t, gG + j])
+    out[t, r] = float32(sum over l of acc_l)
+One kernel serves a decode (T = 1: one token of a tile) and a prompt (T tokens: each decoded
+group serves `tile` of them); no split depends on T.
 
 Kernels are built per block type (and tile), so `kind` is a compile-time constant and each
 compiled kernel contains only its own type's decoder.
@@ -21,7 +27,7 @@ import functools
 import numpy as np
 from numba import cuda
 
-from .device import SCRATCH, bd, block_sum, decode_group, group_size
+from .device import LANES, bd, decode_group, group_size, lanes_total
 
 
 @functools.cache
@@ -50,6 +56,7 @@ def dequantize_rows(kind):
 @functools.cache
 def matmul_float(kind, tile):
     G = group_size(kind)
+    n_part = LANES * tile
 
     @cuda.jit
     def kernel(out, x, raw):
@@ -65,20 +72,22 @@ def matmul_float(kind, tile):
         nt_tok = min(tile, T - t0)                  # tokens of this tile (the last may be short)
         buf = cuda.local.array(G, np.float32)
         acc = cuda.local.array(tile, np.float64)
-        for i in range(tile):
-            acc[i] = 0.0
-        for g in range(tid, groups, nt):
-            decode_group(kind, raw[r, g * gb:(g + 1) * gb], buf)
-            for i in range(nt_tok):
-                s = 0.0
-                for j in range(G):
-                    s += np.float64(buf[j]) * np.float64(x[t0 + i, g * G + j])
-                acc[i] += s
-        scratch = cuda.shared.array(SCRATCH, np.float64)
-        for i in range(nt_tok):
-            total = block_sum(scratch, acc[i])
-            if tid == 0:
-                out[t0 + i, r] = total
+        part = cuda.shared.array(n_part, np.float64)    # [LANES, tile]
+        for lane in range(tid, LANES, nt):
+            for i in range(tile):
+                acc[i] = 0.0
+            for g in range(lane, groups, LANES):
+                decode_group(kind, raw[r, g * gb:(g + 1) * gb], buf)
+                for i in range(nt_tok):
+                    s = 0.0
+                    for j in range(G):
+                        s += np.float64(buf[j]) * np.float64(x[t0 + i, g * G + j])
+                    acc[i] += s
+            for i in range(tile):
+                part[lane * tile + i] = acc[i]
+        cuda.syncthreads()
+        for i in range(tid, nt_tok, nt):
+            out[t0 + i, r] = lanes_total(part, i, tile)
 
     return kernel
 
@@ -114,13 +123,15 @@ def quantize_act_q8(x, xq, xd, xs):
 @functools.cache
 def matmul_q8(kind, tile):
     has_m = kind == bd.Q4_1 or kind == bd.Q5_1
+    n_part = LANES * tile
 
     @cuda.jit
     def kernel(out, xq, xd, xs, raw):
         """ggml mode, q4_0/q4_1/q5_0/q5_1/q8_0 weights against q8_0/q8_1 activations (xq int8
         codes [T, cols], xd/xs float32[T, nb]) as ggml_vec_dot_*_q8_*: per block the exact
         int32 dot of the codes, then out = sum of fp32(d_w * d_x) * sumi (+ m_w * s_x), summed
-        in float64 and rounded once to float32 (the CPU backends' order up to the sum)."""
+        in float64 in the lanes' order and rounded once to float32 (ggml's products, another
+        order of the sum)."""
         T, cols = xq.shape
         nb = cols // 32
         ts = raw.shape[1] // nb                     # bytes per block
@@ -129,26 +140,28 @@ def matmul_q8(kind, tile):
         nt_tok = min(tile, T - t0)
         codes = cuda.local.array(32, np.int32)
         acc = cuda.local.array(tile, np.float64)
-        for i in range(tile):
-            acc[i] = 0.0
-        for b in range(tid, nb, nt):
-            blk = raw[r, b * ts:(b + 1) * ts]
-            dw = bd.f16_at(blk, 0)
-            mw = bd.f16_at(blk, 2) if has_m else np.float32(0)
-            for j in range(32):
-                codes[j] = bd.legacy_code(kind, blk, j)
-            for i in range(nt_tok):
-                t = t0 + i
-                s = np.int32(0)
+        part = cuda.shared.array(n_part, np.float64)    # [LANES, tile]
+        for lane in range(tid, LANES, nt):
+            for i in range(tile):
+                acc[i] = 0.0
+            for b in range(lane, nb, LANES):
+                blk = raw[r, b * ts:(b + 1) * ts]
+                dw = bd.f16_at(blk, 0)
+                mw = bd.f16_at(blk, 2) if has_m else np.float32(0)
                 for j in range(32):
-                    s += codes[j] * np.int32(xq[t, b * 32 + j])
-                acc[i] += np.float64(dw * xd[t, b]) * np.float64(s)
-                if has_m:
-                    acc[i] += np.float64(mw) * np.float64(xs[t, b])
-        scratch = cuda.shared.array(SCRATCH, np.float64)
-        for i in range(nt_tok):
-            total = block_sum(scratch, acc[i])
-            if tid == 0:
-                out[t0 + i, r] = total
+                    codes[j] = bd.legacy_code(kind, blk, j)
+                for i in range(nt_tok):
+                    t = t0 + i
+                    s = np.int32(0)
+                    for j in range(32):
+                        s += codes[j] * np.int32(xq[t, b * 32 + j])
+                    acc[i] += np.float64(dw * xd[t, b]) * np.float64(s)
+                    if has_m:
+                        acc[i] += np.float64(mw) * np.float64(xs[t, b])
+            for i in range(tile):
+                part[lane * tile + i] = acc[i]
+        cuda.syncthreads()
+        for i in range(tid, nt_tok, nt):
+            out[t0 + i, r] = lanes_total(part, i, tile)
 
     return kernel
