@@ -172,6 +172,7 @@ def test_submit_streams_events_that_make_the_result(model):
     assert [e.logprob for e in events if e.logprob is not None] == r.logprobs
     assert events[-1].finish_reason == r.finish_reason and all(e.finish_reason is None for e in events[:-1])
     check_same(r, alone(model, req, r.seed))
+    assert list(h) == [] and h.result() is r            # a finished handle: no more events, the same result
     check_idle(engine)
 
 

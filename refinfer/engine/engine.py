@@ -86,22 +86,25 @@ class RequestHandle:
         """The request's Events as they come; the last one has its finish_reason."""
         while True:
             ev = self._next_event()
+            if ev is None:                           # iterated again after the end
+                return
             yield ev
             if ev.finish_reason is not None:
                 return
 
-    def _next_event(self) -> Event:
+    def _next_event(self) -> Event | None:
         while True:
             try:
                 return self._events.get_nowait()
             except queue.Empty:
-                pass
+                if self._done.is_set():
+                    return None
             if self._engine.is_running():
                 try:
                     return self._events.get(timeout=0.1)
                 except queue.Empty:
                     continue
-            self._engine.step()
+            self._engine._step_for(self)
 
     def result(self, timeout: float | None = None) -> GenerationResult:
         """Block until the request is finished (stepping the engine in this thread when no engine
@@ -113,7 +116,7 @@ class RequestHandle:
             if self._engine.is_running():
                 self._done.wait(0.1)
             else:
-                self._engine.step()
+                self._engine._step_for(self)
         return self._result
 
     def cancel(self):
@@ -240,6 +243,12 @@ class Engine:
         self.stop()
 
     # -- the stepping thread ----------------------------------------------------------------------
+
+    def _step_for(self, handle: RequestHandle):
+        """A step in a caller's thread that waits on handle. An idle step means that no request is
+        live, so handle's must have finished in an earlier step."""
+        if not self.step() and not handle.done:
+            raise AssertionError(f"the engine is idle but request {handle.request_id} is not finished")
 
     def step(self) -> bool:
         """One step; False when nothing was left to run."""
