@@ -76,8 +76,10 @@ def coverage(mode="ideal", dtype=np.float32):
 class NumbaBackend(NumpyBackend):
     name = "numba"
 
-    def __init__(self, mode="ideal", dtype=np.float32):
+    def __init__(self, mode="ideal", dtype=np.float32, batch_invariant=True):
         super().__init__(mode=mode, dtype=dtype)
+        # False: ideal-mode prefills (T > 1) through float32 BLAS, faster but not batch-invariant
+        self.batch_invariant = bool(batch_invariant)
         self._native = self.dtype == np.float32   # the kernels are float32 (ggml mode always is)
         self._warned = set()
         self._scales = {}   # id(QTensor) -> (QTensor, d, m): the fp16 block scales as float32
@@ -154,7 +156,7 @@ class NumbaBackend(NumpyBackend):
         """ideal mode: the matrices stacked into one and repacked once (q, k, v become one
         960-row matrix in SmolLM2): fewer, larger kernels. Each output row is computed as it
         would be alone; matrices of different types or widths run one by one."""
-        if (self.mode != "ideal" or len({w.qtype.name for w in ws}) > 1 or ws[0].qtype.name == "f32"
+        if (self.mode != "ideal" or len({w.qtype.name for w in ws}) > 1
                 or len({w.shape[1] for w in ws}) > 1 or not self._kernel_ok("matmul", ws[0])):
             return super().matmuls(outs, x, ws)
         key = tuple(id(w) for w in ws)
@@ -177,18 +179,24 @@ class NumbaBackend(NumpyBackend):
 
     def _matmul_ideal(self, out, x, w, kind):
         p = self.repacked(w)
-        if x.shape[0] == 1:
-            if p.layout == "nibbles":
-                mk.matvec_nibbles(out[0], x[0], p.codes, p.d, p.m, p.off, p.has_m)
-            elif p.layout == "int8":
-                mk.matvec_int8(out[0], x[0], p.codes, p.d, p.m, p.has_m)
-            else:
-                mk.matvec_float(out[0], x[0], p.codes)
+        if x.shape[0] > 1 and not self.batch_invariant:
+            return self._matmul_blas(out, x, w, p)
+        if p.layout == "float":
+            mk.matmul_float(out, x, p.codes)
             return
+        nb = p.codes.shape[1]
+        xs = mk.block_sums(x, p.block) if p.has_m else np.zeros((x.shape[0], nb), np.float32)
+        if p.layout == "nibbles":
+            mk.matmul_nibbles(out, x, xs, p.codes, p.d, p.m, p.off, p.has_m)
+        else:
+            mk.matmul_int8(out, x, xs, p.codes, p.d, p.m, p.has_m)
+
+    @staticmethod
+    def _matmul_blas(out, x, w, p):
+        """batch_invariant=False, T > 1: tiles of rows dequantized to float32 with the
+        reference's roundings, then a float32 BLAS product (its blocking, and so its bits,
+        change with T)."""
         rows, cols = w.shape
-        if kind == bd.F32:
-            out[...] = x @ self._f32_view(w).T
-            return
         R = p.group
         G = p.codes.shape[0]
         step = max(1, TILE_BYTES // (4 * cols * R))          # groups per tile
@@ -231,9 +239,6 @@ class NumbaBackend(NumpyBackend):
         xs = np.empty((T, cols // 32), np.float32)
         mk.quantize_act_q8(x, xq, xd, xs)
         return xq, xd, xs
-
-    def _f32_view(self, w):  # float32[rows, cols] over the file's own bytes (no copy)
-        return np.ascontiguousarray(w.raw).view(np.float32).reshape(w.shape)
 
     def rmsnorm(self, out, x, weight, eps):
         if not self._native:

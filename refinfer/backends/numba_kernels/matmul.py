@@ -1,21 +1,27 @@
 """Quantized matmul kernels of the numba backend.
 
 ideal mode reads the weights repacked by ../repack.py: R rows side by side, codes and
-float32 sub-block scales. A decode step (one token) is, per row and sub-block of B elements,
+float32 sub-block scales. One kernel per layout serves any number of tokens T (a decode step
+and a 512-token prefill alike) and is batch-invariant: out[t, r] is, per sub-block of B
+elements,
 
-    out[r] += d * (sum_j q_j x_j) + m * (sum_j x_j)
+    s = sum_j q_j x[t, j]        FMAs in order of j, float32, from 0
+    acc = fma(d, s, acc)          then acc = fma(m, xs[t], acc) when the type has a minimum m
 
-with the inner sum over j in order, in float32, and each product-add fused (fastmath
-"contract" only: no reassociation). The vector loops run across the R rows of a group, the
-direction in which rows are independent, so LLVM vectorizes them without reordering any sum;
-the result does not depend on the SIMD width or the thread count. A prefill (several tokens)
-dequantizes tiles of rows to float32 with the reference's roundings and multiplies them with
-BLAS, as the reference does with the whole matrix.
+over the sub-blocks in order (float weights: one FMA chain over the columns). That chain
+depends on row t of x and the weights only: not on T, the other tokens, the thread count
+(threads take whole groups of rows) or the CPU (every FMA is llvm.fma, simd.py). Per group
+and sub-block the codes are decoded once to float32 in L1 and reused by every token; tokens
+go through 8 at a time with their accumulators in registers (tile8), which is what makes a
+prefill fast, and the rest one at a time (tile1), with the same operations per lane.
 
 ggml mode reads the stored blocks directly: the exact int32 block dots of ggml's
 vec_dot_*_q8_* against quantized activations (matmul_q8), or a float64 dot for the types whose
 vec_dot is a float dot (matmul_f64); the generic kernels decode a block with the blockdecode
 helpers into a small float32 buffer that stays in L1.
+
+tile_nibbles / tile_int8 dequantize tiles of repacked rows to float32 with the reference's
+roundings: the non-invariant BLAS prefill (NumbaBackend(batch_invariant=False)) multiplies them.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from numba import njit, prange
 
 from .. import blockdecode as bd
 from .prefetch import prefetch
+from .simd import vfma, vload, vsplat, vstore
 
 LANES = 32
 
@@ -200,8 +207,9 @@ def matmul_q8(out, xq, xd, xs, raw, d, m, has_m, is_q8, ts, qs, qh, off):
 
 
 # ---- ideal mode on repacked weights (see the module docstring and ../repack.py) -------------------
-CONTRACT = {"contract"}   # fused multiply-adds; sums keep their order
 AHEAD = 2048              # bytes of codes prefetched ahead of the one being read (prefetch.py)
+RT = 32                   # rows per register tile: two f32x16 vectors
+ZERO = np.float32(0)
 
 
 @njit(cache=True)
@@ -222,103 +230,181 @@ def prefetch_block(codes, d, m, g, b):
 
 
 @njit(cache=True)
-def block_sums(x, B):  # float32[cols] -> float32[cols // B]: sum of x over each sub-block
-    nb = x.shape[0] // B
-    xs = np.empty(nb, np.float32)
-    for b in range(nb):
-        s = 0.0
-        for j in range(B):
-            s += x[b * B + j]
-        xs[b] = s
+def block_sums(x, B):  # float32[T, cols] -> float32[T, cols // B]: sum of each row over each sub-block
+    T, cols = x.shape
+    xs = np.empty((T, cols // B), np.float32)
+    for t in range(T):
+        for b in range(cols // B):
+            s = 0.0
+            for j in range(B):
+                s += x[t, b * B + j]
+            xs[t, b] = s
     return xs
 
 
-@njit(cache=True, fastmath=CONTRACT, inline="always")
-def add_block(acc, bacc, d, m, xs, has_m):
-    """acc[i] += d[i] * bacc[i] (+ m[i] * xs): one sub-block's terms of R rows; bacc[i] is
-    sum_j q_j x_j of row i, xs sum_j x_j."""
-    if has_m:
-        for i in range(acc.shape[0]):
-            acc[i] += bacc[i] * d[i] + m[i] * xs
-    else:
-        for i in range(acc.shape[0]):
-            acc[i] += bacc[i] * d[i]
+@njit(cache=True, inline="always")
+def finish(acc, i0, s0, s1, d, m, xs, scaled, has_m):
+    """acc[i0 : i0 + 32] of one token after a sub-block: acc = fma(d, s, acc), then fma(m, xs, .)
+    (scaled), or acc = s (float weights: s already started from acc)."""
+    if scaled:
+        s0 = vfma(s0, vload(d, i0), vload(acc, i0))
+        s1 = vfma(s1, vload(d, i0 + 16), vload(acc, i0 + 16))
+        if has_m:
+            s0 = vfma(vload(m, i0), vsplat(xs), s0)
+            s1 = vfma(vload(m, i0 + 16), vsplat(xs), s1)
+    vstore(acc, i0, s0)
+    vstore(acc, i0 + 16, s1)
 
 
 @njit(cache=True, inline="always")
-def store_group(out, acc, g):
-    """out[g * R + i] = acc[i] for the rows of group g that exist (the last group is padded)."""
-    R = acc.shape[0]
-    for i in range(min(R, out.shape[0] - g * R)):
-        out[g * R + i] = acc[i]
+def start(acc, i0, scaled):  # the running sums a sub-block starts from: 0 (scaled) or acc
+    if scaled:
+        return vsplat(ZERO), vsplat(ZERO)
+    return vload(acc, i0), vload(acc, i0 + 16)
 
 
-@njit(cache=True, parallel=True, fastmath=CONTRACT)
-def matvec_nibbles(out, x, codes, d, m, off, has_m):
-    """out float32[rows] = W @ x for 4-bit codes: codes uint8[G, nb, H, R] (byte j of a
-    sub-block: element j low, j + H high, each q - off), d, m float32[G, nb, R], x float32[cols]."""
+@njit(cache=True, inline="always")
+def tile1(acc, w, x, base, xs, d, m, t, i0, scaled, has_m):
+    """One token t, rows i0 .. i0 + 31 of a group: s[i] = fma(w[j, i], x[t, base + j], s[i]) for
+    j = 0 .. B - 1 in order, then finish. tile8 does the same for 8 tokens at once."""
+    a0, c0 = start(acc[t], i0, scaled)
+    xt = x[t]
+    for j in range(w.shape[0]):
+        wj = w[j]
+        s = vsplat(xt[base + j])
+        a0 = vfma(vload(wj, i0), s, a0)
+        c0 = vfma(vload(wj, i0 + 16), s, c0)
+    finish(acc[t], i0, a0, c0, d, m, xs[t], scaled, has_m)
+
+
+@njit(cache=True, inline="always")
+def tile8(acc, w, x, base, xs, d, m, t, i0, scaled, has_m):
+    """tile1 for tokens t .. t + 7: 16 accumulators in registers, each weight vector loaded
+    once for 8 tokens. Every lane runs tile1's chain of operations, so each token gets the
+    same bits as alone."""
+    a0, c0 = start(acc[t], i0, scaled)
+    a1, c1 = start(acc[t + 1], i0, scaled)
+    a2, c2 = start(acc[t + 2], i0, scaled)
+    a3, c3 = start(acc[t + 3], i0, scaled)
+    a4, c4 = start(acc[t + 4], i0, scaled)
+    a5, c5 = start(acc[t + 5], i0, scaled)
+    a6, c6 = start(acc[t + 6], i0, scaled)
+    a7, c7 = start(acc[t + 7], i0, scaled)
+    x0, x1, x2, x3, x4, x5, x6, x7 = x[t], x[t + 1], x[t + 2], x[t + 3], x[t + 4], x[t + 5], x[t + 6], x[t + 7]
+    for j in range(w.shape[0]):
+        wj = w[j]
+        u, v = vload(wj, i0), vload(wj, i0 + 16)
+        k = base + j
+        s = vsplat(x0[k])
+        a0, c0 = vfma(u, s, a0), vfma(v, s, c0)
+        s = vsplat(x1[k])
+        a1, c1 = vfma(u, s, a1), vfma(v, s, c1)
+        s = vsplat(x2[k])
+        a2, c2 = vfma(u, s, a2), vfma(v, s, c2)
+        s = vsplat(x3[k])
+        a3, c3 = vfma(u, s, a3), vfma(v, s, c3)
+        s = vsplat(x4[k])
+        a4, c4 = vfma(u, s, a4), vfma(v, s, c4)
+        s = vsplat(x5[k])
+        a5, c5 = vfma(u, s, a5), vfma(v, s, c5)
+        s = vsplat(x6[k])
+        a6, c6 = vfma(u, s, a6), vfma(v, s, c6)
+        s = vsplat(x7[k])
+        a7, c7 = vfma(u, s, a7), vfma(v, s, c7)
+    finish(acc[t], i0, a0, c0, d, m, xs[t], scaled, has_m)
+    finish(acc[t + 1], i0, a1, c1, d, m, xs[t + 1], scaled, has_m)
+    finish(acc[t + 2], i0, a2, c2, d, m, xs[t + 2], scaled, has_m)
+    finish(acc[t + 3], i0, a3, c3, d, m, xs[t + 3], scaled, has_m)
+    finish(acc[t + 4], i0, a4, c4, d, m, xs[t + 4], scaled, has_m)
+    finish(acc[t + 5], i0, a5, c5, d, m, xs[t + 5], scaled, has_m)
+    finish(acc[t + 6], i0, a6, c6, d, m, xs[t + 6], scaled, has_m)
+    finish(acc[t + 7], i0, a7, c7, d, m, xs[t + 7], scaled, has_m)
+
+
+@njit(cache=True, inline="always")
+def all_tokens(acc, w, x, base, xs, d, m, scaled, has_m):
+    """Every token's terms of one sub-block w float32[B, R] (decoded codes, or float weights):
+    8 tokens at a time, then one at a time; the grouping changes no token's operations."""
+    T = x.shape[0]
+    R = w.shape[1]
+    t = 0
+    while t + 8 <= T:
+        for i0 in range(0, R, RT):
+            tile8(acc, w, x, base, xs, d, m, t, i0, scaled, has_m)
+        t += 8
+    while t < T:
+        for i0 in range(0, R, RT):
+            tile1(acc, w, x, base, xs, d, m, t, i0, scaled, has_m)
+        t += 1
+
+
+@njit(cache=True, inline="always")
+def store_rows(out, acc, g):
+    """out[:, g * R + i] = acc[:, i] for the rows of group g that exist (the last is padded)."""
+    R = acc.shape[1]
+    for t in range(acc.shape[0]):
+        for i in range(min(R, out.shape[1] - g * R)):
+            out[t, g * R + i] = acc[t, i]
+
+
+@njit(cache=True, parallel=True)
+def matmul_nibbles(out, x, xs, codes, d, m, off, has_m):
+    """out float32[T, rows] = x float32[T, cols] @ W.T for 4-bit codes uint8[G, nb, H, R] (byte
+    j of a sub-block: element j low, j + H high, each q - off), d, m float32[G, nb, R], xs
+    float32[T, nb] the sub-block sums of x (block_sums). Per group and sub-block the codes are
+    decoded once into w float32[B, R] (exact small integers, in L1), then every token runs
+    the same fixed chain: s = sum_j q_j x_j by FMAs in order of j, acc = fma(d, s, acc),
+    acc = fma(m, xs, acc). Threads take whole groups, so nothing depends on T or on them."""
     G, nb, H, R = codes.shape
     B = 2 * H
     o = np.int32(off)
-    xs = block_sums(x, B)
     for g in prange(G):
-        acc = np.zeros(R, np.float32)
-        bacc = np.empty(R, np.float32)
+        w = np.empty((B, R), np.float32)
+        acc = np.zeros((x.shape[0], R), np.float32)
         for b in range(nb):
             prefetch_block(codes, d, m, g, b)
-            for i in range(R):
-                bacc[i] = 0
             for j in range(H):
-                xl, xh = x[b * B + j], x[b * B + H + j]
-                c = codes[g, b, j]
+                c, lo, hi = codes[g, b, j], w[j], w[j + H]
                 for i in range(R):
                     v = np.int32(c[i])
-                    lo = np.int32(np.int32(v & 15) + o)   # np.int32 around each step: int32
-                    hi = np.int32(np.int32(v >> 4) + o)   # vectors (Numba widens to int64)
-                    bacc[i] += np.float32(lo) * xl + np.float32(hi) * xh
-            add_block(acc, bacc, d[g, b], m[g, b], xs[b], has_m)
-        store_group(out, acc, g)
+                    lo[i] = np.float32(np.int32(np.int32(v & 15) + o))   # np.int32 around each step: int32
+                    hi[i] = np.float32(np.int32(np.int32(v >> 4) + o))   # vectors (Numba widens to int64)
+            all_tokens(acc, w, x, b * B, xs[:, b], d[g, b], m[g, b], True, has_m)
+        store_rows(out, acc, g)
 
 
-@njit(cache=True, parallel=True, fastmath=CONTRACT)
-def matvec_int8(out, x, codes, d, m, has_m):
-    """out float32[rows] = W @ x for 8-bit codes: codes int8[G, nb, B, R], d, m float32[G, nb, R]."""
+@njit(cache=True, parallel=True)
+def matmul_int8(out, x, xs, codes, d, m, has_m):
+    """matmul_nibbles for 8-bit codes int8[G, nb, B, R]."""
     G, nb, B, R = codes.shape
-    xs = block_sums(x, B)
     for g in prange(G):
-        acc = np.zeros(R, np.float32)
-        bacc = np.empty(R, np.float32)
+        w = np.empty((B, R), np.float32)
+        acc = np.zeros((x.shape[0], R), np.float32)
         for b in range(nb):
             prefetch_block(codes, d, m, g, b)
-            for i in range(R):
-                bacc[i] = 0
             for j in range(B):
-                xj = x[b * B + j]
-                c = codes[g, b, j]
+                c, wj = codes[g, b, j], w[j]
                 for i in range(R):
-                    bacc[i] += np.float32(c[i]) * xj
-            add_block(acc, bacc, d[g, b], m[g, b], xs[b], has_m)
-        store_group(out, acc, g)
+                    wj[i] = np.float32(c[i])
+            all_tokens(acc, w, x, b * B, xs[:, b], d[g, b], m[g, b], True, has_m)
+        store_rows(out, acc, g)
 
 
-@njit(cache=True, parallel=True, fastmath=CONTRACT)
-def matvec_float(out, x, w):
-    """out float32[rows] = W @ x for float weights w float32[G, cols, R]: one sum per row, in
-    column order."""
+@njit(cache=True, parallel=True)
+def matmul_float(out, x, w):
+    """out float32[T, rows] = x @ W.T for float weights w float32[G, cols, R]: per row one chain
+    of FMAs over the columns in order, acc = fma(w[c], x[c], acc), 32 columns at a time."""
     G, cols, R = w.shape
     flat = w.reshape(-1)
+    no_xs, no_d = np.zeros((x.shape[0], 1), np.float32), np.zeros(R, np.float32)   # unread
     for g in prange(G):
-        acc = np.zeros(R, np.float32)
-        for c in range(cols):
-            k = (g * cols + c) * R + AHEAD // 4
-            if k < flat.shape[0]:
-                for i in range(k, k + R, 16):
-                    prefetch(flat, i)
-            xc = x[c]
-            wc = w[g, c]
-            for i in range(R):
-                acc[i] += wc[i] * xc
-        store_group(out, acc, g)
+        acc = np.zeros((x.shape[0], R), np.float32)
+        for c0 in range(0, cols, 32):
+            k = (g * cols + c0) * R + AHEAD
+            for i in range(k, min(k + 32 * R, flat.shape[0]), 16):
+                prefetch(flat, i)
+            all_tokens(acc, w[g, c0: c0 + 32], x, c0, no_xs[:, 0], no_d, no_d, False, False)
+        store_rows(out, acc, g)
 
 
 @njit(cache=True, parallel=True)
