@@ -15,6 +15,7 @@ import pytest
 
 numba = pytest.importorskip("numba")
 
+import kv_workloads  # noqa: E402
 from llama_ref import refinfer_greedy  # noqa: E402
 from refinfer import quant  # noqa: E402
 from refinfer.backends import blockdecode as bd  # noqa: E402
@@ -45,8 +46,6 @@ TOLERANCES = {
     ("rope", "ideal"): ("exact", 0.0, "the same float32 multiplies and adds"),
     ("rope", "ggml"): ("nmse", 1e-13, "the reference contracts the rotation to FMA (rotate_pairs); numba does "
                                       "not (measured 2.8e-15)"),
-    ("store_kv", "ideal"): ("exact", 0.0, "a copy"),
-    ("store_kv", "ggml"): ("exact", 0.0, "round to nearest even binary16, as F32 -> F16"),
     ("attention", "ideal"): ("nmse", 1e-16, "float64 scores, softmax (exp within 1 ulp) and V sum in another "
                                             "order, rounded once to float32 (measured 0)"),
     ("attention", "ggml"): ("nmse", 3e-13, "the reference emulates ggml's F16 dot lane order and SIMD expf; "
@@ -97,10 +96,11 @@ def test_coverage_lists_every_loader_type_and_op():
     for op in ("embed", "matmul"):
         for t in WEIGHT_TYPES:
             assert cov[(op, t)] == "native"
-    for op in ("rmsnorm", "rope", "store_kv", "attention", "swiglu"):
+    for op in ("rmsnorm", "rope", "attention", "swiglu"):
         assert cov[(op, "f32")] == "native"
+    assert cov[("store_kv", "f32")] == "shared"
     assert set(WEIGHT_TYPES) == set(bd.KINDS)
-    assert all(v == "fallback" for (op, t), v in coverage("ideal", np.float64).items() if op != "rope_cos_sin")
+    assert all(v == "fallback" for (op, t), v in coverage("ideal", np.float64).items() if v != "shared")
 
 
 def test_get_backend_knows_numba():
@@ -336,19 +336,13 @@ def _run_op(be, op, T, rng):
         for neox in (False, True):
             be.rope(x, cos, sin, neox)
         return x
-    if op == "store_kv":
-        cache = np.zeros((T + 4, n_kv, hd), np.float32)
-        be.store_kv(cache, 3, rng.standard_normal((T, n_kv, hd)).astype(np.float32))
-        return cache
-    if op == "attention":
-        pos0 = 5
-        q = rng.standard_normal((T, n_heads, hd)).astype(np.float32)
-        k = rng.standard_normal((pos0 + T, n_kv, hd)).astype(np.float32)
-        v = rng.standard_normal((pos0 + T, n_kv, hd)).astype(np.float32)
-        if be.mode == "ggml":  # the cache holds F16 values in ggml mode
-            k, v = (quant.dequantize(quant.quantize(a, "f16"), "f16") for a in (k, v))
+    if op == "attention":       # two sequences in one step: 5 cached positions + T new, and one decode token
+        rows = kv_workloads.kv_rows([5 + T, 9], n_kv, hd, seed=T)
+        pool, kv = kv_workloads.filled_pool(be, rows, 4, *be.kv_types())
+        steps = [(0, 5, T), (1, 8, 1)]
+        q = kv_workloads.queries(steps, n_heads, hd, seed=T)
         out = np.empty_like(q)
-        be.attention(out, q, k, v, pos0)
+        be.attention(out, q, pool, 0, kv_workloads.meta(kv, steps))
         return out
     if op == "swiglu":
         g = rng.standard_normal((T, 160)).astype(np.float32) * 4
@@ -373,17 +367,35 @@ def check_activation_op(op, mode):
 
 
 def test_attention_prefill_odd_head_dim_and_peaked_scores():
-    """Odd head_dim (the kernel's 4-wide steps leave a remainder), a prefill whose length no
-    thread count divides, and scores spread far enough that exp underflows for some positions."""
-    rng = np.random.default_rng(5)
-    T, pos0, n_heads, n_kv, hd = 33, 4, 6, 3, 18
-    q = rng.standard_normal((T, n_heads, hd)).astype(np.float32) * 12
-    k = rng.standard_normal((pos0 + T, n_kv, hd)).astype(np.float32) * 12
-    v = rng.standard_normal((pos0 + T, n_kv, hd)).astype(np.float32)
-    ref, got = np.empty_like(q), np.empty_like(q)
-    NumpyBackend().attention(ref, q, k, v, pos0)
-    NumbaBackend().attention(got, q, k, v, pos0)
-    _check("attention", "ideal", got, ref)
+    """Odd head_dim (the kernel's 8-lane steps leave a remainder), a prefill whose length no
+    thread count divides, block size 3, and scores spread far enough that exp underflows for
+    some positions."""
+    n_heads, n_kv, hd = 6, 3, 18
+    rows = kv_workloads.kv_rows([37, 11], n_kv, hd, seed=5, scale=12.0)
+    steps = [(0, 4, 33), (1, 0, 11)]
+    q = kv_workloads.queries(steps, n_heads, hd, seed=5, scale=12.0)
+    got = []
+    for be in (NumpyBackend(), NumbaBackend()):
+        pool, kv = kv_workloads.filled_pool(be, rows, 3, *be.kv_types())
+        got.append(np.empty_like(q))
+        be.attention(got[-1], q, pool, 0, kv_workloads.meta(kv, steps))
+    _check("attention", "ideal", got[1], got[0])
+
+
+def test_attention_on_other_cache_types_runs_the_reference():
+    """An f16 cache in ideal mode has no numba kernel: the reference's numbers, one warning."""
+    be = NumbaBackend()
+    rows = kv_workloads.kv_rows([9], 2, 16)
+    pool, kv = kv_workloads.filled_pool(be, rows, 4, "f16", "f16")
+    steps = [(0, 6, 3)]
+    q = kv_workloads.queries(steps, 4, 16)
+    got, ref = np.empty_like(q), np.empty_like(q)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        be.attention(got, q, pool, 0, kv_workloads.meta(kv, steps))
+    assert any(issubclass(r.category, NumbaFallbackWarning) and "attention on f16/f16" in str(r.message) for r in rec)
+    NumpyBackend().attention(ref, q, pool, 0, kv_workloads.meta(kv, steps))
+    np.testing.assert_array_equal(got, ref)
 
 
 def test_vectorized_exp_within_two_ulp_of_numpy():

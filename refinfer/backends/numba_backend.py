@@ -34,8 +34,8 @@ from ..weights import QTensor
 WEIGHT_TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0",
                 "q2_K", "q3_K", "q4_K", "q5_K", "q6_K")
 WEIGHT_OPS = ("embed", "matmul")                                   # ops per weight type
-ACT_OPS = ("rmsnorm", "rope", "store_kv", "attention", "swiglu")   # ops on float32 activations
-SHARED_OPS = ("rope_cos_sin",)   # once per forward pass: every backend uses the reference's
+ACT_OPS = ("rmsnorm", "rope", "attention", "swiglu")   # ops on float32 activations
+SHARED_OPS = ("rope_cos_sin", "store_kv")   # every backend uses the reference's (once per pass; a row scatter)
 TILE_BYTES = 1 << 22             # float32 bytes of a dequantized prefill tile (larger tiles measured no faster)
 
 
@@ -252,24 +252,44 @@ class NumbaBackend(NumpyBackend):
             return super().rope(x, cos, sin, neox)
         ok.rope(x, np.ascontiguousarray(cos, dtype=np.float32), np.ascontiguousarray(sin, dtype=np.float32), bool(neox))
 
-    def store_kv(self, cache, pos0, x):
-        if self.mode == "ideal":
-            cache[pos0: pos0 + len(x)] = x
-        else:
-            ok.store_f16(cache, int(pos0), np.ascontiguousarray(x, dtype=np.float32))
+    # store_kv and new_kv_pool are the reference's: a vectorized scatter of rows through the
+    # pool's cache type, exact for every type.
 
-    def attention(self, out, q, k, v, pos0):
-        if not self._native:
-            self._fallback("attention", "f32", f"dtype {self.dtype}")
-            return super().attention(out, q, k, v, pos0)
+    def attention(self, out, q, pool, layer, meta):
+        """Causal GQA attention over the paged cache (numba_kernels/ops.py): f32 pools in ideal
+        mode, f16 pools in ggml mode (their default cache types); other types run the
+        reference."""
+        want = "f32" if self.mode == "ideal" else "f16"
+        types = f"{pool.k_type.name}/{pool.v_type.name}"
+        if not self._native or types != f"{want}/{want}":
+            why = f"dtype {self.dtype}" if not self._native else f"no {self.mode}-mode kernel for a {types} cache"
+            self._fallback("attention", types, why)
+            return super().attention(out, q, pool, layer, meta)
+        n_kv, hd = pool.n_kv_heads, pool.head_dim
+        view = np.float32 if want == "f32" else np.uint16
+        kf = pool.k[layer].view(view).reshape(-1, n_kv, hd)   # [n_blocks * block_size, n_kv, hd]
+        vf = pool.v[layer].view(view).reshape(-1, n_kv, hd)
+        res = out if out.flags.c_contiguous and out.dtype == np.float32 else np.empty(out.shape, np.float32)
         kernel = ok.attention if self.mode == "ideal" else ok.attention_ggml
-        kernel(out, np.ascontiguousarray(q), k, v, int(pos0))
+        kernel(res, np.ascontiguousarray(q, dtype=np.float32), kf, vf, position_slots(meta),
+               np.asarray(meta.positions, np.int64), np.asarray(meta.seg_of_token, np.int64))
+        if res is not out:
+            out[...] = res
 
     def swiglu(self, out, gate, up):
         if not self._native:
             self._fallback("swiglu", "f32", f"dtype {self.dtype}")
             return super().swiglu(out, gate, up)
         ok.swiglu(out, gate, up, self.mode == "ggml")
+
+
+def position_slots(meta):  # -> int64[n_seg, S]: the pool row of each position of each segment
+    """The block tables expanded to one row index per position (block * block_size + offset),
+    up to the step's largest position; entries past a segment's own table are never read."""
+    bs = meta.block_size
+    S = int(np.max(meta.positions)) + 1
+    tables = np.asarray(meta.tables, np.int64)[:, : -(-S // bs)]
+    return np.ascontiguousarray((tables[:, :, None] * bs + np.arange(bs)).reshape(len(tables), -1)[:, :S])
 
 
 class _ReadOnly:

@@ -9,6 +9,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import blockdecode as bd
+from .simd import fma, vfma, vload, vload_f64, vsplat, vstore, vsum
 
 
 @njit(cache=True)
@@ -116,170 +117,116 @@ def softmax_numerators(p):
     return tot
 
 
-@njit(cache=True, fastmath={"contract"})
-def attend(o, qs, kt, vv, n, scale):
-    """o float32[G, hd] = softmax(scale * K[:n] q_g) V[:n] for the G query heads qs float32[G, hd]
-    of one token that share a KV head: kt float64[hd, S] (K transposed), vv float64[S, hd].
-    Scores, softmax and the V sum in float64; every sum runs in a fixed order (over d for a
-    score, over positions for o). The heads go through each block of K and V rows together,
-    so those rows are read from L1 once per head instead of from L2."""
-    G, hd = qs.shape
-    p = np.zeros((G, n), np.float64)
-    d = 0
-    while d + 4 <= hd:                    # p[s] += q[d] k[d, s] for d, d+1, d+2, d+3 in turn
-        k0, k1, k2, k3 = kt[d], kt[d + 1], kt[d + 2], kt[d + 3]
-        for g in range(G):
-            q0, q1 = np.float64(qs[g, d]), np.float64(qs[g, d + 1])
-            q2, q3 = np.float64(qs[g, d + 2]), np.float64(qs[g, d + 3])
-            pg = p[g]
-            for s in range(n):
-                pg[s] = pg[s] + q0 * k0[s] + q1 * k1[s] + q2 * k2[s] + q3 * k3[s]
-        d += 4
-    for d in range(d, hd):
-        kd = kt[d]
-        for g in range(G):
-            qd, pg = np.float64(qs[g, d]), p[g]
-            for s in range(n):
-                pg[s] += qd * kd[s]
-    tot = np.empty(G, np.float64)
-    for g in range(G):
-        for s in range(n):
-            p[g, s] *= scale
-        tot[g] = softmax_numerators(p[g])
-    acc = np.zeros((G, hd), np.float64)
-    s = 0
-    while s + 4 <= n:                     # acc[d] += p[s] v[s, d] for s, s+1, s+2, s+3 in turn
-        v0, v1, v2, v3 = vv[s], vv[s + 1], vv[s + 2], vv[s + 3]
-        for g in range(G):
-            p0, p1, p2, p3 = p[g, s], p[g, s + 1], p[g, s + 2], p[g, s + 3]
-            a = acc[g]
-            for e in range(hd):
-                a[e] = a[e] + p0 * v0[e] + p1 * v1[e] + p2 * v2[e] + p3 * v3[e]
-        s += 4
-    for s in range(s, n):
-        vs = vv[s]
-        for g in range(G):
-            ps, a = p[g, s], acc[g]
-            for e in range(hd):
-                a[e] += ps * vs[e]
-    for g in range(G):
-        for e in range(hd):
-            o[g, e] = acc[g, e] / tot[g]    # normalized once, as attend_one
+# ---- attention over the paged KV cache ------------------------------------------------------------
+# K and V of one layer are the pool's rows viewed as kf, vf [n_blocks * block_size, n_kv, hd]
+# (float32 for an f32 pool, uint16 F16 bits for an f16 one); slots int64[n_seg, S] gives, per
+# segment, the row of each of its positions (its block table expanded: block * block_size +
+# offset), so a position reads the same value through whatever block holds it.
 
-
-@njit(cache=True, fastmath={"reassoc", "contract"})
-def scores_one(p, qv, k, kv, scale):
-    """p[s] = scale * (q . k[s, kv]) in float64 for s < len(p); each dot reassociated so that
-    it vectorizes over d."""
+@njit(cache=True)
+def attend_row(o, qv, kf, vf, slots, n, kv, scale):
+    """ideal mode, one query row: o float32[hd] = softmax(scale * K q) V over positions 0 .. n - 1,
+    in float64, each sum in a fixed order that depends on hd and n only:
+      score  q . k over d as 8 lanes (lane u takes d = u, u + 8, ...; simd.vsum adds the lanes in
+             a fixed tree) then the d >= hd // 8 * 8 rest in order, all FMAs;
+      softmax  max, exp (exp_nonpositive), the denominator summed over positions in order;
+      V sum  per output element, FMAs over positions in order; normalized once at the end."""
     hd = qv.shape[0]
-    for s in range(p.shape[0]):
-        acc = 0.0
-        for d in range(hd):
-            acc += np.float64(qv[d]) * np.float64(k[s, kv, d])
-        p[s] = acc * scale
-
-
-@njit(cache=True, fastmath={"contract"})
-def weighted_rows(acc, p, v, kv):
-    """acc[e] += p[s] v[s, kv, e] for s < len(p), in order of s (vectorized over e)."""
-    for s in range(p.shape[0]):
+    hd8 = hd // 8 * 8
+    q64 = np.empty(hd, np.float64)
+    for d in range(hd):
+        q64[d] = qv[d]
+    p = np.empty(n, np.float64)
+    for s in range(n):
+        krow = kf[slots[s], kv]
+        lanes = vsplat(0.0)
+        for d in range(0, hd8, 8):
+            lanes = vfma(vload(q64, d), vload_f64(krow, d), lanes)
+        dot = vsum(lanes)
+        for d in range(hd8, hd):
+            dot = fma(q64[d], np.float64(krow[d]), dot)
+        p[s] = dot * scale
+    tot = softmax_numerators(p)
+    acc = np.zeros(hd, np.float64)
+    for s in range(n):
+        vrow = vf[slots[s], kv]
         ps = p[s]
-        for e in range(acc.shape[0]):
-            acc[e] += ps * np.float64(v[s, kv, e])
+        pv = vsplat(ps)
+        for d in range(0, hd8, 8):
+            vstore(acc, d, vfma(pv, vload_f64(vrow, d), vload(acc, d)))
+        for d in range(hd8, hd):
+            acc[d] = fma(ps, np.float64(vrow[d]), acc[d])
+    for d in range(hd):
+        o[d] = acc[d] / tot
 
 
 @njit(cache=True)
-def attend_one(o, qv, k, v, kv, n, scale):
-    """attend for a single query (decode) straight from the float32 cache k/v[S, n_kv, hd]
-    (for one query the transposed copy of attend's prefill path would cost as much as the
-    attention itself); the weights are normalized once at the end. Split into small
-    functions: written as one, LLVM vectorized it 2.3x worse (22 us against 9.3 for 512
-    positions)."""
-    p = np.empty(n, np.float64)
-    scores_one(p, qv, k, kv, scale)
-    tot = softmax_numerators(p)
-    acc = np.zeros(qv.shape[0], np.float64)
-    weighted_rows(acc, p, v, kv)
-    for e in range(acc.shape[0]):
-        o[e] = acc[e] / tot
+def attend_row_ggml(o, qv, kf, vf, slots, n, kv, scale):
+    """ggml mode, one query row over an F16 cache (kf, vf: the F16 bits, uint16):
+    Q rounded to F16, K.Q in float64 over exact F16 x F16 products, rounded to float32 and
+    scaled, exp in float32, the sum in double, probabilities rounded to F16 (the F16 V
+    matmul), the V sum in float64 rounded once to float32 (llama.cpp's non-flash attention,
+    up to its SIMD summation order)."""
+    hd = qv.shape[0]
+    q16 = np.empty(hd, np.float64)
+    for d in range(hd):
+        q16[d] = bd.round_f16(qv[d])
+    sc = np.empty(n, np.float32)
+    mx = np.float32(-np.inf)
+    for s in range(n):
+        krow = kf[slots[s], kv]
+        acc = 0.0
+        for d in range(hd):
+            acc += q16[d] * np.float64(bd.fp16_to_f32(krow[d]))
+        sc[s] = np.float32(acc) * np.float32(scale)
+        mx = max(mx, sc[s])
+    tot = 0.0
+    for s in range(n):
+        e = np.exp(np.float32(sc[s] - mx))
+        sc[s] = e
+        tot += np.float64(e)
+    inv = np.float32(1.0 / tot)
+    out = np.zeros(hd, np.float64)
+    for s in range(n):
+        ps = np.float64(bd.round_f16(sc[s] * inv))
+        vrow = vf[slots[s], kv]
+        for d in range(hd):
+            out[d] += ps * np.float64(bd.fp16_to_f32(vrow[d]))
+    for d in range(hd):
+        o[d] = out[d]
 
 
 @njit(cache=True, parallel=True)
-def attention(out, q, k, v, pos0):
-    """ideal mode: causal GQA attention over the cache, q[T, n_heads, hd], k/v[S, n_kv, hd] ->
-    out[T, n_heads, hd] (attend per token and KV head). The reference's sums run in BLAS's order;
-    these in a fixed order of their own. K and V are first copied to float64, K transposed
-    so that each score loop runs over consecutive positions and vectorizes across them. The
-    parallel loop takes query t together with T - 1 - t, so that equal shares of it (Numba
-    splits a prange into contiguous chunks) hold equal work under the causal mask; no
-    [heads, T, S] temporaries (the reference allocates about 100 MB of them per layer in a
-    512-token prefill)."""
-    T, n_heads, hd = q.shape
-    S, n_kv, _ = k.shape
-    group = n_heads // n_kv
+def attention(out, q, kf, vf, slots, positions, seg_of_token):
+    """ideal mode, causal GQA attention over the paged cache: q, out float32[N, n_heads, hd];
+    token i attends to positions 0 .. positions[i] of its segment's sequence (rows
+    slots[seg_of_token[i]]). One task per (token, head), whatever N and the segments are: a
+    decode token and a prefill token run the same attend_row. The parallel loop takes token i
+    together with N - 1 - i, so that the equal contiguous shares Numba gives each thread hold
+    equal work under the causal mask."""
+    N, n_heads, hd = q.shape
+    group = n_heads // kf.shape[1]
     scale = 1.0 / math.sqrt(hd)
-    if T == 1:                            # decode: no copies, one dot per position
-        for h in prange(n_heads):
-            attend_one(out[0, h], q[0, h], k, v, h // group, S, scale)
-        return
-    kt = np.empty((n_kv, hd, S), np.float64)
-    vv = np.empty((n_kv, S, hd), np.float64)
-    for kd in prange(n_kv * hd):          # rows of kt written in order (writing them a column
-        kh, d = kd // hd, kd % hd         # at a time cost 4.5x more: a page per element)
-        for s in range(S):
-            kt[kh, d, s] = k[s, kh, d]
-    for s in prange(S):
-        for kh in range(n_kv):
-            for d in range(hd):
-                vv[kh, s, d] = v[s, kh, d]
-    half = (T + 1) // 2
-    for i in prange(half * n_kv):
-        t, kv = i // n_kv, i % n_kv
-        h = kv * group                    # the query heads of this KV head
-        attend(out[t, h: h + group], q[t, h: h + group], kt[kv], vv[kv], S - T + t + 1, scale)
-        if T - 1 - t != t:
-            t = T - 1 - t
-            attend(out[t, h: h + group], q[t, h: h + group], kt[kv], vv[kv], S - T + t + 1, scale)
+    for task in prange((N + 1) // 2 * n_heads):
+        i, h = task // n_heads, task % n_heads
+        attend_row(out[i, h], q[i, h], kf, vf, slots[seg_of_token[i]], positions[i] + 1, h // group, scale)
+        t = N - 1 - i
+        if t != i:
+            attend_row(out[t, h], q[t, h], kf, vf, slots[seg_of_token[t]], positions[t] + 1, h // group, scale)
 
 
 @njit(cache=True, parallel=True)
-def attention_ggml(out, q, k, v, pos0):
-    """ggml mode: as attention, with Q rounded to F16, K.Q in float32, scaled, exp in float32,
-    sum in double, probabilities rounded to F16 (the F16 V matmul), V sum rounded once to
-    float32 (llama.cpp's non-flash attention with an F16 cache)."""
-    T, n_heads, hd = q.shape
-    group = n_heads // k.shape[1]
+def attention_ggml(out, q, kf, vf, slots, positions, seg_of_token):
+    """ggml mode: attention with attend_row_ggml (kf, vf the F16 bits)."""
+    N, n_heads, hd = q.shape
+    group = n_heads // kf.shape[1]
     scale = 1.0 / math.sqrt(hd)
-    for th in prange(T * n_heads):
-        t, h = th // n_heads, th % n_heads
-        kv = h // group
-        n = pos0 + t + 1                      # visible positions
-        qv = np.empty(hd, np.float64)
-        for d in range(hd):
-            qv[d] = bd.round_f16(q[t, h, d])
-        p = np.empty(n, np.float64)
-        sc = np.empty(n, np.float32)
-        mx = np.float32(-np.inf)
-        for s in range(n):
-            acc = 0.0
-            for d in range(hd):
-                acc += qv[d] * np.float64(k[s, kv, d])
-            sc[s] = np.float32(acc) * np.float32(scale)
-            mx = max(mx, sc[s])
-        tot = 0.0
-        for s in range(n):
-            e = np.exp(np.float32(sc[s] - mx))
-            sc[s] = e
-            tot += np.float64(e)
-        inv = np.float32(1.0 / tot)
-        for s in range(n):
-            p[s] = bd.round_f16(sc[s] * inv)
-        o = np.zeros(hd, np.float64)
-        for s in range(n):
-            for d in range(hd):
-                o[d] += p[s] * np.float64(v[s, kv, d])
-        for d in range(hd):
-            out[t, h, d] = o[d]
+    for task in prange((N + 1) // 2 * n_heads):
+        i, h = task // n_heads, task % n_heads
+        attend_row_ggml(out[i, h], q[i, h], kf, vf, slots[seg_of_token[i]], positions[i] + 1, h // group, scale)
+        t = N - 1 - i
+        if t != i:
+            attend_row_ggml(out[t, h], q[t, h], kf, vf, slots[seg_of_token[t]], positions[t] + 1, h // group, scale)
 
 
 @njit(cache=True, parallel=True)
