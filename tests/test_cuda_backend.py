@@ -294,6 +294,21 @@ def test_host_pool_runs_the_reference():
         np.testing.assert_array_equal(got, ref)
 
 
+def test_device_pool_errors():
+    """A device pool handed to a float64 backend, and a device pool of a type without kernels:
+    clear errors naming what is wrong, with a hint."""
+    rng = np.random.default_rng(14)
+    pool = _be().new_kv_pool(n_layers=1, n_kv_heads=N_KV, head_dim=HD, n_blocks=2, block_size=3)
+    mgr, batch = _ragged_step(pool, [4], [0], rng)
+    k, v = _kv_rows(rng, 4)
+    with pytest.raises(UnsupportedError, match="a KV pool in GPU memory, but dtype float64") as e:
+        _be(dtype=np.float64).store_kv(pool, 0, attn_meta(mgr, batch), k, v)
+    assert "new_kv_pool" in e.value.hint
+    with pytest.raises(UnsupportedError, match="KV cache type 'f64' has no cuda kernels") as e:
+        CudaBlockPool(n_layers=1, n_kv_heads=N_KV, head_dim=HD, n_blocks=2, k_type="f64", v_type="f64")
+    assert "host pool" in e.value.hint
+
+
 def test_fallback_warns_once_per_op_and_type():
     be = _be("ideal", dtype=np.float64)
     w = _weights("q4_0", cols=COLS)

@@ -303,7 +303,12 @@ class CudaBackend(NumpyBackend):
         if not isinstance(pool, CudaBlockPool):
             self._fallback(op, pool.k_type.name, "the KV pool is in host memory")
             return False
-        return self._act_ok(op)
+        if not self._native:
+            raise UnsupportedError(f"{op}: a KV pool in GPU memory, but dtype {self.dtype} has no cuda kernels "
+                                   "(they are float32)",
+                                   hint="make the pool with this backend's new_kv_pool, which gives a host pool "
+                                        "for float64")
+        return True
 
     def _device_meta(self, meta):  # -> the step's AttnMeta arrays on the device, uploaded once a step
         if self._meta is None or self._meta[0] is not meta:
@@ -336,9 +341,6 @@ class CudaBackend(NumpyBackend):
         """Causal GQA attention of q float32[N, n_heads, hd] over each token's own sequence in the
         pool (positions 0..meta.positions[i] through its block table) -> out[N, n_heads, hd]."""
         N, n_heads, hd = q.shape
-        if hd > self.kk.MAX_HEAD_DIM:
-            self._fallback("attention", pool.k_type.name, f"head_dim {hd} > {self.kk.MAX_HEAD_DIM}")
-            return super().attention(out, q, pool, layer, meta)
         if not self._on_device_pool("attention", pool):
             return super().attention(out, q, pool, layer, meta)
         d = self._device_meta(meta)

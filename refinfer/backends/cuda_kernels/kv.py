@@ -33,8 +33,6 @@ from numba import cuda
 
 from .device import SCRATCH, bd, block_max
 
-MAX_HEAD_DIM = 256   # attention keeps the query row in shared memory (a compile-time size)
-
 ROW_DTYPE = {"f32": np.float32, "f16": np.uint16}   # the typed view of a row's bytes
 
 
@@ -121,17 +119,14 @@ def attention(k_type, v_type):
         tid, nt = cuda.threadIdx.x, cuda.blockDim.x
         n = positions[t] + 1
         table = tables[seg_of_token[t]]
-        qs = cuda.shared.array(MAX_HEAD_DIM, np.float32)
         scratch = cuda.shared.array(SCRATCH, np.float64)
-        for d in range(tid, hd, nt):
-            qs[d] = bd.round_f16(q[t, h, d]) if ggml else q[t, h, d]
-        cuda.syncthreads()
         mx = -math.inf
         for s in range(tid, n, nt):               # scores: one position per thread at a time
             b, o = table[s // block_size], s % block_size
             acc = 0.0
             for d in range(hd):
-                acc += np.float64(qs[d]) * np.float64(load_k(k_rows, b, o, kv, d))
+                qd = bd.round_f16(q[t, h, d]) if ggml else q[t, h, d]
+                acc += np.float64(qd) * np.float64(load_k(k_rows, b, o, kv, d))
             sc = np.float64(np.float32(acc) * np.float32(scale)) if ggml else acc * scale
             scores[t, h, s] = sc
             mx = max(mx, sc)
