@@ -124,3 +124,77 @@ def test_negative_control_blas_bits_depend_on_the_cpu(tiny_quantized):
     """The same check sees a float32 BLAS matmul change with OpenBLAS's core type."""
     digests = _digests_per_cpu(tiny_quantized["q4_1"], "numpy", "blas")
     assert len(set(digests.values())) > 1, digests
+
+
+# ---- the engine: every request's tokens and logprobs equal Model.generate of it alone --------
+
+def _requests(rng, work):
+    """One request per workload sequence: its tokens as the prompt, greedy or seeded sampling,
+    top logprobs on some."""
+    reqs = []
+    for seq in work.sequences:
+        sampled = rng.random() < 0.5
+        reqs.append({"prompt": list(seq), "max_tokens": int(rng.integers(1, 9)), "seed": int(rng.integers(0, 2 ** 32)),
+                     "temperature": 0.9 if sampled else 0.0, "top_k": 0 if sampled else 40,
+                     "top_logprobs": 3 if rng.random() < 0.5 else None})
+    return reqs
+
+
+def run_engine(model, reqs, arrivals, engine_kw):
+    """Submit each request at its arrival step (an engine step each time round) -> results, stats."""
+    engine = refinfer.Engine(model, **engine_kw)
+    handles, step = [None] * len(reqs), 0
+    while any(h is None or not h.done for h in handles):
+        for i, r in enumerate(reqs):
+            if handles[i] is None and arrivals[i] <= step:
+                handles[i] = engine.submit(**r)
+        engine.step()
+        step += 1
+        assert step < 10_000, "the engine made no progress"
+    engine.check_accounting()
+    return [h.result() for h in handles], engine.stats()
+
+
+def first_result_difference(model, reqs, results):
+    for i, (r, got) in enumerate(zip(reqs, results)):
+        alone = model.generate(**r, details=True)
+        for what in ("token_ids", "finish_reason", "text", "logprobs"):
+            if getattr(got, what) != getattr(alone, what):
+                return f"request {i}: {what} differs from the request alone"
+    return None
+
+
+ENGINES = {   # (max_batch, max_tokens_per_step, kv_block_size, kv_cache_tokens)
+    "wide": dict(max_batch=8, max_tokens_per_step=64, kv_block_size=16),
+    "chunked": dict(max_batch=3, max_tokens_per_step=7, kv_block_size=3),
+    "one_per_step": dict(max_batch=1, max_tokens_per_step=5, kv_block_size=1),
+    "tight_pool": dict(max_batch=6, max_tokens_per_step=16, kv_block_size=4, kv_cache_tokens=32),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_engine_requests_equal_each_request_alone(model, shape, engine):
+    rng = np.random.default_rng([len(shape), len(engine)])
+    work = SHAPES[shape](rng, model.config.vocab_size)
+    reqs = _requests(rng, work)
+    if engine == "tight_pool":     # every request fits the 32-position pool alone, not all at once
+        for r in reqs:
+            r["prompt"], r["max_tokens"] = r["prompt"][:20], 8
+    order = rng.permutation(len(reqs))                           # arrival order is random too
+    reqs, arrivals = [reqs[i] for i in order], [work.arrivals[i] for i in order]
+    results, stats = run_engine(model, reqs, arrivals, ENGINES[engine])
+    assert all(r.finish_reason in ("stop", "length") for r in results), [r.error for r in results]
+    assert first_result_difference(model, reqs, results) is None
+    if engine == "tight_pool" and shape != "single":
+        assert stats.preemptions > 0, "the tight pool should preempt"
+
+
+def test_negative_control_engine_with_batch_dependent_matmul_is_caught(tiny_quantized):
+    model = refinfer.load(tiny_quantized["q4_1"], backend="numpy")
+    model.backend = _BatchDependentMatmul()
+    rng = np.random.default_rng(5)
+    work = SHAPES["mixed"](rng, model.config.vocab_size)
+    reqs = _requests(rng, work)
+    results, _ = run_engine(model, reqs, work.arrivals, ENGINES["wide"])
+    assert first_result_difference(model, reqs, results) is not None
