@@ -198,3 +198,20 @@ def test_negative_control_engine_with_batch_dependent_matmul_is_caught(tiny_quan
     reqs = _requests(rng, work)
     results, _ = run_engine(model, reqs, work.arrivals, ENGINES["wide"])
     assert first_result_difference(model, reqs, results) is not None
+
+
+def test_numba_bits_do_not_depend_on_the_compile_target(tiny_quantized, tmp_path):
+    """Numba compiles for the host CPU (AVX-512 here): the kernels compiled for Haswell (AVX2 +
+    FMA, 256-bit vectors) give the same logits bits, since no kernel reassociates a sum. A
+    fresh cache directory, so that the child compiles for its target."""
+    import os
+    import subprocess
+    import sys
+    from child_process import finished
+    digests = {}
+    for target, env in {"host": {}, "haswell": {"NUMBA_CPU_NAME": "haswell",
+                                                "NUMBA_CACHE_DIR": str(tmp_path / "cache")}}.items():
+        p = subprocess.run([sys.executable, "-c", CPU_BITS_CHILD, str(tiny_quantized["q4_1"]), "numba", "kernels"],
+                           capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+        digests[target] = finished(p, f"numba logits compiled for {target}").split()[-1]
+    assert digests["host"] == digests["haswell"], digests
