@@ -418,7 +418,14 @@ def test_whole_model_same_greedy_tokens_and_logits(tiny_cuda_models, mode):
     got, z = refinfer_greedy(gpu_model, ids, 4, prompt_logits=True)
     assert got == want
     nmse = float(np.sum((z.astype(np.float64) - z_ref) ** 2) / np.sum(z_ref.astype(np.float64) ** 2))
-    assert nmse <= 1e-10, f"{mode}: logits NMSE {nmse:.3g}"
+    assert nmse <= WHOLE_MODEL_NMSE[mode], f"{mode}: logits NMSE {nmse:.3g}"
+
+
+# The simulator runs the kernels' Python: ideal mode sums in float64 in another order than the
+# reference and rounds once (measured 0: the same bits on this model), ggml mode's F16 attention
+# and q8_1 dots add in float64 where the reference emulates ggml's lanes (measured 1.5e-14). On a
+# GPU, FMA contraction and libdevice's exp move last bits: the bound bench.py also uses.
+WHOLE_MODEL_NMSE = {"ideal": 1e-15, "ggml": 2e-13} if simulated() else {"ideal": 1e-10, "ggml": 1e-10}
 
 
 def test_generate_command(tiny_cuda_models):
