@@ -15,7 +15,7 @@ import warnings
 
 from .errors import RefinferError
 
-COMMANDS = ["generate", "inspect", "quantize", "convert", "dump", "compare", "perplexity", "kld", "backends", "bench"]
+COMMANDS = ["generate", "batch", "inspect", "quantize", "convert", "dump", "compare", "perplexity", "kld", "backends", "bench"]
 
 
 def _load(name):
