@@ -4,9 +4,9 @@
 
 1. copy bandwidth: a device-to-device copy of a 1 GiB buffer, (read + written bytes) / time:
    the roofline of a memory-bound kernel on this GPU;
-2. for every weight type and both numeric modes, the one-token matmul kernel (the fused
-   dequantize-matvec) on a rows x cols matrix: first checked against the NumPy reference,
-   then timed; achieved GB/s = weight bytes / kernel time, and its share of (1);
+2. for every weight type and both numeric modes, the matmul kernel on one token (the fused
+   dequantize-matvec; the backend runs the same kernel for a prompt) on a rows x cols matrix:
+   first checked against the NumPy reference, then timed; achieved GB/s = weight bytes / kernel time, and its share of (1);
 3. pp512 / tg128 tokens/s of the whole model (default SmolLM2-135M-Instruct Q4_1), as
    `python -m refinfer bench --backends cuda` measures them (KV cache in GPU memory).
 
@@ -84,10 +84,10 @@ def launcher(be, w, x, mode):
     grid, threads = (rows, 1), be.matmul_threads(w)
     if mode == "ggml" and VEC_DOT_TYPE[name] in ("q8_0", "q8_1"):
         xq, xd, xs = be.quantize_act_q8(cuda.to_device(x))
-        kernel = be.mk.matmul_q8(kind, 1)
+        kernel = be.mk.matmul_q8(kind, be.tile)   # the backend's one kernel for every T
         return (lambda: kernel[grid, threads](d_out, xq, xd, xs, d_w)), d_out
     d_x = cuda.to_device(be.vec_dot_activations(x, VEC_DOT_TYPE[name]) if mode == "ggml" else x)
-    kernel = be.mk.matmul_float(kind, 1)
+    kernel = be.mk.matmul_float(kind, be.tile)
     return (lambda: kernel[grid, threads](d_out, d_x, d_w)), d_out
 
 
