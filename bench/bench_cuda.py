@@ -6,7 +6,8 @@
    the roofline of a memory-bound kernel on this GPU;
 2. for every weight type and both numeric modes, the matmul kernel on one token (the fused
    dequantize-matvec; the backend runs the same kernel for a prompt) on a rows x cols matrix:
-   first checked against the NumPy reference, then timed; achieved GB/s = weight bytes / kernel time, and its share of (1);
+   first checked against the NumPy reference, then timed; achieved GB/s = weight bytes /
+   kernel time, and its share of (1);
 3. pp512 / tg128 tokens/s of the whole model (default SmolLM2-135M-Instruct Q4_1), as
    `python -m refinfer bench --backends cuda` measures them (KV cache in GPU memory).
 
