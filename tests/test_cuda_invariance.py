@@ -61,7 +61,8 @@ def check_rows_alone(matmul, w, x, rows_alone):
         alone = np.empty((1, w.shape[0]), np.float32)
         matmul(alone, x[t:t + 1], w)
         d = np.flatnonzero(batch[t].view(np.uint32) != alone[0].view(np.uint32))
-        assert len(d) == 0, f"row {t} of a {len(x)}-token product differs from the row alone in {len(d)} of {w.shape[0]} outputs"
+        assert len(d) == 0, (f"row {t} of a {len(x)}-token product differs from the row alone in {len(d)} "
+                             f"of {w.shape[0]} outputs")
     return batch
 
 
