@@ -205,7 +205,7 @@ def test_negative_control_block_dependent_attention_is_caught():
 
 
 # ---- the whole forward pass ---------------------------------------------------------------------
-def test_forward_rows_of_a_ragged_schedule_equal_each_sequence_alone(tiny_cuda_models):
+def test_forward_rows_of_a_ragged_schedule_equal_each_sequence_alone(tiny_cuda_models):  # noqa: F811
     """Two sequences in ragged steps (chunks of 3 + 1, then 2 + 2) over blocks of 3: each logits
     row bitwise equals Model.logits of its sequence alone (one step over blocks of 16)."""
     model = refinfer.load(tiny_cuda_models["q4_1"], backend="cuda")
