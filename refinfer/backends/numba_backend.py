@@ -181,15 +181,15 @@ class NumbaBackend(NumpyBackend):
         p = self.repacked(w)
         if x.shape[0] > 1 and not self.batch_invariant:
             return self._matmul_blas(out, x, w, p)
-        if p.layout == "float":
-            mk.matmul_float(out, x, p.codes)
+        if p.layout == "float":   # 32 columns a "sub-block", no scales: one chain over all columns
+            G, cols, R = p.codes.shape
+            none = np.broadcast_to(np.zeros(R, np.float32), (G, cols // 32, R))
+            mk.matmul_repacked(out, x, np.zeros((x.shape[0], cols // 32), np.float32),
+                               p.codes.reshape(G, cols // 32, 32, R), 1, none, none, 0, False, False)
             return
         nb = p.codes.shape[1]
         xs = mk.block_sums(x, p.block) if p.has_m else np.zeros((x.shape[0], nb), np.float32)
-        if p.layout == "nibbles":
-            mk.matmul_nibbles(out, x, xs, p.codes, p.d, p.m, p.off, p.has_m)
-        else:
-            mk.matmul_int8(out, x, xs, p.codes, p.d, p.m, p.has_m)
+        mk.matmul_repacked(out, x, xs, p.codes, 2 if p.layout == "nibbles" else 1, p.d, p.m, p.off, p.has_m, True)
 
     @staticmethod
     def _matmul_blas(out, x, w, p):

@@ -31,7 +31,7 @@ from numba import njit, prange
 
 from .. import blockdecode as bd
 from .prefetch import prefetch
-from .simd import vfma, vload, vsplat, vstore
+from .simd import vfma, vload, vsplat, vstore, vweights
 
 LANES = 32
 
@@ -213,20 +213,27 @@ ZERO = np.float32(0)
 
 
 @njit(cache=True)
-def prefetch_block(codes, d, m, g, b):
-    """Prefetch the codes AHEAD bytes after sub-block (g, b) and the scales two sub-blocks on;
-    flat views, so the next group's rows are covered too."""
+def prefetch_block(codes, g, b):
+    """Prefetch the codes AHEAD bytes after sub-block (g, b), one cache line at a time; a flat
+    view, so the next group's rows are covered too."""
     G, nb, J, R = codes.shape
     flat = codes.reshape(-1)
-    start = (g * nb + b) * J * R + AHEAD
-    for k in range(start, min(start + J * R, flat.shape[0]), 64):
+    step = 64 // codes.itemsize
+    start = (g * nb + b) * J * R + AHEAD // codes.itemsize
+    for k in range(start, min(start + J * R, flat.shape[0]), step):
         prefetch(flat, k)
-    k = (g * nb + b + 2) * R
-    if k < G * nb * R:
-        df, mf = d.reshape(-1), m.reshape(-1)
-        for i in range(k, k + R, 16):
-            prefetch(df, i)
-            prefetch(mf, i)
+
+
+@njit(cache=True)
+def prefetch_scales(d, m, g, b):  # d, m of the sub-block two on (in the next group after the last)
+    G, nb, R = d.shape
+    g2, b2 = np.int64(g), np.int64(b) + 2
+    if b2 >= nb:
+        g2, b2 = g2 + 1, b2 - nb
+    if g2 < G:
+        for i in range(0, R, 16):
+            prefetch(d[g2, b2], i)
+            prefetch(m[g2, b2], i)
 
 
 @njit(cache=True)
@@ -264,22 +271,28 @@ def start(acc, i0, scaled):  # the running sums a sub-block starts from: 0 (scal
 
 
 @njit(cache=True, inline="always")
-def tile1(acc, w, x, base, xs, d, m, t, i0, scaled, has_m):
-    """One token t, rows i0 .. i0 + 31 of a group: s[i] = fma(w[j, i], x[t, base + j], s[i]) for
-    j = 0 .. B - 1 in order, then finish. tile8 does the same for 8 tokens at once."""
+def tile1(acc, w, passes, off, x, base, xs, d, m, t, i0, scaled, has_m):
+    """One token t, rows i0 .. i0 + 31 of a group, one sub-block w [J, R] (float32 weights, or
+    int8 codes, or uint8 bytes of two 4-bit codes: passes = 2, the low nibbles are elements
+    0 .. J - 1, the high ones J .. 2J - 1): s[i] = fma(w_k[i], x[t, base + k], s[i]) for the
+    sub-block's elements k in order, codes decoded exactly in registers, then finish. tile8
+    does the same for 8 tokens at once."""
     a0, c0 = start(acc[t], i0, scaled)
     xt = x[t]
-    for j in range(w.shape[0]):
-        wj = w[j]
-        s = vsplat(xt[base + j])
-        a0 = vfma(vload(wj, i0), s, a0)
-        c0 = vfma(vload(wj, i0 + 16), s, c0)
+    k = base
+    for p in range(passes):
+        for j in range(w.shape[0]):
+            wj = w[j]
+            s = vsplat(xt[k])
+            a0 = vfma(vweights(wj, i0, 4 * p, off), s, a0)
+            c0 = vfma(vweights(wj, i0 + 16, 4 * p, off), s, c0)
+            k += 1
     finish(acc[t], i0, a0, c0, d, m, xs[t], scaled, has_m)
 
 
 @njit(cache=True, inline="always")
-def tile8(acc, w, x, base, xs, d, m, t, i0, scaled, has_m):
-    """tile1 for tokens t .. t + 7: 16 accumulators in registers, each weight vector loaded
+def tile8(acc, w, passes, off, x, base, xs, d, m, t, i0, scaled, has_m):
+    """tile1 for tokens t .. t + 7: 16 accumulators in registers, each weight vector decoded
     once for 8 tokens. Every lane runs tile1's chain of operations, so each token gets the
     same bits as alone."""
     a0, c0 = start(acc[t], i0, scaled)
@@ -291,26 +304,28 @@ def tile8(acc, w, x, base, xs, d, m, t, i0, scaled, has_m):
     a6, c6 = start(acc[t + 6], i0, scaled)
     a7, c7 = start(acc[t + 7], i0, scaled)
     x0, x1, x2, x3, x4, x5, x6, x7 = x[t], x[t + 1], x[t + 2], x[t + 3], x[t + 4], x[t + 5], x[t + 6], x[t + 7]
-    for j in range(w.shape[0]):
-        wj = w[j]
-        u, v = vload(wj, i0), vload(wj, i0 + 16)
-        k = base + j
-        s = vsplat(x0[k])
-        a0, c0 = vfma(u, s, a0), vfma(v, s, c0)
-        s = vsplat(x1[k])
-        a1, c1 = vfma(u, s, a1), vfma(v, s, c1)
-        s = vsplat(x2[k])
-        a2, c2 = vfma(u, s, a2), vfma(v, s, c2)
-        s = vsplat(x3[k])
-        a3, c3 = vfma(u, s, a3), vfma(v, s, c3)
-        s = vsplat(x4[k])
-        a4, c4 = vfma(u, s, a4), vfma(v, s, c4)
-        s = vsplat(x5[k])
-        a5, c5 = vfma(u, s, a5), vfma(v, s, c5)
-        s = vsplat(x6[k])
-        a6, c6 = vfma(u, s, a6), vfma(v, s, c6)
-        s = vsplat(x7[k])
-        a7, c7 = vfma(u, s, a7), vfma(v, s, c7)
+    k = base
+    for p in range(passes):
+        for j in range(w.shape[0]):
+            wj = w[j]
+            u, v = vweights(wj, i0, 4 * p, off), vweights(wj, i0 + 16, 4 * p, off)
+            s = vsplat(x0[k])
+            a0, c0 = vfma(u, s, a0), vfma(v, s, c0)
+            s = vsplat(x1[k])
+            a1, c1 = vfma(u, s, a1), vfma(v, s, c1)
+            s = vsplat(x2[k])
+            a2, c2 = vfma(u, s, a2), vfma(v, s, c2)
+            s = vsplat(x3[k])
+            a3, c3 = vfma(u, s, a3), vfma(v, s, c3)
+            s = vsplat(x4[k])
+            a4, c4 = vfma(u, s, a4), vfma(v, s, c4)
+            s = vsplat(x5[k])
+            a5, c5 = vfma(u, s, a5), vfma(v, s, c5)
+            s = vsplat(x6[k])
+            a6, c6 = vfma(u, s, a6), vfma(v, s, c6)
+            s = vsplat(x7[k])
+            a7, c7 = vfma(u, s, a7), vfma(v, s, c7)
+            k += 1
     finish(acc[t], i0, a0, c0, d, m, xs[t], scaled, has_m)
     finish(acc[t + 1], i0, a1, c1, d, m, xs[t + 1], scaled, has_m)
     finish(acc[t + 2], i0, a2, c2, d, m, xs[t + 2], scaled, has_m)
@@ -322,20 +337,12 @@ def tile8(acc, w, x, base, xs, d, m, t, i0, scaled, has_m):
 
 
 @njit(cache=True, inline="always")
-def all_tokens(acc, w, x, base, xs, d, m, scaled, has_m):
-    """Every token's terms of one sub-block w float32[B, R] (decoded codes, or float weights):
-    8 tokens at a time, then one at a time; the grouping changes no token's operations."""
-    T = x.shape[0]
-    R = w.shape[1]
-    t = 0
-    while t + 8 <= T:
-        for i0 in range(0, R, RT):
-            tile8(acc, w, x, base, xs, d, m, t, i0, scaled, has_m)
-        t += 8
-    while t < T:
-        for i0 in range(0, R, RT):
-            tile1(acc, w, x, base, xs, d, m, t, i0, scaled, has_m)
-        t += 1
+def decode_codes(wbuf, w, passes, off):  # wbuf float32[passes * J, R] = the weights of sub-block w [J, R]
+    J, R = w.shape
+    for p in range(passes):
+        for j in range(J):
+            for i0 in range(0, R, 16):
+                vstore(wbuf[p * J + j], i0, vweights(w[j], i0, 4 * p, off))
 
 
 @njit(cache=True, inline="always")
@@ -348,62 +355,41 @@ def store_rows(out, acc, g):
 
 
 @njit(cache=True, parallel=True)
-def matmul_nibbles(out, x, xs, codes, d, m, off, has_m):
-    """out float32[T, rows] = x float32[T, cols] @ W.T for 4-bit codes uint8[G, nb, H, R] (byte
-    j of a sub-block: element j low, j + H high, each q - off), d, m float32[G, nb, R], xs
-    float32[T, nb] the sub-block sums of x (block_sums). Per group and sub-block the codes are
-    decoded once into w float32[B, R] (exact small integers, in L1), then every token runs
-    the same fixed chain: s = sum_j q_j x_j by FMAs in order of j, acc = fma(d, s, acc),
-    acc = fma(m, xs, acc). Threads take whole groups, so nothing depends on T or on them."""
-    G, nb, H, R = codes.shape
-    B = 2 * H
-    o = np.int32(off)
+def matmul_repacked(out, x, xs, codes, passes, d, m, off, has_m, scaled):
+    """out float32[T, rows] = x float32[T, cols] @ W.T over a repacked W (../repack.py), any T:
+      codes  uint8[G, nb, B/2, R] (4-bit: byte j holds element j low, j + B/2 high, as q - off;
+             passes = 2), int8[G, nb, B, R], or float32[G, cols/32, 32, R] (float weights, 32 columns a
+             "sub-block", scaled=False: no d, the chain runs on through the columns);
+      d, m   float32[G, nb, R]; xs float32[T, nb] the sub-block sums of x (block_sums).
+    Per group g (threads take whole groups) and sub-block b, every token runs tile1's chain:
+    with fewer than 8 tokens straight from the codes, decoded in registers (decode: no
+    buffer to write and read back); with 8 or more from the sub-block decoded once to float32
+    (wbuf, in L1), 8 tokens at a time (tile8) and the rest one at a time. The weights are the
+    same exact values either way, so every path gives each token the same bits."""
+    G, nb, J, R = codes.shape
+    T = x.shape[0]
     for g in prange(G):
-        w = np.empty((B, R), np.float32)
-        acc = np.zeros((x.shape[0], R), np.float32)
+        acc = np.zeros((T, R), np.float32)
+        wbuf = np.empty((J * passes, R), np.float32)
         for b in range(nb):
-            prefetch_block(codes, d, m, g, b)
-            for j in range(H):
-                c, lo, hi = codes[g, b, j], w[j], w[j + H]
-                for i in range(R):
-                    v = np.int32(c[i])
-                    lo[i] = np.float32(np.int32(np.int32(v & 15) + o))   # np.int32 around each step: int32
-                    hi[i] = np.float32(np.int32(np.int32(v >> 4) + o))   # vectors (Numba widens to int64)
-            all_tokens(acc, w, x, b * B, xs[:, b], d[g, b], m[g, b], True, has_m)
-        store_rows(out, acc, g)
-
-
-@njit(cache=True, parallel=True)
-def matmul_int8(out, x, xs, codes, d, m, has_m):
-    """matmul_nibbles for 8-bit codes int8[G, nb, B, R]."""
-    G, nb, B, R = codes.shape
-    for g in prange(G):
-        w = np.empty((B, R), np.float32)
-        acc = np.zeros((x.shape[0], R), np.float32)
-        for b in range(nb):
-            prefetch_block(codes, d, m, g, b)
-            for j in range(B):
-                c, wj = codes[g, b, j], w[j]
-                for i in range(R):
-                    wj[i] = np.float32(c[i])
-            all_tokens(acc, w, x, b * B, xs[:, b], d[g, b], m[g, b], True, has_m)
-        store_rows(out, acc, g)
-
-
-@njit(cache=True, parallel=True)
-def matmul_float(out, x, w):
-    """out float32[T, rows] = x @ W.T for float weights w float32[G, cols, R]: per row one chain
-    of FMAs over the columns in order, acc = fma(w[c], x[c], acc), 32 columns at a time."""
-    G, cols, R = w.shape
-    flat = w.reshape(-1)
-    no_xs, no_d = np.zeros((x.shape[0], 1), np.float32), np.zeros(R, np.float32)   # unread
-    for g in prange(G):
-        acc = np.zeros((x.shape[0], R), np.float32)
-        for c0 in range(0, cols, 32):
-            k = (g * cols + c0) * R + AHEAD
-            for i in range(k, min(k + 32 * R, flat.shape[0]), 16):
-                prefetch(flat, i)
-            all_tokens(acc, w[g, c0: c0 + 32], x, c0, no_xs[:, 0], no_d, no_d, False, False)
+            prefetch_block(codes, g, b)
+            if scaled:
+                prefetch_scales(d, m, g, b)
+            w, base, xsb, db, mb = codes[g, b], b * J * passes, xs[:, b], d[g, b], m[g, b]
+            if T >= 8:                    # decode the sub-block once for all the tokens
+                decode_codes(wbuf, w, passes, off)
+            t = 0
+            while t + 8 <= T:
+                for i0 in range(0, R, RT):
+                    tile8(acc, wbuf, 1, off, x, base, xsb, db, mb, t, i0, scaled, has_m)
+                t += 8
+            while t < T:
+                for i0 in range(0, R, RT):
+                    if T >= 8:
+                        tile1(acc, wbuf, 1, off, x, base, xsb, db, mb, t, i0, scaled, has_m)
+                    else:                 # a decode step: straight from the codes
+                        tile1(acc, w, passes, off, x, base, xsb, db, mb, t, i0, scaled, has_m)
+                t += 1
         store_rows(out, acc, g)
 
 

@@ -12,6 +12,9 @@ fixed tree. On AVX-512 an f32x16 is one zmm register; on AVX2 LLVM splits it int
 
     vload(a, i)       a[i : i + W] of a contiguous float32 (-> f32x16) or float64 (-> f64x8) array
     vload_f64(a, i)   a[i : i + 8] of a float32 array, widened (exactly) to f64x8
+    vweights(a, i, shift, off)   16 weights as f32x16, exactly: a[i : i + 16] of a float32 array,
+                      of an int8 array (8-bit codes), or ((a[i : i + 16] >> shift) & 15) + off of a
+                      uint8 array (4-bit codes, two to a byte)
     vstore(a, i, v)   a[i : i + W] = v
     vsplat(x)         every lane = x (float32 -> f32x16, float64 -> f64x8); vsplat(np.float32(0)) is a zero
     vfma(a, b, c)     a * b + c per lane, rounded once
@@ -81,6 +84,30 @@ def vload_f64(typingctx, arr, i):
         v = builder.load(builder.bitcast(p, ir.VectorType(ir.FloatType(), 8).as_pointer()), align=4)
         return builder.fpext(v, _LLVM[f64x8])
     return f64x8(arr, i), codegen
+
+
+@intrinsic
+def vweights(typingctx, arr, i, shift, off):
+    if not isinstance(arr, types.Array) or arr.dtype not in (types.float32, types.uint8, types.int8):
+        return None
+    signed = arr.dtype == types.int8
+
+    def codegen(context, builder, sig, args):
+        i32x16 = ir.VectorType(_I32, 16)
+        p = _elem_ptr(context, builder, sig.args[0], args[0], args[1])
+        if arr.dtype == types.float32:
+            return builder.load(builder.bitcast(p, _LLVM[f32x16].as_pointer()), align=4)
+        raw = builder.load(builder.bitcast(p, ir.VectorType(ir.IntType(8), 16).as_pointer()), align=1)
+        if signed:
+            return builder.sitofp(builder.sext(raw, i32x16), _LLVM[f32x16])
+        splat = lambda v: builder.shuffle_vector(builder.insert_element(ir.Constant(i32x16, ir.Undefined), v, _I32(0)),
+                                                 ir.Constant(i32x16, ir.Undefined), ir.Constant(i32x16, [0] * 16))
+        shift_, off_ = (context.cast(builder, v, t, types.int32) for v, t in zip(args[2:], sig.args[2:]))
+        q = builder.and_(builder.lshr(builder.zext(raw, i32x16), splat(shift_)), ir.Constant(i32x16, [15] * 16))
+        return builder.sitofp(builder.add(q, splat(off_)), _LLVM[f32x16])
+    if not (isinstance(shift, types.Integer) and isinstance(off, types.Integer)):
+        return None
+    return f32x16(arr, i, shift, off), codegen
 
 
 @intrinsic
