@@ -22,7 +22,7 @@ refinfer.backends.numba_kernels and blockdecode, how many zmm (512-bit), ymm (25
 (128-bit) register operands its assembly has, and its widest.
 
 Under pytest with benchmarks disabled (the default, as in CI) it runs on the tiny fixture model
-with 1 and 3 sequences and 2 steps, and checks the table adds up; nothing is timed.
+with 1 and 5 sequences and 2 steps, and checks the table adds up; nothing is timed.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def decode_steps(m, be, n_seqs, n_prompt, n_steps, block_size=16):
     from refinfer.forward import Segment, forward
     cfg, w = m.config, m.weights
     prompts = prompts_for(Shape(seqs=(n_seqs,), n_prompt=n_prompt), cfg.vocab_size)
-    kv = new_manager(m, n_seqs * (n_prompt + n_steps + 1), block_size)
+    kv = new_manager(m, n_prompt + n_steps + 1, block_size, n_seqs=n_seqs)
     nxt = []
     for j, p in enumerate(prompts):
         kv.allocate(j, p)
@@ -230,7 +230,7 @@ def test_profile_decode(request):
     from refinfer.model import load
     quick = request.config.getoption("benchmark_disable") and not request.config.getoption("benchmark_enable")
     m = load(FIXTURE if quick else None, backend="numba", mode="ideal")
-    for s in (1, 3) if quick else (1, 16):
+    for s in (1, 5) if quick else (1, 16):
         rows, step_ms = profile(m, s, 8 if quick else 128, 2 if quick else 32)
         assert abs(sum(share for *_, share in rows) - 1) < 1e-9
         assert any(k.startswith("matmul") and gw for k, _, gw, _ in rows)

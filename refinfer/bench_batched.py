@@ -113,13 +113,14 @@ def greedy(j, z, i, history=None) -> int:
 # ---------------------------------------------------------------------------------------------
 # refinfer: the serial loop and the batched steps over one forward.
 
-def new_manager(m, n_positions, block_size, prefix_caching=True):
-    """A BlockManager over a pool of the backend's own cache types with room for n_positions."""
+def new_manager(m, n_positions, block_size, n_seqs=1, prefix_caching=True):
+    """A BlockManager over a pool of the backend's own cache types with room for n_seqs
+    sequences of n_positions each (every sequence fills its own last, partial block)."""
     from .kv_cache import BlockManager
     cfg, be = m.config, m.backend
     k_type, v_type = be.kv_types()
     pool = be.new_kv_pool(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-                          n_blocks=-(-n_positions // block_size) + 1, block_size=block_size, k_type=k_type, v_type=v_type)
+                          n_blocks=n_seqs * -(-n_positions // block_size) + 1, block_size=block_size, k_type=k_type, v_type=v_type)
     return BlockManager(pool, enable_prefix_caching=prefix_caching)
 
 
@@ -296,7 +297,7 @@ def worker_refinfer(model, backend, threads, shape: Shape, out_dir):
     if shape.sampled:
         runs.append((f"tg x{S_max} sampled", S_max, None, sampled_serial))
     for name, S, pick, ref in runs:
-        kv = new_manager(m, S * (shape.n_prompt + shape.n_gen + 1), shape.block_size)
+        kv = new_manager(m, shape.n_prompt + shape.n_gen + 1, shape.block_size, n_seqs=S)
         r = batched_generate(m, kv, prompts[:S], shape.n_gen, pick or sampler_picks(S), shape.budget)
         bad = _check_against_serial(r, ref, S)
         tests[name] = {"seqs": S, "tokens_per_s": S * shape.n_gen / r["decode_s"],
