@@ -9,6 +9,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import blockdecode as bd
+from .prefetch import prefetch
 from .simd import fma, vfma, vload, vload_f64, vsplat, vstore, vsum
 
 
@@ -123,41 +124,110 @@ def softmax_numerators(p):
 # segment, the row of each of its positions (its block table expanded: block * block_size +
 # offset), so a position reads the same value through whatever block holds it.
 
+AHEAD_ROWS = 8   # K/V rows prefetched ahead: a long cache's rows come from L3, not L2
+
+
+@njit(cache=True, inline="always")
+def prefetch_row(a, slot, kv):
+    row = a[slot, kv]
+    for i in range(0, row.shape[0], 64 // row.itemsize):
+        prefetch(row, i)
+
+
+@njit(cache=True, inline="always")
+def dot_rest(lanes, q, k, hd8):  # the score from its 8 lanes and the d >= hd8 remainder
+    dot = vsum(lanes)
+    for d in range(hd8, q.shape[0]):
+        dot = fma(q[d], np.float64(k[d]), dot)
+    return dot
+
+
+@njit(cache=True, inline="always")
+def add_row(acc, ps, vrow, hd8):  # acc[d] = fma(ps, v[d], acc[d]) for every d
+    pv = vsplat(ps)
+    for d in range(0, hd8, 8):
+        vstore(acc, d, vfma(pv, vload_f64(vrow, d), vload(acc, d)))
+    for d in range(hd8, acc.shape[0]):
+        acc[d] = fma(ps, np.float64(vrow[d]), acc[d])
+
+
 @njit(cache=True)
-def attend_row(o, qv, kf, vf, slots, n, kv, scale):
-    """ideal mode, one query row: o float32[hd] = softmax(scale * K q) V over positions 0 .. n - 1,
-    in float64, each sum in a fixed order that depends on hd and n only:
+def attend_heads(o, qs, kf, vf, slots, n, kv, scale):
+    """ideal mode, the G query heads qs float32[G, hd] of one token that share KV head kv:
+    o float32[G, hd] = softmax(scale * K q) V over positions 0 .. n - 1, per head in float64,
+    each sum in a fixed order that depends on hd and n only:
       score  q . k over d as 8 lanes (lane u takes d = u, u + 8, ...; simd.vsum adds the lanes in
              a fixed tree) then the d >= hd // 8 * 8 rest in order, all FMAs;
       softmax  max, exp (exp_nonpositive), the denominator summed over positions in order;
-      V sum  per output element, FMAs over positions in order; normalized once at the end."""
-    hd = qv.shape[0]
+      V sum  per output element, FMAs over positions in order; normalized once at the end.
+    The heads go together so that each K and V row is read once (from L3 for a long cache)
+    for all of them; positions go 4 at a time (independent score chains, and a V accumulator
+    loaded and stored once per 4 FMAs), the rest one at a time, with the same operations."""
+    G, hd = qs.shape
     hd8 = hd // 8 * 8
-    q64 = np.empty(hd, np.float64)
-    for d in range(hd):
-        q64[d] = qv[d]
-    p = np.empty(n, np.float64)
-    for s in range(n):
-        krow = kf[slots[s], kv]
-        lanes = vsplat(0.0)
-        for d in range(0, hd8, 8):
-            lanes = vfma(vload(q64, d), vload_f64(krow, d), lanes)
-        dot = vsum(lanes)
-        for d in range(hd8, hd):
-            dot = fma(q64[d], np.float64(krow[d]), dot)
-        p[s] = dot * scale
-    tot = softmax_numerators(p)
-    acc = np.zeros(hd, np.float64)
-    for s in range(n):
-        vrow = vf[slots[s], kv]
-        ps = p[s]
-        pv = vsplat(ps)
-        for d in range(0, hd8, 8):
-            vstore(acc, d, vfma(pv, vload_f64(vrow, d), vload(acc, d)))
-        for d in range(hd8, hd):
-            acc[d] = fma(ps, np.float64(vrow[d]), acc[d])
-    for d in range(hd):
-        o[d] = acc[d] / tot
+    q64 = np.empty((G, hd), np.float64)
+    for g in range(G):
+        for d in range(hd):
+            q64[g, d] = qs[g, d]
+    p = np.empty((G, n), np.float64)
+    s = 0
+    while s < n:
+        for a in range(s + AHEAD_ROWS, min(s + AHEAD_ROWS + 4, n)):
+            prefetch_row(kf, slots[a], kv)
+        if s + 4 <= n:
+            k0, k1, k2, k3 = kf[slots[s], kv], kf[slots[s + 1], kv], kf[slots[s + 2], kv], kf[slots[s + 3], kv]
+            for g in range(G):
+                qg = q64[g]
+                l0 = l1 = l2 = l3 = vsplat(0.0)
+                for d in range(0, hd8, 8):
+                    qd = vload(qg, d)
+                    l0 = vfma(qd, vload_f64(k0, d), l0)
+                    l1 = vfma(qd, vload_f64(k1, d), l1)
+                    l2 = vfma(qd, vload_f64(k2, d), l2)
+                    l3 = vfma(qd, vload_f64(k3, d), l3)
+                p[g, s] = dot_rest(l0, qg, k0, hd8) * scale
+                p[g, s + 1] = dot_rest(l1, qg, k1, hd8) * scale
+                p[g, s + 2] = dot_rest(l2, qg, k2, hd8) * scale
+                p[g, s + 3] = dot_rest(l3, qg, k3, hd8) * scale
+            s += 4
+        else:
+            k0 = kf[slots[s], kv]
+            for g in range(G):
+                qg = q64[g]
+                l0 = vsplat(0.0)
+                for d in range(0, hd8, 8):
+                    l0 = vfma(vload(qg, d), vload_f64(k0, d), l0)
+                p[g, s] = dot_rest(l0, qg, k0, hd8) * scale
+            s += 1
+    tot = np.empty(G, np.float64)
+    for g in range(G):
+        tot[g] = softmax_numerators(p[g])
+    acc = np.zeros((G, hd), np.float64)
+    s = 0
+    while s < n:
+        for a in range(s + AHEAD_ROWS, min(s + AHEAD_ROWS + 4, n)):
+            prefetch_row(vf, slots[a], kv)
+        if s + 4 <= n:
+            v0, v1, v2, v3 = vf[slots[s], kv], vf[slots[s + 1], kv], vf[slots[s + 2], kv], vf[slots[s + 3], kv]
+            for g in range(G):
+                ag = acc[g]
+                p0, p1, p2, p3 = vsplat(p[g, s]), vsplat(p[g, s + 1]), vsplat(p[g, s + 2]), vsplat(p[g, s + 3])
+                for d in range(0, hd8, 8):
+                    a = vfma(p0, vload_f64(v0, d), vload(ag, d))
+                    a = vfma(p1, vload_f64(v1, d), a)
+                    a = vfma(p2, vload_f64(v2, d), a)
+                    vstore(ag, d, vfma(p3, vload_f64(v3, d), a))
+                for d in range(hd8, hd):
+                    ag[d] = fma(p[g, s + 3], np.float64(v3[d]), fma(p[g, s + 2], np.float64(v2[d]),
+                                fma(p[g, s + 1], np.float64(v1[d]), fma(p[g, s], np.float64(v0[d]), ag[d]))))
+            s += 4
+        else:
+            for g in range(G):
+                add_row(acc[g], p[g, s], vf[slots[s], kv], hd8)
+            s += 1
+    for g in range(G):
+        for d in range(hd):
+            o[g, d] = acc[g, d] / tot[g]
 
 
 @njit(cache=True)
@@ -200,19 +270,21 @@ def attend_row_ggml(o, qv, kf, vf, slots, n, kv, scale):
 def attention(out, q, kf, vf, slots, positions, seg_of_token):
     """ideal mode, causal GQA attention over the paged cache: q, out float32[N, n_heads, hd];
     token i attends to positions 0 .. positions[i] of its segment's sequence (rows
-    slots[seg_of_token[i]]). One task per (token, head), whatever N and the segments are: a
-    decode token and a prefill token run the same attend_row. The parallel loop takes token i
-    together with N - 1 - i, so that the equal contiguous shares Numba gives each thread hold
-    equal work under the causal mask."""
+    slots[seg_of_token[i]]). One task per (token, KV head), whatever N and the segments are: a
+    decode token and a prefill token run the same attend_heads. The parallel loop takes token
+    i together with N - 1 - i, so that the equal contiguous shares Numba gives each thread
+    hold equal work under the causal mask."""
     N, n_heads, hd = q.shape
-    group = n_heads // kf.shape[1]
+    n_kv = kf.shape[1]
+    G = n_heads // n_kv
     scale = 1.0 / math.sqrt(hd)
-    for task in prange((N + 1) // 2 * n_heads):
-        i, h = task // n_heads, task % n_heads
-        attend_row(out[i, h], q[i, h], kf, vf, slots[seg_of_token[i]], positions[i] + 1, h // group, scale)
+    for task in prange((N + 1) // 2 * n_kv):
+        i, kv = task // n_kv, task % n_kv
+        h = kv * G
+        attend_heads(out[i, h: h + G], q[i, h: h + G], kf, vf, slots[seg_of_token[i]], positions[i] + 1, kv, scale)
         t = N - 1 - i
         if t != i:
-            attend_row(out[t, h], q[t, h], kf, vf, slots[seg_of_token[t]], positions[t] + 1, h // group, scale)
+            attend_heads(out[t, h: h + G], q[t, h: h + G], kf, vf, slots[seg_of_token[t]], positions[t] + 1, kv, scale)
 
 
 @njit(cache=True, parallel=True)
