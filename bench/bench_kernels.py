@@ -150,11 +150,19 @@ NMSE = {"attention": 1e-14, "rmsnorm": 1e-14, "rope": 0.0, "swiglu": 1e-14}
 
 
 def _act_args(op, T, S, rng):
-    if op == "attention":
+    if op == "attention":         # one sequence of S positions in a paged f32 pool, its last T new
+        from refinfer.forward import AttnMeta
+        from refinfer.kv_cache import BlockManager, BlockPool
+        kv = BlockManager(BlockPool(n_layers=1, n_kv_heads=3, head_dim=64, n_blocks=-(-S // 16), block_size=16))
+        kv.allocate(0, list(range(S)))
+
+        def meta(start, n):
+            return AttnMeta(np.arange(start, start + n), kv.slot_mapping(0, start, n), np.zeros(n, np.int32),
+                            np.array([0, n]), np.array([kv.block_table(0)], np.int32), 16)
+        k, v = (rng.standard_normal((S, 3, 64)).astype(np.float32) for _ in range(2))
+        NumpyBackend().store_kv(kv.pool, 0, meta(0, S), k, v)
         q = rng.standard_normal((T, 9, 64)).astype(np.float32)
-        k = rng.standard_normal((S, 3, 64)).astype(np.float32)
-        v = rng.standard_normal((S, 3, 64)).astype(np.float32)
-        return np.empty_like(q), (q, k, v, S - T)
+        return np.empty_like(q), (q, kv.pool, 0, meta(S - T, T))
     if op == "rmsnorm":
         x = rng.standard_normal((T, 576)).astype(np.float32)
         return np.empty_like(x), (x, np.ones(576, np.float32), 1e-5)
