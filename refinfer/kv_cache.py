@@ -177,30 +177,40 @@ class BlockPool:
         return n_layers * block_size * n_kv_heads * row
 
     @classmethod
+    def n_blocks_for(cls, mib=None, tokens=None, **shape) -> int:
+        """Whole blocks in --kv-cache-mib MiB or --kv-cache-tokens positions (exactly one given),
+        for a pool of this shape; a RefinferError when that is not a positive size or holds no block."""
+        if (mib is None) == (tokens is None):
+            raise RefinferError(f"give exactly one of --kv-cache-mib ({mib!r}) and --kv-cache-tokens ({tokens!r})",
+                                hint="size the KV pool in MiB or in positions, not both")
+        bs = _positive_int(shape.get("block_size", DEFAULT_BLOCK_SIZE), "--kv-block-size")
+        bpb = cls.bytes_per_block(**shape)
+        if mib is not None:
+            if isinstance(mib, bool) or not isinstance(mib, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(mib) or mib <= 0:
+                raise RefinferError(f"--kv-cache-mib must be a positive number, got {mib!r}",
+                                    hint="give the KV pool's size in MiB, e.g. --kv-cache-mib 256")
+            n_blocks, what = int(mib * MIB) // bpb, f"--kv-cache-mib {mib}"
+        else:
+            n_blocks, what = _positive_int(tokens, "--kv-cache-tokens") // bs, f"--kv-cache-tokens {tokens}"
+        if n_blocks == 0:
+            raise RefinferError(
+                f"{what} holds no KV block: one block of {bs} positions takes {bpb} bytes "
+                f"({bpb / MIB:.4g} MiB) for {shape['n_layers']} layers x {shape['n_kv_heads']} KV heads x "
+                f"{shape['head_dim']} (K {shape.get('k_type', 'f32')}, V {shape.get('v_type', 'f32')})",
+                hint=f"use --kv-cache-tokens {bs} / --kv-cache-mib {math.ceil(bpb / MIB * 1000) / 1000} or more, "
+                     "or a smaller --kv-block-size")
+        return n_blocks
+
+    @classmethod
     def from_mib(cls, mib, **shape) -> BlockPool:
         """--kv-cache-mib: as many whole blocks as fit in mib MiB."""
-        if isinstance(mib, bool) or not isinstance(mib, (int, float)) or not math.isfinite(mib) or mib <= 0:
-            raise RefinferError(f"--kv-cache-mib must be a positive number, got {mib!r}",
-                                hint="give the KV pool's size in MiB, e.g. --kv-cache-mib 256")
-        bpb = cls.bytes_per_block(**shape)
-        n_blocks = int(mib * MIB) // bpb
-        if n_blocks == 0:
-            bs = shape.get("block_size", DEFAULT_BLOCK_SIZE)
-            raise RefinferError(
-                f"--kv-cache-mib {mib} holds no KV block: one block of {bs} positions takes {bpb} bytes "
-                f"({bpb / MIB:.4g} MiB) for {shape['n_layers']} layers x {shape['n_kv_heads']} KV heads",
-                hint=f"use --kv-cache-mib {math.ceil(bpb / MIB * 1000) / 1000} or more, or a smaller --kv-block-size")
-        return cls(n_blocks=n_blocks, **shape)
+        return cls(n_blocks=cls.n_blocks_for(mib=mib, **shape), **shape)
 
     @classmethod
     def from_tokens(cls, tokens, **shape) -> BlockPool:
         """--kv-cache-tokens: as many whole blocks as fit in that many positions."""
-        tokens = _positive_int(tokens, "--kv-cache-tokens")
-        bs = _positive_int(shape.get("block_size", DEFAULT_BLOCK_SIZE), "--kv-block-size")
-        if tokens < bs:
-            raise RefinferError(f"--kv-cache-tokens {tokens} holds no KV block of {bs} positions",
-                                hint=f"use --kv-cache-tokens {bs} or more, or a smaller --kv-block-size")
-        return cls(n_blocks=tokens // bs, **shape)
+        return cls(n_blocks=cls.n_blocks_for(tokens=tokens, **shape), **shape)
 
     def copy_block(self, src: int, dst: int, n_positions: int):
         """The first n_positions of block src, every layer, K and V, into block dst."""

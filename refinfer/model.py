@@ -10,7 +10,7 @@ from .backends import get_backend
 from .errors import RefinferError
 from .forward import KVCache, Segment, forward
 from .generation import Decoder, Request, check_fields
-from .kv_cache import DEFAULT_BLOCK_SIZE, MIB, BlockManager, BlockPool
+from .kv_cache import DEFAULT_BLOCK_SIZE, BlockManager, BlockPool
 from .loader import load as load_checkpoint
 from .sampling import Sampler, SamplerConfig, resolve_seed
 
@@ -145,36 +145,16 @@ class Model:
         """A paged KV cache for many sequences in the backend's memory (be.new_kv_pool, with the
         backend's cache types): a pool of `mib` MiB or of `tokens` positions (whole blocks; by
         default the context length, llama.cpp's unified cache of n_ctx cells)."""
-        if tokens is not None and mib is not None:
-            raise RefinferError(f"kv_cache_tokens ({tokens!r}) and kv_cache_mib ({mib!r}) both given",
-                                hint="size the KV pool with one of --kv-cache-tokens and --kv-cache-mib")
         if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
             raise RefinferError(f"kv_block_size (--kv-block-size) must be a positive integer, got {block_size!r}",
                                 hint=f"positions per KV block; the default is {DEFAULT_BLOCK_SIZE}")
-        cfg, bs = self.config, int(block_size)
+        cfg = self.config
         k_type, v_type = self.backend.kv_types()
-        shape = dict(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, block_size=bs,
+        shape = dict(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, block_size=int(block_size),
                      k_type=k_type, v_type=v_type)
-        per_block = BlockPool.bytes_per_block(**shape)
-        if mib is not None:
-            if isinstance(mib, bool) or not isinstance(mib, (int, float, np.integer, np.floating)) \
-                    or not np.isfinite(mib) or mib <= 0:
-                raise RefinferError(f"kv_cache_mib (--kv-cache-mib) must be a positive number, got {mib!r}",
-                                    hint="give the KV pool's size in MiB, e.g. 256")
-            n_blocks = int(mib * MIB) // per_block
-            what = f"kv_cache_mib (--kv-cache-mib) {mib}"
-        else:
-            tokens = cfg.max_seq_len if tokens is None else tokens
-            if isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or tokens < 1:
-                raise RefinferError(f"kv_cache_tokens (--kv-cache-tokens) must be a positive integer, got {tokens!r}",
-                                    hint=f"give the KV pool's size in positions, e.g. {cfg.max_seq_len} (the context length)")
-            n_blocks = int(tokens) // bs
-            what = f"kv_cache_tokens (--kv-cache-tokens) {tokens}"
-        if n_blocks == 0:
-            raise RefinferError(f"{what} holds no KV block: a block of {bs} positions takes {per_block} bytes "
-                                f"({cfg.n_layers} layers x {cfg.n_kv_heads} KV heads x {cfg.head_dim}, "
-                                f"K {k_type}, V {v_type})",
-                                hint=f"give at least {bs} positions ({per_block / MIB:.4g} MiB), or a smaller --kv-block-size")
+        if tokens is None and mib is None:
+            tokens = cfg.max_seq_len
+        n_blocks = BlockPool.n_blocks_for(mib=mib, tokens=tokens, **shape)
         pool = self.backend.new_kv_pool(n_blocks=n_blocks, **shape)
         return BlockManager(pool, enable_prefix_caching=enable_prefix_caching)
 

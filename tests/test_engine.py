@@ -322,11 +322,11 @@ def test_stats_per_request_and_engine_wide(model):
 @pytest.mark.parametrize("kw,fragment", [
     (dict(max_batch=0), "max_batch must be a positive integer, got 0"),
     (dict(max_tokens_per_step=1.5), "max_tokens_per_step must be a positive integer, got 1.5"),
-    (dict(kv_cache_tokens=64, kv_cache_mib=1), "kv_cache_tokens (64) and kv_cache_mib (1) both given"),
+    (dict(kv_cache_tokens=64, kv_cache_mib=1), "give exactly one of --kv-cache-mib (1) and --kv-cache-tokens (64)"),
     (dict(kv_block_size=0), "kv_block_size (--kv-block-size) must be a positive integer, got 0"),
-    (dict(kv_cache_tokens=8), "kv_cache_tokens (--kv-cache-tokens) 8 holds no KV block"),
-    (dict(kv_cache_mib=0.001), "kv_cache_mib (--kv-cache-mib) 0.001 holds no KV block"),
-    (dict(kv_cache_mib=-1), "kv_cache_mib (--kv-cache-mib) must be a positive number, got -1"),
+    (dict(kv_cache_tokens=8), "--kv-cache-tokens 8 holds no KV block"),
+    (dict(kv_cache_mib=0.001), "--kv-cache-mib 0.001 holds no KV block"),
+    (dict(kv_cache_mib=-1), "--kv-cache-mib must be a positive number, got -1"),
 ])
 def test_bad_engine_options_are_named(model, kw, fragment):
     with pytest.raises(RefinferError) as e:

@@ -130,9 +130,9 @@ def test_sizing_from_mib_and_tokens():
     with pytest.raises(RefinferError, match=r"--kv-cache-mib 0.01 holds no KV block: one block of 16 positions takes 36864 bytes") as e:
         BlockPool.from_mib(0.01, **shape)
     assert "--kv-cache-mib 0.036 or more" in e.value.hint
-    with pytest.raises(RefinferError, match="--kv-cache-tokens 15 holds no KV block of 16 positions") as e:
+    with pytest.raises(RefinferError, match="--kv-cache-tokens 15 holds no KV block: one block of 16 positions") as e:
         BlockPool.from_tokens(15, **shape)
-    assert "--kv-cache-tokens 16 or more" in e.value.hint
+    assert "--kv-cache-tokens 16 /" in e.value.hint
     for bad in (0, -1, float("nan"), "8"):
         with pytest.raises(RefinferError, match="--kv-cache-mib must be a positive number"):
             BlockPool.from_mib(bad, **shape)
