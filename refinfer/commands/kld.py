@@ -9,7 +9,8 @@ from .. import threads
 HELP = "KL divergence, PPL ratio, RMS delta-p and same-top-p of test logits against base logits (llama-perplexity --kl-divergence)"
 
 SOURCES = """SRC is one of
-  MODEL.gguf | HF_DIR                         refinfer, ideal mode, numpy backend
+  MODEL.gguf | HF_DIR                         refinfer, ideal mode, numba backend
+  refinfer[backend=numpy]:MODEL               the NumPy reference itself (slow: ~0.25 s a token on SmolLM2)
   refinfer[mode=ggml,backend=numba]:MODEL     refinfer with options
   llama.cpp:MODEL.gguf                        llama.cpp through llama-cpp-python (default settings)
   llama.cpp[variant=flash_attn]:MODEL.gguf    variants: default, single_token, flash_attn, kv_f32

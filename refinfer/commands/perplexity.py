@@ -18,7 +18,8 @@ def add_arguments(p):
     p.add_argument("--chunks", type=int, default=None,
                    help="score only the first N chunks (llama-perplexity --chunks; default, or any negative N: all)")
     p.add_argument("--mode", default="ideal", choices=["ideal", "ggml"], help="refinfer numerics for a plain model path")
-    p.add_argument("--backend", default="numpy", help="refinfer backend for a plain model path (default numpy)")
+    p.add_argument("--backend", default=None,
+                   help="refinfer backend for a plain model path (default: numba in ideal mode, numpy in ggml mode)")
     threads.add_argument(p, default_help="all cores for refinfer, 1 for llama.cpp sources")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -49,7 +50,7 @@ def run(args) -> int:
         from ..fetch import default_model_path
         spec = str(default_model_path())
     if SOURCE_SPEC.match(spec) is None and not spec.startswith(("http://", "https://")):  # a plain path: refinfer
-        spec = f"refinfer[mode={args.mode},backend={args.backend}]:{spec}"
+        spec = f"refinfer[mode={args.mode}" + (f",backend={args.backend}" if args.backend else "") + f"]:{spec}"
     src = parse_source(spec, n_ctx=args.ctx, n_threads=threads.llama_cpp_threads(args.threads))
     try:
         if isinstance(src, LogitsFileSource):
