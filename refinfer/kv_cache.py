@@ -167,9 +167,16 @@ class BlockPool:
         self.n_blocks = _positive_int(n_blocks, "the number of KV blocks")
         self.block_size = _positive_int(block_size, "--kv-block-size")
         self.k_type, self.v_type = get_cache_type(k_type), get_cache_type(v_type)
+        self.check_types()
         shape = (self.n_layers, self.n_blocks, self.block_size, self.n_kv_heads)
-        self.k = np.zeros(shape + (self.k_type.row_bytes(self.head_dim),), np.uint8)
-        self.v = np.zeros(shape + (self.v_type.row_bytes(self.head_dim),), np.uint8)
+        self.k = self.zeros(shape + (self.k_type.row_bytes(self.head_dim),))
+        self.v = self.zeros(shape + (self.v_type.row_bytes(self.head_dim),))
+
+    def check_types(self):
+        """A pool in other memory (a device) refuses the cache types it has no kernels for."""
+
+    def zeros(self, shape):  # -> uint8[shape], zeroed: the pool's memory (host here)
+        return np.zeros(shape, np.uint8)
 
     @staticmethod
     def bytes_per_block(n_layers, n_kv_heads, head_dim, block_size=DEFAULT_BLOCK_SIZE, k_type="f32", v_type="f32") -> int:

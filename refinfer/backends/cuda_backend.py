@@ -35,7 +35,7 @@ import numpy as np
 
 from .. import quant
 from ..errors import UnsupportedError
-from ..kv_cache import DEFAULT_BLOCK_SIZE, BlockPool, _positive_int, get_cache_type
+from ..kv_cache import BlockPool, get_cache_type
 from . import blockdecode as bd
 from .numpy_backend import VEC_DOT_TYPE, NumpyBackend, round_f16
 
@@ -109,26 +109,19 @@ class CudaBlockPool(BlockPool):
     k and v are numba device arrays uint8[n_layers, n_blocks, block_size, n_kv_heads, row_bytes],
     read and written only by the cuda backend's store_kv and attention (and copy_block)."""
 
-    def __init__(self, n_layers, n_kv_heads, head_dim, n_blocks, block_size=DEFAULT_BLOCK_SIZE,
-                 k_type="f32", v_type="f32"):
+    def __init__(self, *args, **kw):
         self.cuda = require_cuda()
-        self.n_layers = _positive_int(n_layers, "n_layers")
-        self.n_kv_heads = _positive_int(n_kv_heads, "n_kv_heads")
-        self.head_dim = _positive_int(head_dim, "head_dim")
-        self.n_blocks = _positive_int(n_blocks, "the number of KV blocks")
-        self.block_size = _positive_int(block_size, "--kv-block-size")
-        self.k_type, self.v_type = get_cache_type(k_type), get_cache_type(v_type)
+        super().__init__(*args, **kw)
+
+    def check_types(self):
         for t in (self.k_type, self.v_type):
             if t.name not in DEVICE_KV_TYPES:
                 raise UnsupportedError(f"KV cache type {t.name!r} has no cuda kernels (the device pool holds "
                                        f"{', '.join(DEVICE_KV_TYPES)})",
                                        hint="CudaBackend.new_kv_pool gives a host pool for it, which the "
                                             "NumPy reference's store_kv and attention run on")
-        shape = (self.n_layers, self.n_blocks, self.block_size, self.n_kv_heads)
-        self.k = self._zeros(shape + (self.k_type.row_bytes(self.head_dim),))
-        self.v = self._zeros(shape + (self.v_type.row_bytes(self.head_dim),))
 
-    def _zeros(self, shape):  # -> device uint8[shape], zeroed on the device (no host copy)
+    def zeros(self, shape):  # -> device uint8[shape], zeroed on the device (no host copy)
         a = self.cuda.device_array(shape, np.uint8)
         flat = a.reshape(a.size)
         threads = SIMULATOR_THREADS if simulated() else THREADS
