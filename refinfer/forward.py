@@ -25,7 +25,8 @@ arrays are the stacked rows of the step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Hashable
 
 import numpy as np
@@ -68,6 +69,16 @@ class AttnMeta:
     seg_starts: np.ndarray    # int64[n_seg + 1] offsets of the segments in the stacked batch
     tables: np.ndarray        # int32[n_seg, max_blocks] block tables, padded with -1
     block_size: int
+
+    @cached_property
+    def position_slots(self) -> np.ndarray:   # int64[n_seg, S]: the pool row of each position of each segment
+        """The block tables expanded to one row index per position (block * block_size + offset),
+        up to the step's largest position; entries past a segment's own table are never read.
+        Made once a step, for every layer."""
+        bs = self.block_size
+        S = int(np.max(self.positions)) + 1
+        tables = np.asarray(self.tables, np.int64)[:, : -(-S // bs)]
+        return np.ascontiguousarray((tables[:, :, None] * bs + np.arange(bs)).reshape(len(tables), -1)[:, :S])
 
 
 class KVCache:
@@ -162,7 +173,11 @@ def forward(cfg: ModelConfig, w: Weights, be, batch, kv, *, all_logits=True, tap
     positions cache.pos .. and float32[T, vocab] (or [1, vocab], the last) back."""
     if isinstance(kv, KVCache):
         return _forward_one(cfg, w, be, batch, kv, all_logits, tap)
-    tokens = check_batch(cfg, batch)
+    return _step(cfg, w, be, batch, kv, check_batch(cfg, batch), tap)
+
+
+def _step(cfg, w, be, batch, kv, tokens, tap):
+    """forward() of a batch whose stacked token ids, tokens, check_batch has checked."""
     rows = [s.logit_rows() for s in batch]
     meta = attn_meta(kv, batch)
     pool = kv.pool
@@ -243,8 +258,8 @@ def _forward_one(cfg, w, be, tokens, cache: KVCache, all_logits, tap):
     if cache.pos + len(tokens) > cache.max_len:
         raise RefinferError(f"context overflow: {cache.pos} cached + {len(tokens)} new tokens > context length "
                             f"{cache.max_len}", hint="use a larger --ctx or a shorter prompt")
-    check_batch(cfg, [Segment(KVCache.SEQ, tokens, cache.pos)])   # bad ids fail before any slot is taken
+    ids = check_batch(cfg, [Segment(KVCache.SEQ, tokens, cache.pos)])   # bad ids fail before any slot is taken
     cache.bind(be)
     seg = cache.add(tokens)
     seg.logits = "all" if all_logits else "last"
-    return forward(cfg, w, be, [seg], cache.kv, tap=tap)[0]
+    return _step(cfg, w, be, [seg], cache.kv, ids, tap)[0]

@@ -205,21 +205,30 @@ def complete_text(data: bytes) -> str:
     return codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=False)
 
 
-def log_softmax(row) -> np.ndarray:
-    """float64[vocab] log-probabilities of a raw logits row (max subtracted first)."""
-    z = np.asarray(row, dtype=np.float64)
+def log_normalizer(z: np.ndarray) -> float:
+    """log(sum(exp(z))) of a float64 row, the max subtracted first: log_softmax(z) = z - this."""
     m = z.max()
-    return z - (m + np.log(np.sum(np.exp(z - m))))
+    return m + np.log(np.sum(np.exp(z - m)))
+
+
+def log_softmax(row) -> np.ndarray:
+    """float64[vocab] log-probabilities of a raw logits row."""
+    z = np.asarray(row, dtype=np.float64)
+    return z - log_normalizer(z)
 
 
 def token_logprob(row, token_id: int, top_n: int | None) -> TokenLogprob:
-    lp = log_softmax(row)
+    """The chosen token's logprob (the vocabulary-sized log_softmax only when top_n asks for
+    alternatives; the same value either way: z[token] minus the same normalizer)."""
+    z = np.asarray(row, dtype=np.float64)
+    c = log_normalizer(z)
     top = None
     if top_n:
+        lp = z - c
         top = [(int(i), float(lp[i])) for i in best(lp, min(top_n, len(lp)))]
     elif top_n == 0:
         top = []
-    return TokenLogprob(int(token_id), float(lp[token_id]), top)
+    return TokenLogprob(int(token_id), float(z[token_id] - c), top)
 
 
 class Decoder:

@@ -276,7 +276,7 @@ class NumbaBackend(NumpyBackend):
         vf = pool.v[layer].view(view).reshape(-1, n_kv, hd)
         res = out if out.flags.c_contiguous and out.dtype == np.float32 else np.empty(out.shape, np.float32)
         kernel = ok.attention if self.mode == "ideal" else ok.attention_ggml
-        kernel(res, np.ascontiguousarray(q, dtype=np.float32), kf, vf, position_slots(meta),
+        kernel(res, np.ascontiguousarray(q, dtype=np.float32), kf, vf, meta.position_slots,
                np.asarray(meta.positions, np.int64), np.asarray(meta.seg_of_token, np.int64))
         if res is not out:
             out[...] = res
@@ -286,15 +286,6 @@ class NumbaBackend(NumpyBackend):
             self._fallback("swiglu", "f32", f"dtype {self.dtype}")
             return super().swiglu(out, gate, up)
         ok.swiglu(out, gate, up, self.mode == "ggml")
-
-
-def position_slots(meta):  # -> int64[n_seg, S]: the pool row of each position of each segment
-    """The block tables expanded to one row index per position (block * block_size + offset),
-    up to the step's largest position; entries past a segment's own table are never read."""
-    bs = meta.block_size
-    S = int(np.max(meta.positions)) + 1
-    tables = np.asarray(meta.tables, np.int64)[:, : -(-S // bs)]
-    return np.ascontiguousarray((tables[:, :, None] * bs + np.arange(bs)).reshape(len(tables), -1)[:, :S])
 
 
 class _ReadOnly:
