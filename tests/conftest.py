@@ -24,6 +24,9 @@ from ci_skips import (oracle_import, pytest_collectreport, pytest_runtest_makere
 # on the GPU, unchanged (and the tests marked `gpu` run too).
 if not (os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi")):
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    import cudasim_shared  # noqa: E402
+    cudasim_shared.install()
 
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 
