@@ -1,20 +1,22 @@
 """The `numba` backend: the reference's ops as compiled, multi-threaded Numba kernels, in the
 same two numeric modes (see numpy_backend.py for what `ideal` and `ggml` mean).
 
-Quantized matmuls (numba_kernels/matmul.py):
-  ideal   weights repacked once (repack.py): integer codes and float32 scales, R rows side
-          by side; the file's pages are then released. One batch-invariant kernel for any
-          number of tokens: each output element is one fixed chain of FMAs (per sub-block
-          sum_j q_j x_j in order, then scaled), the same for a decode token and inside a
-          512-token prefill, on any thread count. batch_invariant=False multiplies prefills
-          (T > 1) with float32 BLAS over dequantized tiles instead: not invariant (on SmolLM2
-          Q4_1 its logits differ from the invariant kernel's by NMSE 3.7e-12).
-  ggml    the stored blocks as they are, the same kernels for one token and for several.
-Attention (numba_kernels/ops.py) reads K/V through the block tables of the paged pool: per
-(token, head) in float64 with every sum in a fixed order in ideal mode (f32 cache), with ggml's
-roundings in ggml mode (f16 cache); the same kernel for decode and prefill.
-ggml mode quantizes the activations to the weight's vec_dot type first: q8_0/q8_1 in Numba
-with the x86 rounding, q8_K through the reference quantizer.
+Quantized matmuls read the weights repacked once (repack.py): integer codes and float32
+scales, R rows side by side; the file's pages are then released.
+  ideal   numba_kernels/matmul.py. One batch-invariant kernel for any number of tokens: each
+          output element is one fixed chain of FMAs (per sub-block sum_j q_j x_j in order, then
+          scaled), the same for a decode token and inside a 512-token prefill, on any thread
+          count. batch_invariant=False multiplies prefills (T > 1) with float32 BLAS over
+          dequantized tiles instead: not invariant (on SmolLM2 Q4_1 its logits differ from the
+          invariant kernel's by NMSE 3.7e-12).
+  ggml    numba_kernels/ggml.py: the NumPy emulation's arithmetic bit for bit (ggml_emulation.py:
+          llama.cpp's AVX2 lane orders, its FMAs as explicit fused multiply-adds). The
+          activations are quantized to the weight's vec_dot type first: q8_0/q8_1 in Numba with
+          the x86 rounding, q8_K and bf16 through the reference quantizer.
+Attention reads K/V through the block tables of the paged pool: in ideal mode per (token,
+head) in float64 with every sum in a fixed order (f32 cache, numba_kernels/ops.py); in ggml
+mode over the F16 cache as llama.cpp's non-flash attention, with the batch kernels' lane
+order for a segment of several tokens and the vec_dot order for one (numba_kernels/ggml.py).
 
 Whatever has no kernel here (float64 ideal mode, a matrix whose width is not a whole number
 of the kernels' blocks, other KV cache types) runs the inherited NumPy reference, with one
@@ -29,6 +31,8 @@ import numpy as np
 
 from .. import quant
 from . import blockdecode as bd
+from . import ggml_emulation as ge
+from .numba_kernels import ggml as gk
 from .numba_kernels import matmul as mk
 from .numba_kernels import ops as ok
 from ..quant._common import fp16_to_f32
@@ -158,10 +162,11 @@ class NumbaBackend(NumpyBackend):
             out[...] = res
 
     def matmuls(self, outs, x, ws):
-        """ideal mode: the matrices stacked into one and repacked once (q, k, v become one
-        960-row matrix in SmolLM2): fewer, larger kernels. Each output row is computed as it
-        would be alone; matrices of different types or widths run one by one."""
-        if (self.mode != "ideal" or len({w.qtype.name for w in ws}) > 1
+        """The matrices stacked into one and repacked once (q, k, v become one 960-row matrix
+        in SmolLM2): fewer, larger kernels. Each output row is computed as it would be alone;
+        matrices of different types or widths, and float weights (ggml mode picks an F16
+        matmul's order by its row count), run one by one."""
+        if (len({w.qtype.name for w in ws}) > 1 or ws[0].qtype.name in ("f16", "bf16", "f32")
                 or len({w.shape[1] for w in ws}) > 1 or not self._kernel_ok("matmul", ws[0])):
             return super().matmuls(outs, x, ws)
         key = tuple(id(w) for w in ws)
@@ -218,23 +223,29 @@ class NumbaBackend(NumpyBackend):
             out[:, r0:r1] = x @ t.T
 
     def _matmul_ggml(self, out, x, w, kind):
+        """The emulation's matmul (NumpyBackend.matmul in ggml mode), kernel by vec_dot type."""
         vd = VEC_DOT_TYPE[w.qtype.name]
+        if vd == "f16":     # activations rounded to F16; tinyBLAS for a batch when it takes the shape
+            rows, k = w.shape
+            w16 = np.asarray(w.raw).view("<u2").reshape(rows, k)
+            gk.matmul_f16(out, gk.round_rows_f16(x), w16, x.shape[0] > 1 and k % 8 == 0 and rows % 4 == 0)
+            return
+        p = self.repacked(getattr(w, "qtensor", w))
         if vd in ("q8_0", "q8_1"):
             xq, xd, xs = self.quantize_act_q8(x)
-            ts, qs, qh, off, has_m = LEGACY_LAYOUT[w.qtype.name]
-            d, m = self.legacy_scales(w)
-            mk.matmul_q8(out, xq, xd, xs, w.raw, d, m, has_m, kind == bd.Q8_0, ts, qs, qh, off)
+            gk.matmul_q8(out, xq.astype(np.float32), xd, xs, p.codes, p.d, p.m, p.off, vd == "q8_1")
             return
         if vd == "q8_K":   # quantize_row_q8_K is the reference quantizer on x86
             xx = quant.dequantize(quant.quantize(x, "q8_K"), "q8_K")
-        elif vd == "f16":
-            xx = np.empty_like(x)
-            ok.store_f16(xx.reshape(1, *x.shape), 0, x.reshape(1, *x.shape))
         elif vd == "bf16":
             xx = quant.dequantize(quant.quantize(x, "bf16"), "bf16")
         else:
             xx = x
-        mk.matmul_f64(out, np.ascontiguousarray(xx, dtype=np.float32), w.raw, kind)
+        xx = np.ascontiguousarray(xx, dtype=np.float32)
+        if p.layout == "float":
+            gk.matmul_col64_float(out, xx, p.codes)
+        else:
+            gk.matmul_col64(out, xx, p.codes, p.d, p.m, p.off, p.has_m, p.layout == "nibbles")
 
     @staticmethod
     def quantize_act_q8(x):  # float32[T, cols] -> (int8[T, cols], float32[T, nb], float32[T, nb])
@@ -249,13 +260,18 @@ class NumbaBackend(NumpyBackend):
         if not self._native:
             self._fallback("rmsnorm", "f32", f"dtype {self.dtype}")
             return super().rmsnorm(out, x, weight, eps)
-        ok.rmsnorm(out, x, np.ascontiguousarray(weight, dtype=np.float32), float(eps), self.mode == "ggml")
+        weight = np.ascontiguousarray(weight, dtype=np.float32)
+        if self.mode == "ggml":
+            gk.rmsnorm(out, np.ascontiguousarray(x, dtype=np.float32), weight, float(eps))
+        else:
+            ok.rmsnorm(out, x, weight, float(eps), False)
 
     def rope(self, x, cos, sin, neox):
         if not self._native:
             self._fallback("rope", "f32", f"dtype {self.dtype}")
             return super().rope(x, cos, sin, neox)
-        ok.rope(x, np.ascontiguousarray(cos, dtype=np.float32), np.ascontiguousarray(sin, dtype=np.float32), bool(neox))
+        kernel = gk.rope if self.mode == "ggml" else ok.rope
+        kernel(x, np.ascontiguousarray(cos, dtype=np.float32), np.ascontiguousarray(sin, dtype=np.float32), bool(neox))
 
     # store_kv and new_kv_pool are the reference's: a vectorized scatter of rows through the
     # pool's cache type, exact for every type.
@@ -275,9 +291,13 @@ class NumbaBackend(NumpyBackend):
         kf = pool.k[layer].view(view).reshape(-1, n_kv, hd)   # [n_blocks * block_size, n_kv, hd]
         vf = pool.v[layer].view(view).reshape(-1, n_kv, hd)
         res = out if out.flags.c_contiguous and out.dtype == np.float32 else np.empty(out.shape, np.float32)
-        kernel = ok.attention if self.mode == "ideal" else ok.attention_ggml
-        kernel(res, np.ascontiguousarray(q, dtype=np.float32), kf, vf, meta.position_slots,
-               np.asarray(meta.positions, np.int64), np.asarray(meta.seg_of_token, np.int64))
+        args = (res, np.ascontiguousarray(q, dtype=np.float32), kf, vf, meta.position_slots,
+                np.asarray(meta.positions, np.int64), np.asarray(meta.seg_of_token, np.int64))
+        if self.mode == "ideal":
+            ok.attention(*args)
+        else:      # a segment of several tokens runs llama.cpp's batch kernels, one token its vec_dot
+            batched = np.diff(np.asarray(meta.seg_starts, np.int64)) > 1
+            gk.attention(*args, batched, np.float32(1) / np.sqrt(np.float32(hd)))
         if res is not out:
             out[...] = res
 
@@ -285,7 +305,16 @@ class NumbaBackend(NumpyBackend):
         if not self._native:
             self._fallback("swiglu", "f32", f"dtype {self.dtype}")
             return super().swiglu(out, gate, up)
-        ok.swiglu(out, gate, up, self.mode == "ggml")
+        if self.mode == "ideal":
+            ok.swiglu(out, gate, up, False)
+            return
+        n = gate.shape[1]
+        nv = n - n % 8
+        if nv < n:   # ggml_vec_swiglu_f32's scalar tail: the reference's (libm expf)
+            tail = ge.swiglu(gate[:, nv:], up[:, nv:])
+        gk.swiglu(out, np.ascontiguousarray(gate, dtype=np.float32), np.ascontiguousarray(up, dtype=np.float32), nv)
+        if nv < n:
+            out[:, nv:] = tail
 
 
 class _ReadOnly:

@@ -17,14 +17,14 @@ ggml   llama.cpp's CPU arithmetic (x86 AVX2 + FMA + F16C build; sources in ggml/
        - the KV cache is F16 (llama.cpp's default type_k/type_v), and K.Q and V.softmax are
          F16 matmuls with the same two orders, so Q and the softmax probabilities are rounded
          to F16 too; the KV length is padded to llama.cpp's 256 with masked (zero) entries;
-       - RMSNorm sums squares in double, then scale = 1/sqrtf(mean + eps) in float
+       - RMSNorm sums squares in double in index order, then scale = 1/sqrtf(mean + eps) in float
          (ggml_compute_forward_rms_norm_f32); softmax and SwiGLU use ggml's SIMD expf
          (ggml_v_expf) and softmax sums 8-lane groups in double (ggml_vec_soft_max_f32);
        - RoPE angles: theta_i = pos * theta_scale^i built by repeated float multiplication,
          theta_scale = powf(base, -2/n_dims) (ggml_rope_cache_init), glibc's sincosf, and the
          rotation with FMA contraction (rotate_pairs).
        Not covered: K-quant and bf16/f32 weight matmuls keep a float64 sum over exact
-       products (within ~1e-7 relative of ggml); llama.cpp's repacked weights (q4_0 with
+       products in column order (within ~1e-7 relative of ggml); llama.cpp's repacked weights (q4_0 with
        AVX2 when loaded with extra buffer types, its default) and flash attention, which
        round differently: ggml mode is the plain CPU path (use_extra_bufts = false).
 """
@@ -160,13 +160,14 @@ class NumpyBackend:
             # x86 quantize_row_q8_K is quantize_row_q8_K_ref. ggml's K-quant dots sum exact
             # integer sub-block dots times fp32(d_w * d_x); float64 over the dequantized weights
             # differs from that only by the rounding of those scale products (~6e-8 relative).
-            xq = quant.dequantize(quant.quantize(x, "q8_K"), "q8_K").astype(np.float64)
-            out[...] = (xq @ self._dequantized(w).T).astype(np.float32)
+            # Summed in column order, so that the numba backend can give the same bits.
+            xq = quant.dequantize(quant.quantize(x, "q8_K"), "q8_K")
+            out[...] = column_order_matmul(xq, self._dequantized_t(w)).astype(np.float32)
         elif vd == "f16":
             out[...] = self._f16_matmul(round_f16(x), self._f16_weights(w))
         else:  # f32, bf16 (bf16 vec_dot type is bf16: round the activations the same way)
             xx = x if vd == "f32" else quant.dequantize(quant.quantize(x, "bf16"), "bf16")
-            out[...] = (xx.astype(np.float64) @ self._dequantized(w).T).astype(np.float32)
+            out[...] = column_order_matmul(xx, self._dequantized_t(w)).astype(np.float32)
 
     def _f16_weights(self, w):  # -> float32[rows, cols], exact F16 values
         key = ("f16", id(w))
@@ -194,8 +195,8 @@ class NumpyBackend:
             ms = in_order_sum(np.square(x, dtype=np.float64), axis=-1)[:, None] / x.shape[-1]
             out[...] = (x / np.sqrt(ms + eps)).astype(self.dtype) * weight
         else:
-            sq = np.square(x.astype(np.float32))                     # x*x rounded to float
-            mean = (sq.astype(np.float64).sum(axis=-1, keepdims=True) / x.shape[-1]).astype(np.float32)
+            sq = np.square(x.astype(np.float32))                     # x*x rounded to float, summed in order
+            mean = (in_order_sum(sq.astype(np.float64), axis=-1)[:, None] / x.shape[-1]).astype(np.float32)
             scale = F32(1.0) / np.sqrt(mean + F32(eps))
             out[...] = (x * scale) * weight
 
