@@ -15,14 +15,35 @@ from .loader import load as load_checkpoint
 from .sampling import Sampler, SamplerConfig, resolve_seed
 
 
+# llama.cpp's default n_ubatch (-ub): the most tokens one llama_decode step computes at once
+DEFAULT_N_UBATCH = 512
+
+
 class Model:
-    def __init__(self, cfg, weights, meta, tokenizer, backend, path):
+    def __init__(self, cfg, weights, meta, tokenizer, backend, path, n_ubatch=None):
         self.config = cfg
         self.weights = weights
         self.metadata = meta
         self.tokenizer = tokenizer
         self.backend = backend
         self.path = path
+        self.n_ubatch = check_ubatch(n_ubatch)
+
+    @property
+    def ubatch(self) -> int | None:
+        """Tokens per forward step of a prompt. ggml mode: n_ubatch (default 512), since
+        llama.cpp evaluates a prompt as micro-batches of n_ubatch tokens, each with its own
+        padded KV length and its own kernel choice (a one-token step takes the vec_dot path).
+        Ideal mode: n_ubatch when given, else the whole prompt in one step; its numbers do not
+        depend on the split (batch invariance)."""
+        if self.n_ubatch is None and self.mode == "ggml":
+            return DEFAULT_N_UBATCH
+        return self.n_ubatch
+
+    def prompt_steps(self, n: int) -> list[tuple[int, int]]:
+        """[start, end) of each forward step of an n-token prompt."""
+        step = self.ubatch or n
+        return [(s, min(n, s + step)) for s in range(0, n, step)]
 
     @property
     def mode(self):
@@ -60,7 +81,9 @@ class Model:
                                 hint=f"pass at most {cache.max_len} tokens (the model's context_length), "
                                      "or split the text into windows")
         kw = {"tap": tap} if tap is not None else {}
-        return forward(self.config, self.weights, self.backend, tokens, cache, **kw)
+        rows = [forward(self.config, self.weights, self.backend, tokens[s:e], cache, **kw)
+                for s, e in self.prompt_steps(len(tokens))]
+        return rows[0] if len(rows) == 1 else np.concatenate(rows)
 
     # ---- generation -----------------------------------------------------------------------
     def generate(self, prompt=None, max_tokens=128, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
@@ -166,10 +189,13 @@ class Model:
         kv = self.new_kv(tokens=-(-req.positions // bs) * bs, block_size=bs, enable_prefix_caching=False)
         kv.allocate(seq, req.prompt_ids, use_prefix_cache=False)
         t0 = time.perf_counter()
-        rows = forward(self.config, self.weights, self.backend,
-                       [Segment(seq, req.prompt_ids, 0, "all" if req.prompt_logprobs else "last")], kv)[0]
-        if req.prompt_logprobs:
-            dec.add_prompt_rows(1, rows[:-1])
+        n = len(req.prompt_ids)
+        for s, e in self.prompt_steps(n):          # ggml mode: llama.cpp's n_ubatch micro-batches
+            rows = forward(self.config, self.weights, self.backend,
+                           [Segment(seq, req.prompt_ids[s:e], s,
+                                    "all" if req.prompt_logprobs else "last" if e == n else "none")], kv)[0]
+            if req.prompt_logprobs:
+                dec.add_prompt_rows(s + 1, rows[:e - s - (e == n)])
         row, t1 = rows[-1], None
         while True:
             ev = dec.step(row)
@@ -217,11 +243,24 @@ def _tokenizer_for(meta, path):
     return None
 
 
-def load(path=None, backend=None, mode="ideal", dtype=np.float32) -> Model:  # backend None: see backends.get_backend
-    """Load a GGUF file or HF safetensors directory (None: the default model, fetched on first use)."""
+def check_ubatch(n, option="n_ubatch"):
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise RefinferError(f"{option} must be a positive integer, got {n!r}",
+                            hint=f"tokens per forward step of a prompt, as llama.cpp's -ub (default {DEFAULT_N_UBATCH} "
+                                 "in ggml mode)")
+    return int(n)
+
+
+def load(path=None, backend=None, mode="ideal", dtype=np.float32, n_ubatch=None) -> Model:  # backend None: see backends.get_backend
+    """Load a GGUF file or HF safetensors directory (None: the default model, fetched on first use).
+    n_ubatch: tokens per forward step of a prompt (Model.ubatch; None: 512 in ggml mode, the
+    whole prompt in ideal mode)."""
+    n_ubatch = check_ubatch(n_ubatch)
     if path is None:
         from .fetch import default_model_path
         path = default_model_path()
     be = get_backend(backend, mode, dtype=dtype)
     cfg, weights, meta = load_checkpoint(path)
-    return Model(cfg, weights, meta, _tokenizer_for(meta, path), be, str(path))
+    return Model(cfg, weights, meta, _tokenizer_for(meta, path), be, str(path), n_ubatch=n_ubatch)

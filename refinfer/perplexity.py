@@ -163,14 +163,15 @@ def kld_stats(nll_base, nll_test, kld, p_diff, same_top, nmse_num=0.0, nmse_den=
 # ---- sources of logits ----------------------------------------------------------------------
 
 class RefinferSource:
-    def __init__(self, path, mode="ideal", backend=None):
+    def __init__(self, path, mode="ideal", backend=None, ubatch=None):
         # backend None: numba in ideal mode (batch-invariant kernels within NMSE 4e-12 of the
         # reference; the reference's column-order float64 matmuls take about 0.25 s a token on
-        # SmolLM2), the lane-exact NumPy emulation in ggml mode
+        # SmolLM2), the lane-exact NumPy emulation in ggml mode. ubatch None: Model.ubatch's
+        # default (llama.cpp's 512 in ggml mode)
         from .backends import check_backend_name
         from .model import load
         backend = check_backend_name(backend, mode)
-        self.model = load(path, mode=mode, backend=backend)
+        self.model = load(path, mode=mode, backend=backend, n_ubatch=ubatch)
         self.name = f"refinfer[mode={mode},backend={backend}]:{path}"
         self.n_vocab = self.model.config.vocab_size
         self.max_ctx = self.model.config.max_seq_len
@@ -189,9 +190,9 @@ class RefinferSource:
 
 
 class LlamaCppSource:
-    def __init__(self, path, variant="default", n_ctx=512, n_threads=1):
+    def __init__(self, path, variant="default", n_ctx=512, n_threads=1, ubatch=None):
         from .llama_oracle import LlamaCpp
-        self.llm = LlamaCpp(path, variant=variant, n_ctx=n_ctx, n_threads=n_threads)
+        self.llm = LlamaCpp(path, variant=variant, n_ctx=n_ctx, n_threads=n_threads, n_batch=ubatch)
         self.name = f"llama.cpp[variant={variant}]:{path}"
         self.n_vocab, self.add_bos, self.bos = self.llm.n_vocab, self.llm.add_bos, self.llm.bos
 
@@ -348,10 +349,21 @@ class OpenAISource:
 SOURCE_SPEC = re.compile(r"^(refinfer|llama\.cpp|logits|openai)(?:\[([^\]]*)\])?:(.+)$")
 
 
-def parse_source(spec: str, n_ctx=512, n_threads=1):
-    """refinfer[mode=ggml,backend=numpy]:PATH, llama.cpp[variant=flash_attn]:PATH, logits:FILE;
-    openai[vocab=MODEL,top=20,model=NAME]:URL (or a bare http(s) URL); a bare path is refinfer's
-    ideal mode (or a logits file if it ends in .safetensors)."""
+def _ubatch_option(value, spec):
+    """ubatch=N of a source spec: a positive integer."""
+    if value is None or isinstance(value, int):
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise RefinferError(f"{spec!r}: ubatch={value!r} is not a positive integer",
+                            hint="tokens per forward step, as llama.cpp's -ub: e.g. refinfer[mode=ggml,ubatch=512]:MODEL.gguf")
+    return int(value)
+
+
+def parse_source(spec: str, n_ctx=512, n_threads=1, n_ubatch=None):
+    """refinfer[mode=ggml,backend=numpy,ubatch=512]:PATH, llama.cpp[variant=flash_attn,ubatch=512]:PATH,
+    logits:FILE; openai[vocab=MODEL,top=20,model=NAME]:URL (or a bare http(s) URL); a bare path is
+    refinfer's ideal mode (or a logits file if it ends in .safetensors). n_ubatch: the ubatch of
+    refinfer and llama.cpp sources whose spec gives none."""
     m = SOURCE_SPEC.match(spec)
     if m is None and spec.startswith(("http://", "https://")):
         kind, opts, path = "openai", "", spec
@@ -366,12 +378,14 @@ def parse_source(spec: str, n_ctx=512, n_threads=1):
             raise RefinferError(f"source option {item!r} in {spec!r} is not key=value",
                                 hint="e.g. refinfer[mode=ggml]:MODEL.gguf")
         kw[key.strip()] = value.strip()
-    allowed = {"refinfer": {"mode", "backend"}, "llama.cpp": {"variant"}, "logits": set(),
+    allowed = {"refinfer": {"mode", "backend", "ubatch"}, "llama.cpp": {"variant", "ubatch"}, "logits": set(),
                "openai": {"vocab", "model", "top", "timeout"}}[kind]
     if set(kw) - allowed:
         raise RefinferError(f"{spec!r}: unknown option(s) {sorted(set(kw) - allowed)} for a {kind} source "
                             f"(allowed: {sorted(allowed) or 'none'})",
                             hint="e.g. refinfer[mode=ggml,backend=numba]:MODEL.gguf or llama.cpp[variant=flash_attn]:MODEL.gguf")
+    if kind in ("refinfer", "llama.cpp"):
+        kw["ubatch"] = _ubatch_option(kw.get("ubatch", n_ubatch), spec)
     if kind == "refinfer":
         return RefinferSource(path, **kw)
     if kind == "llama.cpp":

@@ -103,3 +103,12 @@ def test_offline_fetch_is_a_clear_error(empty_cache, monkeypatch):
 def test_unknown_corpus_name():
     with pytest.raises(RefinferError, match="unknown corpus 'wikitext'; available: wiki, c4"):
         corpus.text("wikitext")
+
+
+def test_perplexity_and_kld_take_a_corpus_name_for_f(real_wheel, tmp_path, monkeypatch):
+    """-f wiki reads the corpus; a file of that name, when there is one, is read instead."""
+    from refinfer.commands.perplexity import read_text
+    monkeypatch.chdir(tmp_path)
+    assert read_text("c4") == corpus.text("c4")
+    (tmp_path / "c4").write_text("my own c4 file\n", encoding="utf-8")
+    assert read_text("c4") == "my own c4 file\n"

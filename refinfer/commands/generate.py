@@ -33,13 +33,15 @@ def add_arguments(p):
     # Checked in run(), not by argparse choices, so that a wrong mode gets the usual error + hint.
     p.add_argument("--mode", default="ideal", metavar="ideal|ggml",
                    help="numerics: ideal (exact float) or ggml (llama.cpp's CPU roundings)")
+    p.add_argument("--ubatch", type=int, default=None, metavar="N",
+                   help="tokens per forward step of a prompt, as llama.cpp's -ub (default: 512 in ggml mode, the whole prompt in ideal mode, whose numbers do not depend on it)")
     threads.add_argument(p)
 
 
 def check_args(args):
     """Every option that can be checked without the model, in the order of the command line."""
     from ..backends import check_backend_name
-    from ..model import check_max_tokens, resolve_seed
+    from ..model import check_max_tokens, check_ubatch, resolve_seed
     from ..sampling import SamplerConfig
 
     check_max_tokens(args.n_predict, "-n/--n-predict")
@@ -47,6 +49,7 @@ def check_args(args):
     SamplerConfig(args.temp, args.top_k, args.top_p, args.min_p, args.repeat_penalty, args.repeat_last_n,
                   seed=seed).check()
     check_backend_name(args.backend, args.mode)
+    check_ubatch(args.ubatch, "--ubatch")
     threads.check(args.threads)
     return seed
 
@@ -65,7 +68,7 @@ def run(args) -> int:
         raise RefinferError("the prompt is empty", hint=EMPTY_PROMPT_HINT)
     threads.set_threads(args.threads)   # before Numba loads with the model's backend
     t0 = time.perf_counter()
-    model = load(args.model, backend=args.backend, mode=args.mode)
+    model = load(args.model, backend=args.backend, mode=args.mode, n_ubatch=args.ubatch)
     load_s = time.perf_counter() - t0
     stats = {}
     pieces = model.generate(prompt, max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,

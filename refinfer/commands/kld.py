@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 
 from .. import threads
+from .perplexity import add_ubatch_argument
 
 HELP = "KL divergence, PPL ratio, RMS delta-p and same-top-p of test logits against base logits (llama-perplexity --kl-divergence)"
 
 SOURCES = """SRC is one of
   MODEL.gguf | HF_DIR                         refinfer, ideal mode, numba backend
   refinfer[backend=numpy]:MODEL               the NumPy reference itself (slow: ~0.25 s a token on SmolLM2)
-  refinfer[mode=ggml,backend=numba]:MODEL     refinfer with options
+  refinfer[mode=ggml,backend=numba]:MODEL     refinfer with options (also ubatch=N)
   llama.cpp:MODEL.gguf                        llama.cpp through llama-cpp-python (default settings)
-  llama.cpp[variant=flash_attn]:MODEL.gguf    variants: default, single_token, flash_attn, kv_f32
+  llama.cpp[variant=flash_attn]:MODEL.gguf    variants: default, single_token, flash_attn, kv_f32;
+                                              ubatch=N: tokens per llama_decode step (default 512)
   logits:FILE.safetensors | FILE.safetensors  base logits saved with --save-base (float32), or a
                                               fixture's teacher-forced prompt logits
                                               (formats/fixtures/logits-*.safetensors: one chunk,
@@ -29,7 +31,9 @@ def add_arguments(p):
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--base", required=True, metavar="SRC", help="the reference logits")
     p.add_argument("--test", action="append", default=[], metavar="SRC", help="logits to judge (repeatable)")
-    p.add_argument("-f", "--file", default=None, help="text file (not needed when --base is a saved logits file)")
+    p.add_argument("-f", "--file", default=None,
+                   help="text file, or wiki / c4 (exllamav2 0.3.2's calibration texts); not needed when --base is a "
+                        "saved logits file")
     p.add_argument("-c", "--ctx", type=int, default=None,
                    help="tokens per chunk, as llama-perplexity -c (default 512, or the saved base's)")
     p.add_argument("--chunks", type=int, default=None,
@@ -40,6 +44,7 @@ def add_arguments(p):
                    help="also measure llama.cpp's noise floor on MODEL (default: the base's model file): its "
                         "variants single_token, flash_attn and kv_f32 against its default, on the same chunks")
     p.add_argument("--json", metavar="FILE", default=None, help="write every statistic to FILE as JSON")
+    add_ubatch_argument(p)
     threads.add_argument(p, default_help="all cores for refinfer, 1 for llama.cpp sources")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -71,6 +76,7 @@ def run(args) -> int:
     from ..perplexity import (LogitsFileSource, check_chunks, check_ctx, check_source_ctx, chunks_of, format_kld,
                               kl_divergence, parse_source)
     from ..output_files import check_distinct, check_output_path
+    from ..model import check_ubatch
     from .perplexity import read_text
 
     if not args.test and args.floor is None:
@@ -79,6 +85,7 @@ def run(args) -> int:
     if args.ctx is not None:
         check_ctx(args.ctx)
     check_chunks(args.chunks)
+    check_ubatch(args.ubatch, "--ubatch")
     threads.check(args.threads)
     check_output_path(args.json, "--json")
     check_output_path(args.save_base, "--save-base")
@@ -88,7 +95,7 @@ def run(args) -> int:
     threads.set_threads(args.threads)
     n_llama = threads.llama_cpp_threads(args.threads)
     n_ctx = 512 if args.ctx is None else args.ctx
-    base = parse_source(args.base, n_ctx=n_ctx, n_threads=n_llama)
+    base = parse_source(args.base, n_ctx=n_ctx, n_threads=n_llama, n_ubatch=args.ubatch)
     opened = [base]
     try:
         if isinstance(base, LogitsFileSource):
@@ -110,7 +117,7 @@ def run(args) -> int:
         _, first = chunks_of(base, tokens, n_ctx)   # a text too short for -c fails here, before any model runs
         tests = []
         for s in args.test:
-            tests.append(parse_source(s, n_ctx=n_ctx, n_threads=n_llama))
+            tests.append(parse_source(s, n_ctx=n_ctx, n_threads=n_llama, n_ubatch=args.ubatch))
             opened.append(tests[-1])
             check_source_ctx(tests[-1], n_ctx)
         for t in tests:
