@@ -15,11 +15,11 @@ import warnings
 
 from .errors import RefinferError
 
-COMMANDS = ["generate", "batch", "inspect", "quantize", "convert", "dump", "compare", "perplexity", "kld", "backends", "bench"]
+COMMANDS = ["generate", "batch", "inspect", "quantize", "convert", "export-hf", "dump", "floor", "compare", "perplexity", "kld", "backends", "bench"]
 
 
 def _load(name):
-    return importlib.import_module(f"refinfer.commands.{name}")
+    return importlib.import_module(f"refinfer.commands.{name.replace('-', '_')}")
 
 
 class _Parser(argparse.ArgumentParser):
