@@ -37,10 +37,6 @@ MUTANTS = [
     Mutant("inspect_refuses_unsupported_types",
            lambda mp: mp.setattr("refinfer.gguf_file.unsupported_type", lambda type_id: None),
            lambda request: t.check_inspect_unsupported(*_fixtures(request, "tmp_path", "capsys"))),
-    # ggml mode on numba selected silently
-    Mutant("ggml_numba_warning_dropped",
-           lambda mp: mp.setattr("refinfer.backends._INEXACT", {}),
-           lambda request: t.check_ggml_numba_warns(*_fixtures(request, "capsys"))),
     # -t parsed but never applied
     Mutant("threads_not_set",
            lambda mp: mp.setattr("refinfer.threads.set_threads", lambda n: n),

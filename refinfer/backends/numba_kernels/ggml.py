@@ -28,6 +28,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import blockdecode as bd
+from .matmul import prefetch_block
 from .simd import (f32_bits, f32_of_bits, fma, hsum8, hsum8_reduce, vadd, vfma, vload, vload8, vload8_f16,
                    vload_f64, round_f16_s, vsplat, vsplat8, vstore, vstore8, vweights)
 
@@ -53,15 +54,18 @@ def lane_sum(w, lane, off, i0, xt, k):
 
 
 @njit(cache=True, inline="always")
-def dot16(wg, g, off, xt, xdt, xst, d, m, i0, has_m):
+def dot16(wg, g, off, xt, xdt, xst, d, m, i0, has_m, codes, prefetch):
     """Rows i0 .. i0 + 15 of group g for one token, as quant_dot: per block b and lane l,
     acc_l = fma(fp32(d_x * d_w), sumi_l, acc_l) (from -0: the first block's term is the
     plain product), then hsum8 over the lanes, plus summs = fma(m_w, s_x, summs) block by
-    block for q8_1. wg [nb, J, R]: the group's codes, or its blocks decoded to float32."""
+    block for q8_1. wg [nb, J, R]: the group's codes, or its blocks decoded to float32;
+    prefetch: ask for the codes ahead (matmul.prefetch_block) while reading them."""
     nb = wg.shape[0]
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vsplat(NEG0)
     sm = vsplat(ZERO)
     for b in range(nb):
+        if prefetch:
+            prefetch_block(codes, g, b)
         w = wg[b]
         k = b * 32
         dd = vfma(vsplat(xdt[b]), vload(d[g, b], i0), vsplat(NEG0))
@@ -107,11 +111,12 @@ def matmul_q8(out, xq, xd, xs, codes, d, m, off, has_m):
                         vstore(wbuf[b, j], i0, vweights(codes[g, b, j % J], i0, 4 * (j // J), off))
             for t in range(T):
                 for i0 in range(0, R, 16):
-                    vstore(res[t], i0, dot16(wbuf, g, off, xq[t], xd[t], xs[t], d, m, i0, has_m))
+                    vstore(res[t], i0, dot16(wbuf, g, off, xq[t], xd[t], xs[t], d, m, i0, has_m, codes, False))
         else:
             for t in range(T):
                 for i0 in range(0, R, 16):
-                    vstore(res[t], i0, dot16(codes[g], g, off, xq[t], xd[t], xs[t], d, m, i0, has_m))
+                    vstore(res[t], i0, dot16(codes[g], g, off, xq[t], xd[t], xs[t], d, m, i0, has_m, codes,
+                                            t == 0 and i0 == 0))
         store_rows(out, res, g)
 
 
