@@ -164,9 +164,9 @@ class NumbaBackend(NumpyBackend):
     def matmuls(self, outs, x, ws):
         """The matrices stacked into one and repacked once (q, k, v become one 960-row matrix
         in SmolLM2): fewer, larger kernels. Each output row is computed as it would be alone;
-        matrices of different types or widths, and float weights (ggml mode picks an F16
-        matmul's order by its row count), run one by one."""
-        if (len({w.qtype.name for w in ws}) > 1 or ws[0].qtype.name in ("f16", "bf16", "f32")
+        matrices of different types or widths, and F16 ones in ggml mode (the emulation picks
+        an F16 matmul's lane order by its row count), run one by one."""
+        if (len({w.qtype.name for w in ws}) > 1 or (self.mode == "ggml" and ws[0].qtype.name == "f16")
                 or len({w.shape[1] for w in ws}) > 1 or not self._kernel_ok("matmul", ws[0])):
             return super().matmuls(outs, x, ws)
         key = tuple(id(w) for w in ws)

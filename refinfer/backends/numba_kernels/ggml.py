@@ -109,8 +109,8 @@ def matmul_q8(out, xq, xd, xs, codes, d, m, off, has_m):
                 for j in range(32):
                     for i0 in range(0, R, 16):
                         vstore(wbuf[b, j], i0, vweights(codes[g, b, j % J], i0, 4 * (j // J), off))
-            for t in range(T):
-                for i0 in range(0, R, 16):
+            for i0 in range(0, R, 16):        # tokens inside: a 16-row slice of wbuf stays in L1/L2
+                for t in range(T):
                     vstore(res[t], i0, dot16(wbuf, g, off, xq[t], xd[t], xs[t], d, m, i0, has_m, codes, False))
         else:
             for t in range(T):
