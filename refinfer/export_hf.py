@@ -264,7 +264,7 @@ def write_tokenizer(meta: dict, out: pathlib.Path, src: str) -> list:
         with os.fdopen(fd, "wb") as f:
             f.write(spm_model_proto(tokens, scores, types, ids, bool(meta.get("tokenizer.ggml.add_space_prefix", True))))
         publish(tmp, out / "tokenizer.model")
-        _write_json(out / "tokenizer.json", _spm_tokenizer_json(meta, tokens, types, tok_config))
+        _write_json(out / "tokenizer.json", _spm_tokenizer_json(meta, tokens, scores, types, tok_config))
         written = ["tokenizer.model", "tokenizer.json"]
     else:
         raise UnsupportedError(f"{src}: tokenizer.ggml.model {model!r}: export-hf writes gpt2 (BPE) and llama "
@@ -316,10 +316,10 @@ def _added_tokens(tokens, types):
             for i, t in enumerate(tokens) if types[i] in (TYPE_CONTROL, TYPE_USER_DEFINED)]
 
 
-def _spm_tokenizer_json(meta, tokens, types, tok_config) -> dict:
+def _spm_tokenizer_json(meta, tokens, scores, types, tok_config) -> dict:
     """A SentencePiece BPE vocabulary as transformers' LlamaConverter writes it (legacy mode):
     pieces as a byte-fallback BPE whose merges are every split of a piece into two pieces,
-    ordered by the merged piece's id (transformers' generate_merges); spaces become U+2581 and
+    ordered by the merged piece's score (transformers' generate_merges); spaces become U+2581 and
     one is prepended when add_space_prefix. For transformers: refinfer itself reads
     tokenizer.model."""
     vocab = {t: i for i, t in enumerate(tokens)}
@@ -327,8 +327,12 @@ def _spm_tokenizer_json(meta, tokens, types, tok_config) -> dict:
     for merged, i in vocab.items():
         local = [(merged[:k], merged[k:]) for k in range(1, len(merged)) if merged[:k] in vocab and merged[k:] in vocab]
         merges += sorted(local, key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
-    # a stable sort by merged id, then lengths, as generate_merges
-    merges = [list(m) for m in sorted(merges, key=lambda lr: (vocab[lr[0] + lr[1]], len(lr[0]), len(lr[1])))]
+    # by the merged piece's score, highest first (generate_merges with vocab_scores): SentencePiece
+    # BPE merges the best-scoring pair first, and a piece's id does not always follow its score
+    # (Llama's "\u2581\u2581", id 259, scores -1e9: ordered by id it would merge before "\u2581x")
+    score = dict(zip(tokens, scores))
+    merges = [list(m) for m in sorted(merges, key=lambda lr: (score[lr[0] + lr[1]], len(lr[0]), len(lr[1])),
+                                      reverse=True)]
     steps = ([{"type": "Prepend", "prepend": "\u2581"}] if meta.get("tokenizer.ggml.add_space_prefix", True) else [])
     steps.append({"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"})
     unk = meta.get("tokenizer.ggml.unknown_token_id")
