@@ -84,6 +84,66 @@ def dot16(wg, g, off, xt, xdt, xst, d, m, i0, has_m, codes, prefetch):
 
 
 @njit(cache=True, inline="always")
+def lane_sum2(w, lane, off, i0, xt, k):
+    """lane_sum for rows i0 .. i0 + 31, the activation codes broadcast once for both halves."""
+    J = w.shape[0]
+    e = 4 * lane
+    j0, sh = e % J, 4 * (e // J)
+    x0, x1, x2, x3 = vsplat(xt[k + e]), vsplat(xt[k + e + 1]), vsplat(xt[k + e + 2]), vsplat(xt[k + e + 3])
+    s = vfma(vweights(w[j0], i0, sh, off), x0, vsplat(ZERO))
+    u = vfma(vweights(w[j0], i0 + 16, sh, off), x0, vsplat(ZERO))
+    s = vfma(vweights(w[j0 + 1], i0, sh, off), x1, s)
+    u = vfma(vweights(w[j0 + 1], i0 + 16, sh, off), x1, u)
+    s = vfma(vweights(w[j0 + 2], i0, sh, off), x2, s)
+    u = vfma(vweights(w[j0 + 2], i0 + 16, sh, off), x2, u)
+    s = vfma(vweights(w[j0 + 3], i0, sh, off), x3, s)
+    u = vfma(vweights(w[j0 + 3], i0 + 16, sh, off), x3, u)
+    return s, u
+
+
+@njit(cache=True, inline="always")
+def dot32(res, wg, g, off, xt, xdt, xst, d, m, i0, has_m, codes, prefetch):
+    """dot16 for rows i0 .. i0 + 31 at once (the decode path: each activation code broadcast
+    once for 32 rows), stored to res[i0 : i0 + 32]; the same operations per row."""
+    nb = wg.shape[0]
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vsplat(NEG0)
+    c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = vsplat(NEG0)
+    sm = sn = vsplat(ZERO)
+    for b in range(nb):
+        if prefetch:
+            prefetch_block(codes, g, b)
+        w = wg[b]
+        k = b * 32
+        xb = vsplat(xdt[b])
+        dd = vfma(xb, vload(d[g, b], i0), vsplat(NEG0))
+        de = vfma(xb, vload(d[g, b], i0 + 16), vsplat(NEG0))
+        s, u = lane_sum2(w, 0, off, i0, xt, k)
+        a0, c0 = vfma(dd, s, a0), vfma(de, u, c0)
+        s, u = lane_sum2(w, 1, off, i0, xt, k)
+        a1, c1 = vfma(dd, s, a1), vfma(de, u, c1)
+        s, u = lane_sum2(w, 2, off, i0, xt, k)
+        a2, c2 = vfma(dd, s, a2), vfma(de, u, c2)
+        s, u = lane_sum2(w, 3, off, i0, xt, k)
+        a3, c3 = vfma(dd, s, a3), vfma(de, u, c3)
+        s, u = lane_sum2(w, 4, off, i0, xt, k)
+        a4, c4 = vfma(dd, s, a4), vfma(de, u, c4)
+        s, u = lane_sum2(w, 5, off, i0, xt, k)
+        a5, c5 = vfma(dd, s, a5), vfma(de, u, c5)
+        s, u = lane_sum2(w, 6, off, i0, xt, k)
+        a6, c6 = vfma(dd, s, a6), vfma(de, u, c6)
+        s, u = lane_sum2(w, 7, off, i0, xt, k)
+        a7, c7 = vfma(dd, s, a7), vfma(de, u, c7)
+        if has_m:
+            xsb = vsplat(xst[b])
+            sm = vfma(vload(m[g, b], i0), xsb, sm)
+            sn = vfma(vload(m[g, b], i0 + 16), xsb, sn)
+    h = vadd(vadd(vadd(a0, a4), vadd(a2, a6)), vadd(vadd(a1, a5), vadd(a3, a7)))
+    e = vadd(vadd(vadd(c0, c4), vadd(c2, c6)), vadd(vadd(c1, c5), vadd(c3, c7)))
+    vstore(res, i0, vadd(h, sm) if has_m else h)
+    vstore(res, i0 + 16, vadd(e, sn) if has_m else e)
+
+
+@njit(cache=True, inline="always")
 def store_rows(out, res, g):
     """out[:, g * R + i] = res[:, i] for the rows of group g that exist (the last is padded)."""
     R = res.shape[1]
@@ -114,9 +174,8 @@ def matmul_q8(out, xq, xd, xs, codes, d, m, off, has_m):
                     vstore(res[t], i0, dot16(wbuf, g, off, xq[t], xd[t], xs[t], d, m, i0, has_m, codes, False))
         else:
             for t in range(T):
-                for i0 in range(0, R, 16):
-                    vstore(res[t], i0, dot16(codes[g], g, off, xq[t], xd[t], xs[t], d, m, i0, has_m, codes,
-                                            t == 0 and i0 == 0))
+                for i0 in range(0, R, 32):     # repack's R is 32 or 64
+                    dot32(res[t], codes[g], g, off, xq[t], xd[t], xs[t], d, m, i0, has_m, codes, t == 0 and i0 == 0)
         store_rows(out, res, g)
 
 
