@@ -20,6 +20,9 @@ def add_arguments(p):
     p.add_argument("--skip", action="append", default=[], metavar="GLOB",
                    help="leave out tensors matching GLOB (repeatable), e.g. 'kq-*' for long prompts: "
                         "kq-N holds heads x T x T floats per layer")
+    p.add_argument("--floor", metavar="FILE", default=None,
+                   help="also measure llama.cpp's noise floor on the same tokens and write it to FILE "
+                        "(what `compare --floor` reads; GGUF only)")
     threads.add_argument(p, default_help="all cores for refinfer, 1 for llama.cpp")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -49,6 +52,7 @@ def run(args) -> int:
     ids = parse_tokens(args.tokens) if args.tokens is not None else None
     threads.check(args.threads)
     check_output_path(args.output, "-o")
+    check_output_path(args.floor, "--floor")
     threads.set_threads(args.threads)
     model = load(args.model, mode=args.mode, backend="numpy" if args.backend == "llama.cpp" else args.backend)
     ids = ids if ids is not None else model.tokenize(args.prompt)
@@ -64,6 +68,9 @@ def run(args) -> int:
         raise RefinferError(f"{what} {len(ids)} tokens, more than the context length of {model.path} "
                             f"({model.config.max_seq_len})",
                             hint=f"dump at most {model.config.max_seq_len} tokens (the model's context_length)")
+    if (args.backend == "llama.cpp" or args.floor) and not str(model.path).endswith(".gguf"):
+        raise RefinferError(f"{model.path}: llama.cpp reads GGUF files only",
+                            hint="dump an HF directory with --backend numpy and without --floor")
     if args.backend == "llama.cpp":
         if not str(model.path).endswith(".gguf"):
             raise RefinferError(f"{model.path}: llama.cpp reads GGUF files only",
@@ -82,4 +89,8 @@ def run(args) -> int:
     print(f"wrote {len(tensors)} tensors for {len(ids)} tokens to {args.output} "
           f"({engine}, mode {mode}, backend {args.backend})", file=sys.stderr)
     print("tokens: " + ",".join(str(t) for t in ids), file=sys.stderr)
+    if args.floor:
+        from .. import floor
+        floor.write(args.floor, floor.measure(model.path, ids, n_threads=threads.llama_cpp_threads(args.threads)))
+        print(f"wrote llama.cpp's noise floor for the same tokens to {args.floor}", file=sys.stderr)
     return 0
