@@ -40,6 +40,8 @@ EPS_OFFSET = 1e-2        # |c| below this (in median-row-RMS units) is never cal
 HEAD_EPS_FACTOR = 2.0    # a single head's fit is noisier: its epsilons are this many times larger
 SOFT_MULTIPLE = 4.0      # NMSE beyond this multiple of the floor: `rounding?` (exit 0, a warning)
 HARD_MULTIPLE = 100.0    # NMSE beyond this multiple of the floor: `BUG?` whatever its structure
+ROW_NMSE_BUG = 0.5       # a position whose difference holds half its energy is never rounding
+                         # (the floor's worst position on SmolLM2: 0.029, at result_output)
 BOOTSTRAP_SAMPLES = 400
 BOOTSTRAP_SEED = 20260101
 MIN_POSITIONS = 3        # fewer positions: no bootstrap (a floor's spread alone decides)
@@ -371,9 +373,9 @@ def judge(name, a, b, *, floor_entry=None, n_tests=1, method="floor") -> TensorV
     if floor_entry and nmse > HARD_MULTIPLE * floor_nmse:
         why.append(f"nmse {nmse / floor_nmse:.3g}x the floor (> {HARD_MULTIPLE:g}x)")
     row_floor = floor_entry.get("floor_row_nmse") if floor_entry else None
-    if row_floor and st.worst_position_nmse > HARD_MULTIPLE * row_floor:
-        why.append(f"position {st.worst_position}: nmse {st.worst_position_nmse:.3g}, "
-                   f"{st.worst_position_nmse / row_floor:.3g}x the floor's worst position (> {HARD_MULTIPLE:g}x)")
+    if row_floor and st.worst_position_nmse > min(HARD_MULTIPLE * row_floor, ROW_NMSE_BUG):
+        why.append(f"position {st.worst_position}: nmse {st.worst_position_nmse:.3g} (the floor's worst position: "
+                   f"{row_floor:.3g})")
     for label, fit, unit in (("scale", st.scale, "s-1"), ("offset", st.offset, "c/rms")):
         if fit.significant:
             why.append(f"systematic {label}: {unit} = {fit.value:+.3g} (z {fit.z():+.1f})")
@@ -491,12 +493,15 @@ def identities(tensors: dict):
     return [(label, members, check) for label, members, check in out if all(m in tensors for m in members)]
 
 
-def broken_identities(tensors: dict, skip=()) -> dict:
-    """{label: (members, violation)} of the identities this dump breaks, and the set of members
-    of those it keeps; labels in skip are not checked."""
+def broken_identities(tensors: dict, scope=None) -> tuple:
+    """({label: (members, violation)} of the identities this dump breaks, the set of members of
+    those it keeps). With scope (a set of names), only identities with a member in scope are
+    checked and the others count as kept: for a dump known to differ from a checked one only
+    there."""
     broken, intact = {}, set()
     for label, members, check in identities(tensors):
-        if label in skip:
+        if scope is not None and not scope.intersection(members):
+            intact.update(members)
             continue
         r = check()
         if r > 1:
@@ -506,7 +511,7 @@ def broken_identities(tensors: dict, skip=()) -> dict:
     return broken, intact
 
 
-def identity_suspects(tensors: dict, other: dict | None = None) -> dict:
+def identity_suspects(tensors: dict, other: dict | None = None, scope=None) -> dict:
     """{label: (candidate tensors, reason)} for the identities this dump breaks and, when other
     (the other dump's tensors) is given, the other dump keeps: an identity both break is not one
     these engines share (another attention scale, say). A broken identity's candidates are its
@@ -514,9 +519,9 @@ def identity_suspects(tensors: dict, other: dict | None = None) -> dict:
     ffn_inp-N breaks both additions it is in, an l_out-N its own and the next layer's, a kq-N its
     own and the attention output's. Where the dump alone cannot tell (Qcur or Kcur; Vcur or
     kqv_out; the last layer's l_out or ffn_out), several are named."""
-    broken, intact = broken_identities(tensors)
+    broken, intact = broken_identities(tensors, scope)
     if other is not None and broken:
-        other_broken, _ = broken_identities(other)
+        other_broken, _ = broken_identities(other, scope)
         broken = {k: v for k, v in broken.items() if k not in other_broken}
     count = {}
     for members, _ in broken.values():
@@ -533,3 +538,104 @@ def identity_suspects(tensors: dict, other: dict | None = None) -> dict:
         best = max(count[m] for m in cands)
         out[label] = ([m for m in cands if count[m] == best], f"breaks {label} (by {r:.3g}x its rounding tolerance)")
     return out
+
+
+# ---- between the two dumps: the RMSNorm weights they imply -------------------------------------
+#
+# y = x / rms(x) * w: with u = x / sqrt(mean(x^2) + eps), each dump implies w_i = sum_t y_ti u_ti /
+# sum_t u_ti^2 from its own x and y. Both engines multiply by the same weights, so the two w
+# agree to float rounding (refinfer ideal and llama.cpp on SmolLM2: 5.7e-8 relative at most),
+# while a scale, an offset or a bad row of the norm's output, or a wrong eps, moves them.
+
+NORM_EPS = 1e-5          # the eps the implied weights assume (Llama's; both dumps get the same)
+NORM_RTOL = 1e-6         # |w_test - w_ref| <= this times |w_ref| + 1e-3 rms(w_ref)
+
+
+def norm_pairs(tensors: dict):
+    """[(norm output, its input)] of the RMSNorms a dump's names show."""
+    out = []
+    n = 0
+    while f"attn_norm-{n}" in tensors or f"ffn_norm-{n}" in tensors:
+        out.append((f"attn_norm-{n}", "inp_embd" if n == 0 else f"l_out-{n - 1}"))
+        out.append((f"ffn_norm-{n}", f"ffn_inp-{n}"))
+        n += 1
+    if n:
+        out.append(("result_norm", f"l_out-{n - 1}"))
+    return [(y, x) for y, x in out if y in tensors and x in tensors]
+
+
+def implied_norm_weight(tensors: dict, y_name: str, x_name: str) -> np.ndarray:
+    x = np.asarray(tensors[x_name], np.float64)
+    y = np.asarray(tensors[y_name], np.float64).reshape(x.shape)
+    u = x / np.sqrt((x * x).mean(axis=1, keepdims=True) + NORM_EPS)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (y * u).sum(axis=0) / (u * u).sum(axis=0)
+
+
+def norm_weight_mismatches(ref: dict, test: dict, scope=None) -> dict:
+    """{norm output: violation in units of NORM_RTOL} where the two dumps imply different weights."""
+    out = {}
+    for y, x in norm_pairs(ref):
+        if y not in test or x not in test or (scope is not None and not scope.intersection((y, x))):
+            continue
+        if np.shape(ref[x]) != np.shape(test[x]) or np.ndim(ref[x]) != 2:
+            continue
+        wr, wt = implied_norm_weight(ref, y, x), implied_norm_weight(test, y, x)
+        ok = np.isfinite(wr) & np.isfinite(wt)
+        if not ok.any():
+            continue
+        scale = float(np.sqrt(np.mean(wr[ok] ** 2)))
+        r = float(np.max(np.abs(wt[ok] - wr[ok]) / (NORM_RTOL * (np.abs(wr[ok]) + 1e-3 * scale) + 1e-300)))
+        if r > 1:
+            out[y] = r
+    return out
+
+
+def related(name: str, tensors: dict) -> set:
+    """name and every tensor an identity or a norm pair ties it to: the verdicts that a change
+    to name alone can move."""
+    out = {name}
+    for _, members, _ in identities(tensors):
+        if name in members:
+            out.update(members)
+    for y, x in norm_pairs(tensors):
+        if name in (y, x):
+            out.update((y, x))
+    return out
+
+
+def compare_tensors(ref: dict, test: dict, lookup=lambda name: None, method="floor", scope=None, only=None) -> list:
+    """TensorVerdicts of test against ref for their common names, in forward order. lookup(name)
+    gives a tensor's effective floor entry (floor.effective) or None. In floor mode the broken
+    identities of either dump (identity_suspects) blame their candidates: where an identity
+    leaves several (Qcur or Kcur), those with evidence of their own against the floor are
+    blamed; without any, all are, and the verdict names them. scope: see broken_identities."""
+    from .dump import forward_key
+    names = sorted(set(ref) & set(test), key=forward_key)
+    n_tests = n_tests_for([(n, np.shape(ref[n])) for n in names])
+    if only is not None:   # judge these alone (scope defaults to them); the Bonferroni factor stays the whole's
+        names = [n for n in names if n in only]
+        scope = set(only) if scope is None else scope
+    verdicts = [judge(n, np.asarray(ref[n]), np.asarray(test[n]), floor_entry=lookup(n), n_tests=n_tests, method=method)
+                for n in names]
+    if method != "floor":
+        return verdicts
+    by_name = {v.name: v for v in verdicts}
+    blamed = set()
+    for side, d, other in (("test", test, ref), ("reference", ref, test)):
+        for label, (cands, why) in identity_suspects(d, other, scope).items():
+            cands = [c for c in cands if c in by_name]
+            marked = [c for c in cands if by_name[c].verdict != OK] or cands
+            for c in marked:
+                v = by_name[c]
+                v.why = f"the {side} dump {why}" + ("; " + v.why if v.why else "")
+                v.verdict = BUG
+                v.alternatives = marked if len(marked) > 1 else None
+                blamed.add(c)
+    inputs = dict(norm_pairs(ref))
+    for y, r in norm_weight_mismatches(ref, test, scope).items():
+        if y in by_name and inputs[y] not in blamed:   # a corrupted input explains it already
+            v = by_name[y]
+            v.why = f"the dumps imply different {y} weights (by {r:.3g}x rounding)" + ("; " + v.why if v.why else "")
+            v.verdict = BUG
+    return verdicts
