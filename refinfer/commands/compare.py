@@ -144,10 +144,7 @@ def run(args) -> int:
         lookup, floor_src = _floor(args, ref, args.model or args.llama_cpp, n_threads)
         method_why = f"against llama.cpp's noise floor: {floor_src}"
     n_tests = V.n_tests_for([(n, ref.tensors[n].shape) for n in names])
-    verdicts = [V.judge(name, ref.tensors[name], test.tensors[name], floor_entry=lookup(name), n_tests=n_tests,
-                        method=method) for name in names]
-    if method == "floor":
-        _blame_identities(verdicts, ref, test)
+    verdicts = V.compare_tensors(ref.tensors, test.tensors, lookup, method=method)
 
     if not args.quiet:
         print(f"reference: {_label(ref)}\ntest:      {_label(test)}\n{len(ref.tokens)} tokens; verdicts {method_why}",
@@ -198,23 +195,6 @@ def run(args) -> int:
     print(f"OK: {len(verdicts)} tensors, nothing systematic (largest nmse {worst.nmse:.3e} at {worst.name}"
           + (f", {len(rounding)} rounding?" if rounding else "") + ")", file=out)
     return 0
-
-
-def _blame_identities(verdicts, ref, test):
-    """BUG? for the tensors a dump's broken identities point at (verdict.identity_suspects).
-    Where an identity leaves several candidates (Qcur or Kcur, say), those with evidence of
-    their own against the floor are blamed; without any, all are, and the verdict names them."""
-    from .. import verdict as V
-    by_name = {v.name: v for v in verdicts}
-    for side, d, other in (("test", test, ref), ("reference", ref, test)):
-        for label, (cands, why) in V.identity_suspects(d.tensors, other.tensors).items():
-            cands = [c for c in cands if c in by_name]
-            marked = [c for c in cands if by_name[c].verdict != V.OK] or cands
-            for c in marked:
-                v = by_name[c]
-                v.why = f"the {side} dump {why}" + ("; " + v.why if v.why else "")
-                v.verdict = V.BUG
-                v.alternatives = marked if len(marked) > 1 else None
 
 
 def _run_table(args, ref, test, table, out) -> int:
