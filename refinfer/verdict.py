@@ -1,25 +1,35 @@
 """Bug or rounding, per tensor: the statistics behind `compare`'s verdicts.
 
-Two correct engines differ by rounding: unbiased, noise-like, of a size llama.cpp's own
-settings show (refinfer/floor.py measures it). A bug is usually systematic: a scale, an offset,
-a wrong eps or theta, a permuted head, one bad row. For a reference tensor A and a test tensor B
-with D = B - A, every position t (a row of the tensor) gets its own least-squares fit
+Two correct engines differ by rounding: noise-like, of a size llama.cpp's own settings show
+(refinfer/floor.py measures it). A bug is usually systematic: a scale, an offset, a wrong eps or
+theta, a permuted head, one bad row. Three kinds of evidence, in order of strength:
 
-    D[t] ~ (s_t - 1) * A[t] + c_t          c_t in units of the row's RMS
+1. Identities inside one dump, which need no weights (the last part of this module): the
+   residual additions (exact in llama.cpp and refinfer), kq = Q.K^T, kqv_out = softmax(kq).V,
+   and, between the two dumps, the RMSNorm weights each implies. A tensor that breaks one is
+   corrupted whatever the other engine's rounding, and the pattern of broken identities names it.
+2. The systematic part of a matmul output's difference (FIT_KINDS). For a reference A and test B
+   with D = B - A, every position t (a row) gets its own least-squares fit
 
-and the tensor's systematic part is the mean over positions, s - 1 = mean_t(s_t - 1), c =
-mean_t(c_t). Why per position, not one fit over the whole tensor: rounding noise is not
-independent element by element. A row's RMSNorm turns noise in its denominator into a scale of
-the whole row, so legitimate differences have per-row scale deviations of up to 1% (SmolLM2
-ffn_out-1 between llama.cpp's F16 and F32 KV caches: s_t - 1 from -1.2e-2 to +1.0e-2), and a
-pooled fit is dominated by the BOS row's massive activations. What a real scale bug adds is the
-same shift at every position; rounding's shifts change sign from row to row.
+       D[t] ~ (s_t - 1) * A[t] + c_t          c_t in units of the median row RMS
+
+   and the tensor's systematic part is the mean over positions, s - 1 = mean_t(s_t - 1) and
+   c = mean_t(c_t). Per position, not one fit over the whole tensor, because rounding noise is
+   not independent element by element: a row's RMSNorm turns noise in its denominator into a
+   scale of the whole row, so legitimate differences have per-row scale deviations of up to 1%
+   (SmolLM2 ffn_out-1 between llama.cpp's F16 and F32 KV caches: s_t - 1 from -1.2e-2 to
+   +1.0e-2), and a pooled fit is dominated by the BOS row's massive activations. A scale bug
+   adds the same shift at every position; rounding's shifts change sign from row to row.
+3. The NMSE against the floor: beyond HARD_MULTIPLE (or a position beyond ROW_NMSE_BUG) is a
+   bug whatever its structure; beyond SOFT_MULTIPLE and not systematic is `rounding?`.
 
 Standard errors come from the spread over positions, not from least squares, because residuals
 are correlated along positions (attention mixes them) and along the row: a moving-block
 bootstrap over positions (fixed seed, so the report is reproducible), and, where a floor table
 is given, the floor's own spread of s_t and c_t divided by sqrt(T). A fit is systematic only
-when it is significant under both error models and larger than an absolute epsilon.
+when it is significant under both error models and larger than an absolute epsilon: rounding
+has a systematic part of its own (between refinfer ideal and llama.cpp on SmolLM2 the fitted
+scale reaches 0.64% at attn_out-9), so EPS_SCALE and EPS_OFFSET sit above it.
 
 The number of tests a dump implies (tensors x {scale, offset} x heads) is corrected for by
 Bonferroni at a family-wise error rate of ALPHA: the threshold is Student's t with T - 1 degrees
@@ -35,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 ALPHA = 1e-3             # family-wise rate of false `BUG?` verdicts the thresholds aim at
-EPS_SCALE = 7e-3         # |s - 1| below this is never called systematic (0.7%; see below)
+EPS_SCALE = 7e-3         # |s - 1| below this is never called systematic (0.7%)
 EPS_OFFSET = 1e-2        # |c| below this (in median-row-RMS units) is never called systematic
 HEAD_EPS_FACTOR = 2.0    # a single head's fit is noisier: its epsilons are this many times larger
 SOFT_MULTIPLE = 4.0      # NMSE beyond this multiple of the floor: `rounding?` (exit 0, a warning)
@@ -447,7 +457,9 @@ def _kq(tensors, n, constant=False) -> float:
         kk = np.repeat(k.astype(dt).astype(np.float64), group, axis=1)
         if kq.shape != (q.shape[1], q.shape[0], q.shape[0]):
             return 0.0
-        qh, kh = qq.transpose(1, 0, 2), kk.transpose(1, 2, 0)           # [H, T, hd], [H, hd, T]
+        # contiguous copies: numpy's stacked matmul on strided views skips BLAS (100x slower)
+        qh = np.ascontiguousarray(qq.transpose(1, 0, 2))                    # [H, T, hd]
+        kh = np.ascontiguousarray(kk.transpose(1, 2, 0))                    # [H, hd, T]
         hat = qh @ kh                                                       # [H, T, T]
         tol = q.shape[2] * np.finfo(F32).eps * (np.abs(qh) @ np.abs(kh)) + 1e-30
         err = kq - hat
@@ -477,7 +489,7 @@ def _kqv(tensors, n) -> float:
     for dt in (F32, np.float16):
         pp = p.astype(dt).astype(np.float64)
         vv = np.repeat(v.astype(dt).astype(np.float64), group, axis=1)
-        vh = vv.transpose(1, 0, 2)                                          # [H, T, hd]
+        vh = np.ascontiguousarray(vv.transpose(1, 0, 2))                    # [H, T, hd]
         hat = (pp @ vh).transpose(1, 0, 2).reshape(T, -1)
         tol = F16_UNITS * 2.0 ** -11 * (pp @ np.abs(vh)).transpose(1, 0, 2).reshape(T, -1) + 1e-30
         best = min(best, float(np.max(np.abs(out - hat) / tol)))
@@ -618,6 +630,14 @@ def compare_tensors(ref: dict, test: dict, lookup=lambda name: None, method="flo
     identities of either dump (identity_suspects) blame their candidates: where an identity
     leaves several (Qcur or Kcur), those with evidence of their own against the floor are
     blamed; without any, all are, and the verdict names them. scope: see broken_identities."""
+    # one BLAS thread: the identities' matmuls are small, and OpenBLAS's spinning threads made
+    # them 18x slower on a busy 2-core machine (26 s against 1.5 s for SmolLM2's 30 layers)
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(1, user_api="blas"):
+        return _compare_tensors(ref, test, lookup, method, scope, only)
+
+
+def _compare_tensors(ref, test, lookup, method, scope, only) -> list:
     from .dump import forward_key
     names = sorted(set(ref) & set(test), key=forward_key)
     n_tests = n_tests_for([(n, np.shape(ref[n])) for n in names])
