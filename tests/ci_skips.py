@@ -24,7 +24,7 @@ import pytest
 ORACLE_TAG = "[oracle unavailable] "
 # top-level modules that `pip install -e ".[test]"` provides
 TEST_EXTRA_MODULES = {"llama_cpp", "safetensors", "hypothesis", "pytest_benchmark", "numba_cuda", "numba",
-                      "sentencepiece", "gguf"}
+                      "sentencepiece", "gguf", "torch", "transformers"}
 _IMPORTORSKIP = re.compile(r"could not import '([\w.]+)'")
 _NOT_INSTALLED = re.compile(r"\b(llama-cpp-python|llama_cpp|safetensors|numba-cuda|numba_cuda|sentencepiece) is not "
                             r"installed")
