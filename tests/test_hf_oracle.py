@@ -244,3 +244,28 @@ def test_engine_does_not_import_the_oracles(hf_models):
     r = subprocess.run([sys.executable, "-c", code, str(hf_models["llama-gqa"])], capture_output=True, text=True,
                        env={**os.environ, "NUMBA_DISABLE_JIT": os.environ.get("NUMBA_DISABLE_JIT", "0")})
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_compare_transformers_command(hf_models, tmp_path, capsys):
+    """compare A --transformers DIR: a refinfer ideal dump of an HF checkpoint against
+    transformers on its tokens, with the tight tolerance; a dump with Vcur-1 scaled by 1.001
+    (NMSE 1e-6) is the first divergence."""
+    from refinfer.cli import main
+    from refinfer.dump import read_dump, write_dump
+    model = hf_models["llama-gqa"]
+    toks = ",".join(str(int(t)) for t in tokens_for(n=24))
+    dump = tmp_path / "ideal.safetensors"
+    assert main(["dump", "-m", str(model), "--tokens", toks, "-o", str(dump), "--no-progress"]) == 0
+    rc = main(["compare", str(dump), "--transformers", str(model)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "transformers float32: nmse <= 1e-10" in out, out
+    d = read_dump(dump)
+    tensors = {k: np.array(v) for k, v in d.tensors.items()}
+    tensors["Vcur-1"] = tensors["Vcur-1"] * np.float32(1.001)
+    bad = tmp_path / "bad.safetensors"
+    write_dump(bad, tensors, d.tokens, {k: v for k, v in d.header.items() if k not in ("format", "format_version")})
+    rc = main(["compare", str(bad), "--transformers", str(model), "-q"])
+    out = capsys.readouterr().out
+    assert rc == 1 and out.splitlines()[-1].startswith("FIRST DIVERGENCE: Vcur-1"), out
+    rc = main(["compare", str(dump), "--transformers", str(tmp_path / "nope")])
+    assert rc == 2 and "not a directory" in capsys.readouterr().err
