@@ -112,9 +112,14 @@ def capture_refinfer(model, tokens, progress=False, skip=()) -> dict:
             a = np.array(value, dtype=np.float32)  # a copy: forward() reuses its buffers
             out[name] = a.reshape(T, -1) if name.startswith("kqv_out-") else a
 
+    # one forward step over the whole prompt, as capture_llama_cpp decodes it in one call: in
+    # ggml mode a longer prompt would otherwise arrive in n_ubatch micro-batches
+    saved = model.n_ubatch
+    model.n_ubatch = max(1, T)
     try:
         model.logits(tokens, tap=tap)
     finally:
+        model.n_ubatch = saved
         bar.close()
     return out
 

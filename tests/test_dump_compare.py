@@ -278,3 +278,19 @@ def test_skip_leaves_tensors_out_and_compare_reports_them(dumps, tiny_q4_0, tmp_
     assert lines[-1].startswith("OK: 24 tensors, nothing systematic")
     rc, out, _ = run_cli(capsys, "compare", path, dumps["llama.cpp"])
     assert out.splitlines()[-2] == "only in the test dump, not compared (3): kq-* (2 tensors), ffn_swiglu-1"
+
+
+def test_ggml_dump_of_a_prompt_longer_than_the_ubatch(tiny_q4_0):
+    """A ggml-mode dump is one forward step over the whole prompt, as capture_llama_cpp's single
+    decode call: with n_ubatch 16 and 41 tokens every tensor still covers every token and equals
+    llama.cpp's (kq-N aside, see GGML_VS_LLAMA_CPP). Without the one-step capture, the taps of
+    three micro-batches arrived and kqv_out's reshape raised."""
+    from refinfer.dump import capture_llama_cpp, capture_refinfer
+    from refinfer.model import load
+    toks = [1] + [int(t) for t in np.random.default_rng(0).integers(3, 32000, 40)]
+    model = load(tiny_q4_0, mode="ggml", n_ubatch=16)
+    ours = capture_refinfer(model, toks, skip=["kq-*"])
+    theirs = capture_llama_cpp(tiny_q4_0, toks)
+    assert model.n_ubatch == 16
+    for name, a in ours.items():
+        assert np.array_equal(a, theirs[name].reshape(a.shape)), name
