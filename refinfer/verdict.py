@@ -55,8 +55,10 @@ HARD_MULTIPLE = 100.0    # NMSE beyond this multiple of the floor: `BUG?` whatev
 # the norms' weights are implied by their inputs; the residual sums are sums: for those the
 # identities below are exact and complete checks, and their fitted parts, the largest rounding
 # shows (kqv_out offsets of 1% of a row's RMS, kq head offsets of 2% between refinfer ideal and
-# llama.cpp on SmolLM2), would only add false alarms.
-FIT_KINDS = ("Qcur", "Kcur", "Vcur", "attn_out", "ffn_swiglu", "ffn_out", "result_output")
+# llama.cpp on SmolLM2), would only add false alarms. attn_out-N is o_proj of kqv_out-N and
+# inherits its systematic part (scales of -1.4% and -0.8% on two wiki passages), so it is left
+# to its residual identity and the floor's NMSE too.
+FIT_KINDS = ("Qcur", "Kcur", "Vcur", "ffn_swiglu", "ffn_out", "result_output")
 ROW_NMSE_BUG = 0.5       # a position whose difference holds half its energy is never rounding
                          # (the floor's worst position on SmolLM2: 0.029, at result_output)
 BOOTSTRAP_SAMPLES = 400
