@@ -63,7 +63,9 @@ def test_importorskip_of_the_test_extra_and_mutant_skips_fail_ci():
     assert ci_skips.ci_failure("tests/test_x.py::t", "could not import 'safetensors.numpy': halted")
     assert ci_skips.ci_failure("tests/test_x.py::t", "llama-cpp-python is not installed")
     assert ci_skips.ci_failure("tests/test_mutants.py::test_mutant_is_caught[x]", "anything")
-    assert ci_skips.ci_failure("tests/test_x.py::t", "could not import 'torch': No module named 'torch'") is None
+    assert ci_skips.ci_failure("tests/test_x.py::t", "could not import 'torch': No module named 'torch'")
+    assert ci_skips.ci_failure("tests/test_x.py::t", "could not import 'transformers': No module named 'x'")
+    assert ci_skips.ci_failure("tests/test_x.py::t", "could not import 'jax': No module named 'jax'") is None
     assert ci_skips.ci_failure("tests/test_x.py::t", "needs a real CUDA GPU (running in the CUDA simulator)") is None
 
 
