@@ -5,6 +5,7 @@ replaced by noise, injected at a single tensor of either dump, is the first dive
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pathlib
@@ -143,8 +144,8 @@ def test_the_issue_example_exits_1_at_the_tensor(smol, tmp_path, capsys):
 
 # ---- the generated fixture models ----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def fixtures():
+@functools.lru_cache(maxsize=None)
+def fixture_models():
     expected = json.loads((FIXTURES / "expected.json").read_text())
     out = {}
     for name, m in expected["models"].items():
@@ -153,6 +154,11 @@ def fixtures():
         eff = floor.effective(floor.read(FIXTURES / f"floor-{path.stem}.json"))
         out[name] = dict(path=path, model=model, eff=eff, prompts=[p["tokens"] for p in m["prompts"]], floor=m)
     return out
+
+
+@pytest.fixture(scope="module")
+def fixtures():
+    return fixture_models()
 
 
 def test_shipped_fixture_floors_are_llama_cpp_s_own(fixtures):
@@ -167,40 +173,53 @@ def _pair(f, toks):
     return ideal, llama
 
 
-def test_fixture_models_clean_pairs_have_no_bug(fixtures):
+def check_fixture_clean_pairs(fixtures):
     """Every fixture model and prompt, refinfer ideal against llama.cpp both ways (part of the
-    false-positive count; bench/compare_false_positives.py runs the rest)."""
+    false-positive count; bench/compare_detection.py runs the rest)."""
     n = 0
     for name, f in fixtures.items():
         for toks in f["prompts"]:
             ideal, llama = _pair(f, toks)
             for ref, test in ((ideal, llama), (llama, ideal)):
-                bugs = [(v.name, v.why) for v in V.compare_tensors(ref, test, f["eff"].get) if v.verdict == V.BUG]
+                bugs = [(v.name, v.why) for v in V.compare_tensors(ref, test, floor.effective(
+                    floor.read(FIXTURES / f"floor-{f['path'].stem}.json")).get) if v.verdict == V.BUG]
                 assert bugs == [], (name, toks)
                 n += 1
     assert n >= 30
 
 
+def test_fixture_models_clean_pairs_have_no_bug(fixtures):
+    check_fixture_clean_pairs(fixtures)
+
+
 GENERATED_TOKENS = [1] + list(np.random.default_rng(11).integers(3, 32000, 63))   # 64 positions
 
 
-@pytest.fixture(scope="module")
-def generated(fixtures):
+@functools.lru_cache(maxsize=None)
+def generated_workload():
     """tiny-llama-q4_0 on 64 seeded random tokens, its floor measured on them."""
-    f = fixtures["q4_0"]
+    f = fixture_models()["q4_0"]
     ideal, llama = _pair(f, GENERATED_TOKENS)
     eff = floor.effective(floor.measure(f["path"], GENERATED_TOKENS))
     clean = {"llama": V.compare_tensors(ideal, llama, eff.get), "ideal": V.compare_tensors(llama, ideal, eff.get)}
     return dict(ideal=ideal, llama=llama, eff=eff, clean=clean)
 
 
-def test_generated_model_clean_pairs_have_no_bug(generated):
+@pytest.fixture(scope="module")
+def generated():
+    return generated_workload()
+
+
+def check_generated_clean(generated):
     for side, verdicts in generated["clean"].items():
         assert [(v.name, v.why) for v in verdicts if v.verdict == V.BUG] == [], side
 
 
-@pytest.mark.parametrize("victim", [f"{k}-1" for k in KINDS] + ["inp_embd", "result_norm", "result_output"])
-def test_generated_model_injected_errors_are_caught(generated, victim):
+def test_generated_model_clean_pairs_have_no_bug(generated):
+    check_generated_clean(generated)
+
+
+def check_generated_injection(generated, victim):
     """tiny-llama-q4_0 (dim 32, 2 layers), each side corrupted in turn, every bug."""
     rng = np.random.default_rng(7)
     for side in ("llama", "ideal"):
@@ -212,6 +231,11 @@ def test_generated_model_injected_errors_are_caught(generated, victim):
             verdicts = V.compare_tensors(other, bad, generated["eff"].get, only=V.related(victim, bad))
             first = first_divergence(generated["clean"][side], verdicts)
             assert first is not None and victim in names_of(first), (side, bug, first and (first.name, first.why))
+
+
+@pytest.mark.parametrize("victim", [f"{k}-1" for k in KINDS] + ["inp_embd", "result_norm", "result_output"])
+def test_generated_model_injected_errors_are_caught(generated, victim):
+    check_generated_injection(generated, victim)
 
 
 # ---- within one engine, and the statistics -------------------------------------------------
