@@ -20,6 +20,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 
+from .dump import sha256_file
 from .errors import RefinferError
 from .fetch import cache_dir, pip_download
 
@@ -44,14 +45,6 @@ CORPORA = {
 }
 
 REFETCH_HINT = "delete {path} and run again to download it afresh"
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_wheel(path: pathlib.Path, what: str):
