@@ -340,25 +340,6 @@ class TensorVerdict:
         return self.nmse / self.floor_nmse
 
 
-def _basic(a, b):
-    """(nmse, max|diff|, cos, None) of finite-matching a, b, or (inf, inf, 0, reason)."""
-    if a.shape != b.shape:
-        if a.size != b.size:
-            return math.inf, math.inf, 0.0, f"shape {tuple(b.shape)} vs reference {tuple(a.shape)}"
-        b = b.reshape(a.shape)
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    fa, fb = np.isfinite(a64), np.isfinite(b64)
-    if not np.array_equal(fa, fb) or not np.array_equal(a64[~fa], b64[~fb], equal_nan=True):
-        return math.inf, math.inf, 0.0, "non-finite values differ"
-    d = np.where(fa, b64 - a64, 0.0)
-    a0, b0 = np.where(fa, a64, 0.0), np.where(fb, b64, 0.0)
-    den, err = float(np.sum(a0 * a0)), float(np.sum(d * d))
-    nmse = err / den if den else (0.0 if err == 0 else math.inf)
-    na, nb = math.sqrt(den), math.sqrt(float(np.sum(b0 * b0)))
-    cos = float(np.sum(a0 * b0)) / (na * nb) if na and nb else (1.0 if na == nb else 0.0)
-    return nmse, float(np.max(np.abs(d))) if d.size else 0.0, cos, None
-
-
 def _where(st: Structure) -> str:
     out = f"worst position {st.worst_position} (nmse {st.worst_position_nmse:.2g})"
     if st.worst_head is not None:
@@ -370,10 +351,11 @@ def judge(name, a, b, *, floor_entry=None, n_tests=1, method="floor") -> TensorV
     """The verdict on test tensor b against reference a. method: "floor" (NMSE against the
     floor's multiples, and the systematic fit), "tight" (NMSE <= TIGHT_NMSE), "strict" (any
     difference)."""
-    nmse, max_abs, cos, bad = _basic(a, b)
-    shape = tuple(a.shape)
-    if bad:
-        return TensorVerdict(name, shape, nmse, max_abs, cos, math.nan, BUG, bad)
+    from .dump import diff_tensor
+    d = diff_tensor(name, a, b, {})        # no limits: not ok only for a shape or non-finite mismatch
+    nmse, max_abs, cos, shape = d.nmse, d.max_abs, d.cos, tuple(a.shape)
+    if not d.ok:
+        return TensorVerdict(name, shape, nmse, max_abs, cos, math.nan, BUG, d.why)
     b = b.reshape(a.shape)
     if method == "strict":
         same = np.array_equal(a.view(np.uint32), b.view(np.uint32)) if a.dtype == b.dtype == np.float32 else np.array_equal(a, b)

@@ -17,7 +17,7 @@ import pytest
 from refinfer import floor
 from refinfer import verdict as V
 from refinfer.cli import main
-from refinfer.dump import capture_llama_cpp, capture_refinfer, forward_key, read_dump, sha256_file, write_dump
+from refinfer.dump import capture_llama_cpp, capture_refinfer, forward_key, sha256_file, write_dump
 from refinfer.model import load
 
 pytest.importorskip("llama_cpp")
