@@ -367,7 +367,7 @@ def judge(name, a, b, *, floor_entry=None, n_tests=1, method="floor") -> TensorV
             return TensorVerdict(name, shape, nmse, max_abs, cos, math.nan, OK)
         st = structure(name, a, b, n_tests)
         return TensorVerdict(name, shape, nmse, max_abs, cos, math.nan, BUG,
-                             f"nmse {nmse:.3g} > {TIGHT_NMSE:g} (two refinfer dumps in the same mode); {_where(st)}", st)
+                             f"nmse {nmse:.3g} > {TIGHT_NMSE:g} (the tight tolerance); {_where(st)}", st)
     st = structure(name, a, b, n_tests, floor_entry)
     floor_nmse = floor_entry["floor_nmse"] if floor_entry else math.nan
     why = []
