@@ -35,6 +35,7 @@ import pathlib
 import numpy as np
 
 from .errors import FormatError, RefinferError
+from .llama_oracle import version as llama_cpp_version
 
 FORMAT = "refinfer-floor"
 FORMAT_VERSION = 1
@@ -153,14 +154,6 @@ def floor_table(caps: dict, header: dict) -> dict:
         tensors[name] = entry
     return {"format": FORMAT, "format_version": FORMAT_VERSION, **header, "variants": list(FLOOR_VARIANTS),
             "tensors": tensors}
-
-
-def llama_cpp_version() -> str:
-    try:
-        import llama_cpp
-    except ImportError:
-        return "unknown"
-    return f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')}"
 
 
 def measure(model_path, tokens, n_threads=1) -> dict:

@@ -38,6 +38,16 @@ def _llama_cpp():
     return llama_cpp
 
 
+def version() -> str:
+    """The llama-cpp-python release the oracle runs ("unknown" without it): part of a floor
+    table's cache key."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return "unknown"
+    return f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')}"
+
+
 def _ggml_base(llama_cpp):
     libdir = pathlib.Path(llama_cpp.__file__).parent / "lib"
     cands = sorted(libdir.glob("libggml-base.*"))

@@ -240,12 +240,18 @@ def test_generated_model_injected_errors_are_caught(generated, victim):
 
 # ---- within one engine, and the statistics -------------------------------------------------
 
-def test_two_refinfer_dumps_in_one_mode_get_the_tight_tolerance(fixtures, tmp_path, capsys):
+def _q8_dump(fixtures, tmp_path):
+    """(tensors, tokens, model path, a.safetensors written from them, b.safetensors to write)."""
     f = fixtures["q8_0"]
     toks = f["prompts"][0]
     tensors = capture_refinfer(f["model"], toks)
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     _write(a, tensors, toks, f["path"], "refinfer")
+    return tensors, toks, f, a, b
+
+
+def test_two_refinfer_dumps_in_one_mode_get_the_tight_tolerance(fixtures, tmp_path, capsys):
+    tensors, toks, f, a, b = _q8_dump(fixtures, tmp_path)
     bad = dict(tensors, **{"Vcur-0": tensors["Vcur-0"] * np.float32(1 + 1e-4)})   # nmse 1e-8: far under any floor
     _write(b, bad, toks, f["path"], "refinfer")
     rc = main(["compare", str(a), str(b)])
@@ -256,11 +262,7 @@ def test_two_refinfer_dumps_in_one_mode_get_the_tight_tolerance(fixtures, tmp_pa
 
 
 def test_strict_reports_any_difference(fixtures, tmp_path, capsys):
-    f = fixtures["q8_0"]
-    toks = f["prompts"][0]
-    tensors = capture_refinfer(f["model"], toks)
-    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    _write(a, tensors, toks, f["path"], "refinfer")
+    tensors, toks, f, a, b = _q8_dump(fixtures, tmp_path)
     x = tensors["ffn_out-1"].copy()
     x.flat[3] = np.nextafter(x.flat[3], np.float32(np.inf))                    # one ulp
     _write(b, dict(tensors, **{"ffn_out-1": x}), toks, f["path"], "llama.cpp")   # another engine: floor mode

@@ -28,7 +28,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import blockdecode as bd
-from .matmul import prefetch_block
+from .matmul import prefetch_block, store_rows
 from .simd import (f32_bits, f32_of_bits, fma, hsum8, hsum8_reduce, vadd, vfma, vload, vload8, vload8_f16,
                    vload_f64, round_f16_s, vsplat, vsplat8, vstore, vstore8, vweights)
 
@@ -141,15 +141,6 @@ def dot32(res, wg, g, off, xt, xdt, xst, d, m, i0, has_m, codes, prefetch):
     e = vadd(vadd(vadd(c0, c4), vadd(c2, c6)), vadd(vadd(c1, c5), vadd(c3, c7)))
     vstore(res, i0, vadd(h, sm) if has_m else h)
     vstore(res, i0 + 16, vadd(e, sn) if has_m else e)
-
-
-@njit(cache=True, inline="always")
-def store_rows(out, res, g):
-    """out[:, g * R + i] = res[:, i] for the rows of group g that exist (the last is padded)."""
-    R = res.shape[1]
-    for t in range(res.shape[0]):
-        for i in range(min(R, out.shape[1] - g * R)):
-            out[t, g * R + i] = res[t, i]
 
 
 @njit(cache=True, parallel=True)
@@ -401,35 +392,26 @@ def attend_row(o, qv, kf, vf, slots, n, kv, scale, batched):
                             + ((y[s0 + 1] + y[s0 + 5]) + (y[s0 + 3] + y[s0 + 7])))
     inv = np.float32(1.0 / total)
     hd8 = hd // 8 * 8
-    if batched and hd % 4 == 0:
-        acc = np.zeros((8, hd), np.float32)
-        for s in range(n):
-            p = round_f16_s(y[s] * inv)
-            vrow = vf[slots[s], kv]
-            a = acc[s % 8]
-            pv = vsplat8(p)
-            for d in range(0, hd8, 8):
-                vstore8(a, d, vfma(pv, vload8_f16(vrow, d), vload8(a, d)))
-            for d in range(hd8, hd):
-                a[d] = fma(p, bd.fp16_to_f32(vrow[d]), a[d])
+    eight = batched and hd % 4 == 0          # 8 accumulator rows (the batched kernel) or 32
+    acc = np.zeros((8 if eight else 32, hd), np.float32)
+    for s in range(n):
+        p = round_f16_s(y[s] * inv)
+        vrow = vf[slots[s], kv]
+        a = acc[s % acc.shape[0]]
+        pv = vsplat8(p)
+        for d in range(0, hd8, 8):
+            vstore8(a, d, vfma(pv, vload8_f16(vrow, d), vload8(a, d)))
+        for d in range(hd8, hd):
+            a[d] = fma(p, bd.fp16_to_f32(vrow[d]), a[d])
+    if eight:
         for d in range(hd):
             o[d] = (((acc[0, d] + acc[4, d]) + (acc[2, d] + acc[6, d]))
                     + ((acc[1, d] + acc[5, d]) + (acc[3, d] + acc[7, d])))
     else:
-        acc4 = np.zeros((32, hd), np.float32)
-        for s in range(n):
-            p = round_f16_s(y[s] * inv)
-            vrow = vf[slots[s], kv]
-            a = acc4[s % 32]
-            pv = vsplat8(p)
-            for d in range(0, hd8, 8):
-                vstore8(a, d, vfma(pv, vload8_f16(vrow, d), vload8(a, d)))
-            for d in range(hd8, hd):
-                a[d] = fma(p, bd.fp16_to_f32(vrow[d]), a[d])
         for d in range(hd):
             h = np.empty(8, np.float32)
             for ln in range(8):
-                h[ln] = (acc4[ln, d] + acc4[16 + ln, d]) + (acc4[8 + ln, d] + acc4[24 + ln, d])
+                h[ln] = (acc[ln, d] + acc[16 + ln, d]) + (acc[8 + ln, d] + acc[24 + ln, d])
             o[d] = np.float32(np.float64(((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7]))))
 
 
