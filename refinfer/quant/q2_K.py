@@ -21,6 +21,8 @@ import numpy as np
 
 from ._common import (F32, BlockType, as_blocks, blocks_to_bytes, f32_to_fp16_bits, fp16_to_f32,
                       map_chunks, nearest_int_c, new_blocks)
+from ._weighted import (importance_weights, make_qp_quants, map_chunks_weighted, sequential_sum,
+                        sum_squares)
 from .q4_K import make_qkx2_quants, positive_max
 
 QK_K = 256
@@ -89,3 +91,34 @@ def quantize_blocks(x):  # float32[n, 256] -> uint8[n, 84]
 
 BLOCK = BlockType("q2_K", 10, QK_K, block_q2_K, dequantize_blocks, quantize_blocks,
                   ggml_quantize="quantize_row_q2_K_ref", codes=codes)
+
+
+def _quantize_weighted(x, qw):  # float32[n, 256] x 2 -> uint8[n, 84]
+    """quantize_row_q2_K_impl: per super-block sigma2 = mean(x^2) (not twice it, as in the other
+    K-quants); per sub-block of 16 the weights qw * sqrt(sigma2 + x^2) and
+    make_qkx3_quants(nmax=3, rmin=-0.9, rdelta=0.05, nstep=36); the 16 scales and mins get
+    4-bit codes from make_qp_quants(nmax=15) weighted by the sub-blocks' weight sums; the codes
+    are recomputed from the stored values."""
+    n = len(x)
+    sigma2 = sum_squares(x) / F32(QK_K)
+    xs = x.reshape(n * 16, 16)
+    w = importance_weights(xs, qw.reshape(n * 16, 16), np.repeat(sigma2, 16))
+    sw = sequential_sum(w).reshape(n, 16)
+    scales, mins, L = make_qkx2_quants(xs, w, 3, -0.9, 0.05, 36, False)
+    dm, Ls = make_qp_quants(scales.reshape(n, 16), 15, sw)
+    mm, Lm = make_qp_quants(mins.reshape(n, 16), 15, sw)
+    with np.errstate(all="ignore"):
+        packed = ((Ls.astype(np.int32) | (Lm.astype(np.int32) << 4)) & 0xFF).astype(np.uint8)
+        d16, dmin16 = f32_to_fp16_bits(dm), f32_to_fp16_bits(mm)
+        d = fp16_to_f32(d16)[:, None] * (packed & 0xF).astype(np.float32)  # [n, 16]
+        m = fp16_to_f32(dmin16)[:, None] * (packed >> 4).astype(np.float32)
+        q = np.clip(nearest_int_c((x.reshape(n, 16, 16) + m[:, :, None]) / d[:, :, None]), 0, 3)
+    L = np.where((d != 0)[:, :, None], q, L.reshape(n, 16, 16)).reshape(n, QK_K)
+    b = new_blocks(n, block_q2_K)
+    b["scales"], b["qs"], b["d"], b["dmin"] = packed, pack_crumbs(L), d16, dmin16
+    return blocks_to_bytes(b)
+
+
+def quantize_blocks_weighted(x, qw):  # float32[n, 256] x 2 -> uint8[n, 84]
+    """ggml `quantize_row_q2_K_impl` (quantize_q2_K with an importance matrix)."""
+    return map_chunks_weighted(_quantize_weighted, x, qw, block_q2_K.itemsize)

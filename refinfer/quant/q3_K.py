@@ -26,7 +26,8 @@ import numpy as np
 from ._common import (F32, BlockType, as_blocks, blocks_to_bytes, f32_to_fp16_bits, fp16_to_f32,
                       map_chunks, nearest_int_c, new_blocks)
 from .q2_K import pack_crumbs, unpack_crumbs
-from .q6_K import GROUP_MAX_EPS, signed_absmax
+from ._weighted import importance_weights, map_chunks_weighted, sequential_sum, sum_squares
+from .q6_K import GROUP_MAX_EPS, make_qx_quants, signed_absmax
 
 QK_K = 256
 block_q3_K = np.dtype([("hmask", "u1", (QK_K // 8,)), ("qs", "u1", (QK_K // 4,)),
@@ -123,6 +124,11 @@ def _quantize(x):  # float32[n, 256] -> uint8[n, 110]
         d = fp16_to_f32(d16)[:, None] * (unpack_scales(packed) - 32).astype(np.float32)  # [n, 16]
         q = np.clip(nearest_int_c(x.reshape(n, 16, 16) / d[:, :, None]), -4, 3) + 4
     L = np.where((d != 0)[:, :, None], q, L.reshape(n, 16, 16)).reshape(n, QK_K).astype(np.uint8)
+    return _pack(packed, d16, L)
+
+
+def _pack(packed, d16, L):  # L uint8[n, 256] (0..7) -> uint8[n, 110]
+    n = len(L)
     b = new_blocks(n, block_q3_K)
     high = (L > 3).astype(np.uint8).reshape(n, 8, 32) << np.arange(8, dtype=np.uint8)[None, :, None]
     b["hmask"] = np.bitwise_or.reduce(high, axis=1)
@@ -133,6 +139,33 @@ def _quantize(x):  # float32[n, 256] -> uint8[n, 110]
 
 def quantize_blocks(x):  # float32[n, 256] -> uint8[n, 110]
     return map_chunks(_quantize, x, block_q3_K.itemsize)
+
+
+def _quantize_weighted(x, qw):  # float32[n, 256] x 2 -> uint8[n, 110]
+    """quantize_row_q3_K_impl: per super-block sigma2 = 2 mean(x^2); per sub-block of 16 the
+    weights qw * sqrt(sigma2 + x^2) and make_qx_quants(nmax=4) weighted by them (not
+    make_q3_quants); the 16 signed scales get 6-bit codes (offset 32) and the super-block scale
+    from make_qx_quants(nmax=32) weighted by the sub-blocks' weight sums; the codes are then
+    recomputed from the stored values."""
+    n = len(x)
+    sigma2 = F32(2) * sum_squares(x) / F32(QK_K)
+    xs = x.reshape(n * 16, 16)
+    w = importance_weights(xs, qw.reshape(n * 16, 16), np.repeat(sigma2, 16))
+    sw = sequential_sum(w).reshape(n, 16)
+    scales, L = make_qx_quants(xs, 4, w)
+    d_block, Ls = make_qx_quants(scales.reshape(n, 16), 32, sw)  # Ls = code + 32 in 0..63
+    packed = pack_scales(Ls)
+    with np.errstate(all="ignore"):
+        d16 = f32_to_fp16_bits(d_block)
+        d = fp16_to_f32(d16)[:, None] * (unpack_scales(packed) - 32).astype(np.float32)  # [n, 16]
+        q = np.clip(nearest_int_c(x.reshape(n, 16, 16) / d[:, :, None]), -4, 3) + 4
+    L = np.where((d != 0)[:, :, None], q, L.reshape(n, 16, 16)).reshape(n, QK_K).astype(np.uint8)
+    return _pack(packed, d16, L)
+
+
+def quantize_blocks_weighted(x, qw):  # float32[n, 256] x 2 -> uint8[n, 110]
+    """ggml `quantize_row_q3_K_impl` (quantize_q3_K with an importance matrix)."""
+    return map_chunks_weighted(_quantize_weighted, x, qw, block_q3_K.itemsize)
 
 
 BLOCK = BlockType("q3_K", 11, QK_K, block_q3_K, dequantize_blocks, quantize_blocks,

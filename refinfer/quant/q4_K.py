@@ -28,6 +28,8 @@ import numpy as np
 
 from ._common import (F32, BlockType, as_blocks, blocks_to_bytes, f32_to_fp16_bits, fp16_to_f32,
                       map_chunks, nearest_int_c, new_blocks)
+from ._weighted import (importance_weights, make_qp_quants, map_chunks_weighted, sequential_sum,
+                        sum_squares)
 
 QK_K = 256
 K_SCALE_SIZE = 12
@@ -203,6 +205,44 @@ def _quantize(x):  # float32[n, 256] -> uint8[n, 144]
 
 def quantize_blocks(x):  # float32[n, 256] -> uint8[n, 144]
     return map_chunks(_quantize, x, block_q4_K.itemsize)
+
+
+def quantize_weighted_codes(x, qw, nmax):  # float32[n, 256] x 2 -> (d16, dmin16, packed, L uint8[n, 256])
+    """The search of quantize_row_q4_K_impl / q5_K_impl (nmax 15 / 31), given importance
+    weights qw: per super-block sigma2 = 2 mean(x^2); per sub-block of 32 the weights
+    qw * sqrt(sigma2 + x^2) and make_qkx3_quants(rmin=-0.9, rdelta=0.05, nstep=36) (with
+    weights given it is make_qkx2_quants' arithmetic); then the 8 scales and the 8 mins get
+    6-bit codes from make_qp_quants(nmax=63) weighted by the sub-blocks' weight sums, and the
+    codes are recomputed from the stored values as in the _ref function."""
+    n = len(x)
+    sigma2 = F32(2) * sum_squares(x) / F32(QK_K)
+    xs = x.reshape(n * 8, 32)
+    w = importance_weights(xs, qw.reshape(n * 8, 32), np.repeat(sigma2, 8))
+    sw = sequential_sum(w).reshape(n, 8)
+    scales, mins, L = make_qkx2_quants(xs, w, nmax, -0.9, 0.05, 36, False)
+    d_block, Ls = make_qp_quants(scales.reshape(n, 8), 63, sw)
+    m_block, Lm = make_qp_quants(mins.reshape(n, 8), 63, sw)
+    if nmax == 31:  # quantize_row_q5_K_impl clamps the codes to 6 bits; q4_K's does not
+        Ls, Lm = np.minimum(63, Ls), np.minimum(63, Lm)
+    packed = pack_scale_min_k4(Ls, Lm)  # exact for any uint8, as C's byte-wise |= is
+    with np.errstate(over="ignore"):
+        d16, dmin16 = f32_to_fp16_bits(d_block), f32_to_fp16_bits(m_block)
+    return d16, dmin16, packed, requantize(x, L, d16, dmin16, packed, nmax)
+
+
+def _quantize_weighted(x, qw):  # float32[n, 256] x 2 -> uint8[n, 144]
+    n = len(x)
+    d16, dmin16, packed, L = quantize_weighted_codes(x, qw, 15)
+    L = L.reshape(n, 4, 2, 32)
+    b = new_blocks(n, block_q4_K)
+    b["d"], b["dmin"], b["scales"] = d16, dmin16, packed
+    b["qs"] = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(n, 128)
+    return blocks_to_bytes(b)
+
+
+def quantize_blocks_weighted(x, qw):  # float32[n, 256] x 2 -> uint8[n, 144]
+    """ggml `quantize_row_q4_K_impl` (quantize_q4_K with an importance matrix)."""
+    return map_chunks_weighted(_quantize_weighted, x, qw, block_q4_K.itemsize)
 
 
 BLOCK = BlockType("q4_K", 12, QK_K, block_q4_K, dequantize_blocks, quantize_blocks,

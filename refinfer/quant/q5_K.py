@@ -19,8 +19,9 @@ make_qkx2_quants(rmin=-0.5, rdelta=0.1, nstep=15).
 import numpy as np
 
 from ._common import BlockType, as_blocks, blocks_to_bytes, fp16_to_f32, map_chunks, new_blocks
+from ._weighted import map_chunks_weighted
 from .q4_K import (K_SCALE_SIZE, QK_K, get_scale_min_k4, make_qkx2_quants, quantize_scales_mins,
-                   requantize, sub_block_weights)
+                   quantize_weighted_codes, requantize, sub_block_weights)
 
 block_q5_K = np.dtype([("d", "<u2"), ("dmin", "<u2"), ("scales", "u1", (K_SCALE_SIZE,)),
                        ("qh", "u1", (QK_K // 8,)), ("qs", "u1", (QK_K // 2,))])
@@ -50,12 +51,9 @@ def dequantize_blocks(raw):  # uint8[n, 176] -> float32[n, 256]
     return y.reshape(len(q), QK_K)
 
 
-def _quantize(x):  # float32[n, 256] -> uint8[n, 176]
-    n = len(x)
-    xs = x.reshape(n * 8, 32)
-    scales, mins, L = make_qkx2_quants(xs, sub_block_weights(xs), 31, -0.5, 0.1, 15, False)
-    d16, dmin16, packed = quantize_scales_mins(scales.reshape(n, 8), mins.reshape(n, 8))
-    L = requantize(x, L, d16, dmin16, packed, 31).reshape(n, 8, 32)  # [n, sub-block j, l]
+def _pack(d16, dmin16, packed, L):  # L uint8[n, 256] (0..31) -> uint8[n, 176]
+    n = len(L)
+    L = L.reshape(n, 8, 32)  # [n, sub-block j, l]
     b = new_blocks(n, block_q5_K)
     b["d"], b["dmin"], b["scales"] = d16, dmin16, packed
     high = (L >> 4).astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None]
@@ -65,8 +63,22 @@ def _quantize(x):  # float32[n, 256] -> uint8[n, 176]
     return blocks_to_bytes(b)
 
 
+def _quantize(x):  # float32[n, 256] -> uint8[n, 176]
+    n = len(x)
+    xs = x.reshape(n * 8, 32)
+    scales, mins, L = make_qkx2_quants(xs, sub_block_weights(xs), 31, -0.5, 0.1, 15, False)
+    d16, dmin16, packed = quantize_scales_mins(scales.reshape(n, 8), mins.reshape(n, 8))
+    return _pack(d16, dmin16, packed, requantize(x, L, d16, dmin16, packed, 31))
+
+
 def quantize_blocks(x):  # float32[n, 256] -> uint8[n, 176]
     return map_chunks(_quantize, x, block_q5_K.itemsize)
+
+
+def quantize_blocks_weighted(x, qw):  # float32[n, 256] x 2 -> uint8[n, 176]
+    """ggml `quantize_row_q5_K_impl`: q4_K's weighted search with nmax = 31."""
+    return map_chunks_weighted(lambda x, qw: _pack(*quantize_weighted_codes(x, qw, 31)), x, qw,
+                               block_q5_K.itemsize)
 
 
 BLOCK = BlockType("q5_K", 13, QK_K, block_q5_K, dequantize_blocks, quantize_blocks,

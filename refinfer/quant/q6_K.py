@@ -24,6 +24,7 @@ import numpy as np
 
 from ._common import (F32, BlockType, as_blocks, blocks_to_bytes, f32_to_fp16_bits, fp16_to_f32,
                       map_chunks, nearest_int_c, new_blocks)
+from ._weighted import map_chunks_weighted
 
 QK_K = 256
 GROUP_MAX_EPS = np.float32(1e-15)  # below this a group counts as all zero (ggml-quants.c)
@@ -42,16 +43,17 @@ def signed_absmax(v):  # float32[m, n] -> (max float32[m], amax float32[m])
     return max_.astype(np.float32), amax
 
 
-def make_qx_quants(x, nmax):
-    """ggml `make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL)` for many sub-blocks at once:
-    x float32[m, n] -> (scale float32[m], L uint8[m, n] in 0..2*nmax-1).
+def make_qx_quants(x, nmax, qw=None):
+    """ggml `make_qx_quants(n, nmax, x, L, rmse_type=1, qw)` for many sub-blocks at once:
+    x float32[m, n], qw float32[m, n] or None -> (scale float32[m], L uint8[m, n] in 0..2*nmax-1).
 
-    All sums run over the elements sequentially in float32, as in C."""
+    The weights are qw (an importance matrix's) when given, else x^2 (rmse_type 1). All sums
+    run over the elements sequentially in float32, as in C."""
     m, n = x.shape
     max_, amax = signed_absmax(x)
     zero = amax < GROUP_MAX_EPS  # C: all codes 0 (not nmax) and scale 0
     with np.errstate(over="ignore"):
-        w = x * x  # the rmse weights; inf for |x| > 1.8e19, as in C
+        w = x * x if qw is None else qw  # the rmse weights; inf for |x| > 1.8e19, as in C
 
     def fit(iscale):  # float32[m] -> (l float32[m, n] signed, sumlx, suml2)
         l = np.clip(nearest_int_c(iscale[:, None] * x), -nmax, nmax - 1).astype(np.float32)
@@ -99,9 +101,11 @@ def dequantize_blocks(raw):  # uint8[n, 210] -> float32[n, 256]
     return y.reshape(len(q), QK_K)
 
 
-def _quantize(x):  # float32[n, 256] -> uint8[n, 210]
+def _quantize(x, qw=None):  # float32[n, 256], qw float32[n, 256] or None -> uint8[n, 210]
+    """quantize_row_q6_K_ref, or quantize_row_q6_K_impl with quant_weights qw: the same steps,
+    the sub-block fits weighted by qw itself instead of x^2."""
     n = len(x)
-    scales, L = make_qx_quants(x.reshape(n * 16, 16), 32)
+    scales, L = make_qx_quants(x.reshape(n * 16, 16), 32, None if qw is None else qw.reshape(n * 16, 16))
     scales = scales.reshape(n, 16)
     max_scale, max_abs_scale = signed_absmax(scales)
     zero = max_abs_scale < GROUP_MAX_EPS  # C writes an all-zero block
@@ -127,6 +131,11 @@ def _quantize(x):  # float32[n, 256] -> uint8[n, 210]
 
 def quantize_blocks(x):  # float32[n, 256] -> uint8[n, 210]
     return map_chunks(_quantize, x, block_q6_K.itemsize)
+
+
+def quantize_blocks_weighted(x, qw):  # float32[n, 256] x 2 -> uint8[n, 210]
+    """ggml `quantize_row_q6_K_impl` (quantize_q6_K with an importance matrix)."""
+    return map_chunks_weighted(_quantize, x, qw, block_q6_K.itemsize)
 
 
 BLOCK = BlockType("q6_K", 14, QK_K, block_q6_K, dequantize_blocks, quantize_blocks,
