@@ -53,3 +53,8 @@ class NonFiniteError(RefinferError):
     """Quantization input contains NaN or infinity."""
 
     default_hint = "find where the non-finite values come from (a diverged training run, an overflow in conversion)"
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint that loads, but whose data contradicts its config or carries a known producer bug
+    (warnings.warn category; the message names the tensor and the evidence)."""

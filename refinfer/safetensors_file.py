@@ -37,7 +37,10 @@ DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0
                "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 # What refinfer computes with: the dtype raw() returns (bf16 as its uint16 bit patterns).
-SUPPORTED = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+SUPPORTED = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+             # packed integer weights (GPTQ/AWQ qweight, qzeros, g_idx; compressed-tensors weight_shape)
+             "I32": np.dtype("<i4"), "U32": np.dtype("<u4"), "I64": np.dtype("<i8"), "I16": np.dtype("<i2"),
+             "I8": np.dtype("i1"), "U8": np.dtype("u1")}
 
 
 class _DuplicateKey(Exception):
@@ -286,7 +289,7 @@ class SafetensorsCheckpoint:
             raise FormatError("no such tensor in the checkpoint", file=self.path, tensor=name) from None
 
     def raw(self, name) -> np.ndarray:
-        """The stored array, memory-mapped read-only: float32, float16, or uint16 bits for bf16."""
+        """The stored array, memory-mapped read-only: float32, float16, uint16 bits for bf16, or the integers."""
         ti = self._info(name)
         if ti.dtype not in SUPPORTED:
             raise UnsupportedError(f"file {ti.file!r}, tensor {name!r}: dtype {ti.dtype} is not supported; "
