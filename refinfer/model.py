@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 
 import numpy as np
@@ -243,6 +245,27 @@ def _tokenizer_for(meta, path):
     return None
 
 
+def check_dequant(dequant, option="dequant"):
+    if dequant not in DEQUANT:
+        raise RefinferError(f"{option} must be one of {', '.join(DEQUANT)}, got {dequant!r}",
+                            hint="deployed: the weights each library's dequantization computes (fp16); "
+                                 "exact: the float32 product scale * (q - zero)")
+
+
+def exact_intg_weights(weights):
+    """Integer-group matrices switched to the exact float32 product (in place)."""
+    from .quant.intgroup import IntGroupTensor
+    for layer in weights.layers:
+        for f in dataclasses.fields(layer):
+            v = getattr(layer, f.name)
+            if isinstance(v, IntGroupTensor):
+                setattr(layer, f.name, v.with_rounding("exact"))
+    for name in ("token_embd", "output"):
+        v = getattr(weights, name)
+        if isinstance(v, IntGroupTensor):
+            setattr(weights, name, v.with_rounding("exact"))
+
+
 def check_ubatch(n, option="n_ubatch"):
     if n is None:
         return None
@@ -253,14 +276,26 @@ def check_ubatch(n, option="n_ubatch"):
     return int(n)
 
 
-def load(path=None, backend=None, mode="ideal", dtype=np.float32, n_ubatch=None) -> Model:  # backend None: see backends.get_backend
+DEQUANT = ("deployed", "exact")
+
+
+def load(path=None, backend=None, mode="ideal", dtype=np.float32, n_ubatch=None, dequant="deployed",
+         a16=False) -> Model:  # backend None: see backends.get_backend
     """Load a GGUF file or HF safetensors directory (None: the default model, fetched on first use).
     n_ubatch: tokens per forward step of a prompt (Model.ubatch; None: 512 in ggml mode, the
-    whole prompt in ideal mode)."""
+    whole prompt in ideal mode).
+    For GPTQ / AWQ / compressed-tensors checkpoints (quant/intgroup.py): dequant "deployed" uses
+    each library's own dequantized weights, rounded to the scales' dtype (fp16) as torch does;
+    "exact" the float32 product scale * (q - zero). a16=True rounds the activations entering
+    and leaving those layers to fp16, as A16 kernels (exllama, Marlin) do."""
     n_ubatch = check_ubatch(n_ubatch)
+    check_dequant(dequant)
     if path is None:
         from .fetch import default_model_path
         path = default_model_path()
     be = get_backend(backend, mode, dtype=dtype)
+    be.a16 = bool(a16)
     cfg, weights, meta = load_checkpoint(path)
+    if dequant == "exact":
+        exact_intg_weights(weights)
     return Model(cfg, weights, meta, _tokenizer_for(meta, path), be, str(path), n_ubatch=n_ubatch)

@@ -163,7 +163,7 @@ def kld_stats(nll_base, nll_test, kld, p_diff, same_top, nmse_num=0.0, nmse_den=
 # ---- sources of logits ----------------------------------------------------------------------
 
 class RefinferSource:
-    def __init__(self, path, mode="ideal", backend=None, ubatch=None):
+    def __init__(self, path, mode="ideal", backend=None, ubatch=None, dequant="deployed", a16="0"):
         # backend None: numba in ideal mode (batch-invariant kernels within NMSE 4e-12 of the
         # reference; the reference's column-order float64 matmuls take about 0.25 s a token on
         # SmolLM2), the lane-exact NumPy emulation in ggml mode. ubatch None: Model.ubatch's
@@ -171,8 +171,13 @@ class RefinferSource:
         from .backends import check_backend_name
         from .model import load
         backend = check_backend_name(backend, mode)
-        self.model = load(path, mode=mode, backend=backend, n_ubatch=ubatch)
-        self.name = f"refinfer[mode={mode},backend={backend}]:{path}"
+        if a16 not in ("0", "1", 0, 1, False, True):
+            raise RefinferError(f"source option a16={a16!r}: expected 0 or 1",
+                                hint="refinfer[a16=1]:GPTQ_DIR rounds the W4A16 layers' activations to fp16")
+        a16 = a16 in ("1", 1, True)
+        self.model = load(path, mode=mode, backend=backend, n_ubatch=ubatch, dequant=dequant, a16=a16)
+        extra = (",dequant=exact" if dequant == "exact" else "") + (",a16=1" if a16 else "")
+        self.name = f"refinfer[mode={mode},backend={backend}{extra}]:{path}"
         self.n_vocab = self.model.config.vocab_size
         self.max_ctx = self.model.config.max_seq_len
         tok = self.model.tokenizer
@@ -378,7 +383,7 @@ def parse_source(spec: str, n_ctx=512, n_threads=1, n_ubatch=None):
             raise RefinferError(f"source option {item!r} in {spec!r} is not key=value",
                                 hint="e.g. refinfer[mode=ggml]:MODEL.gguf")
         kw[key.strip()] = value.strip()
-    allowed = {"refinfer": {"mode", "backend", "ubatch"}, "llama.cpp": {"variant", "ubatch"}, "logits": set(),
+    allowed = {"refinfer": {"mode", "backend", "ubatch", "dequant", "a16"}, "llama.cpp": {"variant", "ubatch"}, "logits": set(),
                "openai": {"vocab", "model", "top", "timeout"}}[kind]
     if set(kw) - allowed:
         raise RefinferError(f"{spec!r}: unknown option(s) {sorted(set(kw) - allowed)} for a {kind} source "

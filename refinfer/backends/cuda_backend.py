@@ -38,6 +38,7 @@ from ..errors import UnsupportedError
 from ..kv_cache import BlockPool, get_cache_type
 from . import blockdecode as bd
 from .numpy_backend import VEC_DOT_TYPE, NumpyBackend, round_f16
+from ..quant.intgroup import IntGroupTensor
 
 WEIGHT_TYPES = tuple(bd.KINDS)                                     # every type the loader accepts
 WEIGHT_OPS = ("embed", "matmul")
@@ -93,6 +94,8 @@ def coverage(mode="ideal", dtype=np.float32):
     cov = {(op, t): "native" if native else "fallback" for op in WEIGHT_OPS for t in WEIGHT_TYPES}
     cov.update({(op, "f32"): "native" if native else "fallback" for op in ACT_OPS})
     cov.update({(op, "f32"): "shared" for op in SHARED_OPS})
+    # integer-group weights (GPTQ, AWQ, compressed-tensors): cuda_kernels/matmul.matmul_table
+    cov.update({(op, "intg"): "native" if np.dtype(dtype) == np.float32 else "fallback" for op in WEIGHT_OPS})
     return cov
 
 
@@ -222,7 +225,13 @@ class CudaBackend(NumpyBackend):
     # ---- weight ops ------------------------------------------------------------------------------
     def embed(self, out, w, ids):
         """out[T, dim] = W[ids] (ggml_get_rows)."""
-        if not self._kernel_ok("embed", w):
+        if isinstance(w, IntGroupTensor) and self._native:
+            d_out = self.cuda.device_array(out.shape, np.float32)
+            self.mk.dequantize_rows_table[_blocks(out.size, self.threads), self.threads](
+                d_out, self.cuda.to_device(np.asarray(ids, dtype=np.int64)), *self.intg_tables(w))
+            out[...] = d_out.copy_to_host()
+            return
+        if isinstance(w, IntGroupTensor) or not self._kernel_ok("embed", w):
             return super().embed(out, w, ids)
         kind = bd.KINDS[w.qtype.name]
         d_out = self.cuda.device_array(out.shape, np.float32)
@@ -232,8 +241,33 @@ class CudaBackend(NumpyBackend):
             d_out, self.device_weights(w), self.cuda.to_device(np.asarray(ids, dtype=np.int64)))
         out[...] = d_out.copy_to_host()
 
+    def intg_tables(self, w):
+        """Device (codes, table, g_idx) of an integer-group matrix, uploaded once (the tables as
+        the numba backend chooses them: per-group tables, or the dense weights for 8-bit with
+        small groups)."""
+        hit = self._weights.get(id(w))
+        if hit is None:
+            N, K = w.shape
+            if N * w.n_groups << w.bits <= N * K:
+                parts = (w.codes, w.table(), w.g_idx)
+            else:
+                parts = (np.zeros((N, K), np.uint8), w.dequantize()[:, :, None], np.arange(K, dtype=np.int32))
+            hit = self._weights[id(w)] = (w, tuple(self.cuda.to_device(np.ascontiguousarray(a)) for a in parts))
+        return hit[1]
+
+    def intg_dot(self, out, x, w):
+        if not self._native:
+            self._fallback("matmul", "intg", f"dtype {self.dtype}")
+            return super().intg_dot(out, x, w)
+        T, N = out.shape
+        d_out = self.cuda.device_array((T, N), np.float32)
+        self.mk.matmul_table[_blocks(T * N, self.threads), self.threads](d_out, self._put(x), *self.intg_tables(w))
+        out[...] = d_out.copy_to_host()
+
     def matmul(self, out, x, w):
         """out[T, rows] = x[T, cols] @ W(rows, cols).T"""
+        if isinstance(w, IntGroupTensor):
+            return self.intg_matmul(out, x, w)      # the reference's a16 / ggml handling, then intg_dot
         if not self._kernel_ok("matmul", w):
             return super().matmul(out, x, w)
         kind = bd.KINDS[w.qtype.name]

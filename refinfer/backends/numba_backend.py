@@ -33,11 +33,13 @@ from .. import quant
 from . import blockdecode as bd
 from . import ggml_emulation as ge
 from .numba_kernels import ggml as gk
+from .numba_kernels import intgroup as ik
 from .numba_kernels import matmul as mk
 from .numba_kernels import ops as ok
 from ..quant._common import fp16_to_f32
 from .numpy_backend import VEC_DOT_TYPE, NumpyBackend
 from .repack import repack
+from ..quant.intgroup import IntGroupTensor
 from ..weights import QTensor
 
 WEIGHT_TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0",
@@ -75,6 +77,8 @@ def coverage(mode="ideal", dtype=np.float32):
     for op in WEIGHT_OPS:
         for t in WEIGHT_TYPES:
             cov[(op, t)] = "native" if native else "fallback"
+    for op in WEIGHT_OPS:     # integer-group weights (GPTQ, AWQ, compressed-tensors): numba_kernels/intgroup.py
+        cov[(op, "intg")] = "native" if np.dtype(dtype) == np.float32 else "fallback"
     for op in ACT_OPS:
         cov[(op, "f32")] = "native" if native else "fallback"
     for op in SHARED_OPS:
@@ -141,7 +145,13 @@ class NumbaBackend(NumpyBackend):
     # ---- ops ----------------------------------------------------------------------------------
     def embed(self, out, w, ids):
         """out[T, dim] = W[ids] (ggml_get_rows)."""
-        if not self._kernel_ok("embed", w):
+        if isinstance(w, IntGroupTensor) and self._native:
+            buf = np.empty(out.shape, np.float32)
+            codes, table, g_idx = self.intg_tables(w)
+            ik.dequantize_rows_table(buf, np.asarray(ids, dtype=np.int64), codes, table, g_idx)
+            out[...] = buf
+            return
+        if isinstance(w, IntGroupTensor) or not self._kernel_ok("embed", w):
             return super().embed(out, w, ids)
         buf = np.empty(out.shape, np.float32)
         mk.dequantize_rows(buf, readonly(w.raw), np.asarray(ids, dtype=np.int64), bd.KINDS[w.qtype.name])
@@ -149,6 +159,8 @@ class NumbaBackend(NumpyBackend):
 
     def matmul(self, out, x, w):
         """out[T, rows] = x[T, cols] @ W(rows, cols).T"""
+        if isinstance(w, IntGroupTensor):
+            return self.intg_matmul(out, x, w)       # the reference's a16 / ggml handling, then intg_dot
         if not self._kernel_ok("matmul", w):
             return super().matmul(out, x, w)
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -161,12 +173,35 @@ class NumbaBackend(NumpyBackend):
         if res is not out:
             out[...] = res
 
+    def intg_tables(self, w):
+        """(codes, table, g_idx) of an integer-group matrix in numba_kernels/intgroup.py's layout,
+        made once: the codes one per byte and each (row, group)'s 2^bits weight values."""
+        hit = self._repacked.get(id(w))
+        if hit is None:
+            N, K = w.shape
+            if N * w.n_groups << w.bits <= N * K:     # tables no larger than the float32 weights
+                codes, table, g_idx = w.codes, w.table(), w.g_idx
+            else:   # 8-bit with small groups: the dense weights, as a one-entry table per column
+                codes, table, g_idx = np.zeros((N, K), np.uint8), w.dequantize()[:, :, None], np.arange(K, dtype=np.int32)
+            hit = self._repacked[id(w)] = (w, (*ik.repack(codes, table), readonly(g_idx)))
+        return hit[1]
+
+    def intg_dot(self, out, x, w):
+        if not self._native:
+            self._fallback("matmul", "intg", f"dtype {self.dtype}")
+            return super().intg_dot(out, x, w)
+        res = out if out.flags.c_contiguous and out.dtype == np.float32 else np.empty(out.shape, np.float32)
+        ik.matmul_table(res, np.ascontiguousarray(x, dtype=np.float32), *self.intg_tables(w))
+        if res is not out:
+            out[...] = res
+
     def matmuls(self, outs, x, ws):
         """The matrices stacked into one and repacked once (q, k, v become one 960-row matrix
         in SmolLM2): fewer, larger kernels. Each output row is computed as it would be alone;
         matrices of different types or widths, and F16 ones in ggml mode (the emulation picks
         an F16 matmul's lane order by its row count), run one by one."""
-        if (len({w.qtype.name for w in ws}) > 1 or (self.mode == "ggml" and ws[0].qtype.name == "f16")
+        if (len({w.qtype.name for w in ws}) > 1 or ws[0].qtype.name == "intg"
+                or (self.mode == "ggml" and ws[0].qtype.name == "f16")
                 or len({w.shape[1] for w in ws}) > 1 or not self._kernel_ok("matmul", ws[0])):
             return super().matmuls(outs, x, ws)
         key = tuple(id(w) for w in ws)

@@ -39,6 +39,9 @@ from .. import quant
 from ..kv_cache import BlockPool
 from . import ggml_emulation as ge
 from ..quant._common import F32, f32_to_fp16_bits, fp16_to_f32
+from ..quant.intgroup import IntGroupTensor
+from ..errors import UnsupportedError
+from ..weights import QTensor
 
 # vec_dot type of each weight type in llama.cpp's CPU backend (type_traits_cpu[...].vec_dot_type)
 VEC_DOT_TYPE = {"q4_0": "q8_0", "q5_0": "q8_0", "q8_0": "q8_0", "q4_1": "q8_1", "q5_1": "q8_1",
@@ -93,6 +96,7 @@ class NumpyBackend:
     def __init__(self, mode="ideal", dtype=np.float32):
         self.mode = mode
         self.dtype = np.dtype(dtype) if mode == "ideal" else np.dtype(np.float32)
+        self.a16 = False   # integer-group weights: fp16 activations in and out (NumpyBackend.intg_matmul)
         self._dense = {}   # id(QTensor) -> dequantized weights (ideal) or integer decomposition (ggml)
 
     # ---- weights -------------------------------------------------------------------------
@@ -146,8 +150,41 @@ class NumpyBackend:
         for out, w in zip(outs, ws):
             self.matmul(out, x, w)
 
+    def intg_matmul(self, out, x, w):
+        """out[T, rows] = x[T, cols] @ W(rows, cols).T for integer-group weights: ideal mode
+        through intg_dot (here the reference's column-order sum over the dequantized weights,
+        which the accelerated backends reproduce bit for bit), ggml mode as F16 weights. With
+        a16 (IntGroupTensor's docstring) the input and the output are rounded to fp16."""
+        if self.a16:
+            x = round_f16(np.asarray(x, np.float32))
+        if self.mode == "ggml":
+            self.matmul(out, x, self.intg_as_f16(w))
+        else:
+            self.intg_dot(out, x, w)
+        if self.a16:
+            out[...] = round_f16(np.asarray(out, np.float32))
+
+    def intg_dot(self, out, x, w):
+        out[...] = column_order_matmul(x, self._dequantized_t(w))
+
+    def intg_as_f16(self, w):
+        """ggml mode for integer-group weights: llama.cpp runs no GPTQ/AWQ kernel, so the closest
+        llama.cpp computation is that of the same weights converted to an F16 GGUF: the deployed
+        weights are F16 values (rounding "f16"), and the F16 path is exact for them."""
+        key = ("intg_f16", id(w))
+        if key not in self._dense:
+            if w.rounding != "f16":
+                raise UnsupportedError(f"{w.name}: ggml mode runs integer-group weights as F16, but their "
+                                       f"rounding is {w.rounding!r}, not fp16 values",
+                                       hint="use --mode ideal, or load the checkpoint with the deployed fp16 rounding")
+            self._dense[key] = (w, QTensor(w.name, f32_to_fp16_bits(w.dequantize()).view(np.uint8),
+                                           quant.get_type("f16"), w.shape))
+        return self._dense[key][1]
+
     def matmul(self, out, x, w):
         """out[T, rows] = x[T, cols] @ W(rows, cols).T"""
+        if isinstance(w, IntGroupTensor):
+            return self.intg_matmul(out, x, w)
         if self.mode == "ideal":
             out[...] = column_order_matmul(x, self._dequantized_t(w))
             return

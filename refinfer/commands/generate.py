@@ -35,13 +35,19 @@ def add_arguments(p):
                    help="numerics: ideal (exact float) or ggml (llama.cpp's CPU roundings)")
     p.add_argument("--ubatch", type=int, default=None, metavar="N",
                    help="tokens per forward step of a prompt, as llama.cpp's -ub (default: 512 in ggml mode, the whole prompt in ideal mode, whose numbers do not depend on it)")
+    p.add_argument("--dequant", default="deployed", metavar="deployed|exact",
+                   help="GPTQ/AWQ/compressed-tensors checkpoints: deployed (default) uses the weights each library's "
+                        "dequantization computes, rounded to fp16; exact the float32 product scale * (q - zero)")
+    p.add_argument("--a16", action="store_true",
+                   help="GPTQ/AWQ/compressed-tensors checkpoints: round those layers' input and output activations "
+                        "to fp16, as A16 kernels (exllama, Marlin) do")
     threads.add_argument(p)
 
 
 def check_args(args):
     """Every option that can be checked without the model, in the order of the command line."""
     from ..backends import check_backend_name
-    from ..model import check_max_tokens, check_ubatch, resolve_seed
+    from ..model import check_dequant, check_max_tokens, check_ubatch, resolve_seed
     from ..sampling import SamplerConfig
 
     check_max_tokens(args.n_predict, "-n/--n-predict")
@@ -50,6 +56,7 @@ def check_args(args):
                   seed=seed).check()
     check_backend_name(args.backend, args.mode)
     check_ubatch(args.ubatch, "--ubatch")
+    check_dequant(args.dequant, "--dequant")
     threads.check(args.threads)
     return seed
 
@@ -68,7 +75,8 @@ def run(args) -> int:
         raise RefinferError("the prompt is empty", hint=EMPTY_PROMPT_HINT)
     threads.set_threads(args.threads)   # before Numba loads with the model's backend
     t0 = time.perf_counter()
-    model = load(args.model, backend=args.backend, mode=args.mode, n_ubatch=args.ubatch)
+    model = load(args.model, backend=args.backend, mode=args.mode, n_ubatch=args.ubatch, dequant=args.dequant,
+                 a16=args.a16)
     load_s = time.perf_counter() - t0
     stats = {}
     pieces = model.generate(prompt, max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,

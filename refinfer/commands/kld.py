@@ -12,7 +12,8 @@ HELP = "KL divergence, PPL ratio, RMS delta-p and same-top-p of test logits agai
 SOURCES = """SRC is one of
   MODEL.gguf | HF_DIR                         refinfer, ideal mode, numba backend
   refinfer[backend=numpy]:MODEL               the NumPy reference itself (slow: ~0.25 s a token on SmolLM2)
-  refinfer[mode=ggml,backend=numba]:MODEL     refinfer with options (also ubatch=N)
+  refinfer[mode=ggml,backend=numba]:MODEL     refinfer with options (also ubatch=N; for GPTQ/AWQ/
+                                              compressed-tensors dirs dequant=exact, a16=1)
   llama.cpp:MODEL.gguf                        llama.cpp through llama-cpp-python (default settings)
   llama.cpp[variant=flash_attn]:MODEL.gguf    variants: default, single_token, flash_attn, kv_f32;
                                               ubatch=N: tokens per llama_decode step (default 512)

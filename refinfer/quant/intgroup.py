@@ -19,6 +19,12 @@ The product is exact in float32 (a 16-bit-or-narrower significand times an integ
 2^9), so rnd is the only rounding: it is the single rounding of torch's fp16 multiply in
 AutoGPTQ's, AutoAWQ's and compressed-tensors' dequantization.
 
+"A16" (W4A16): the kernels that deploy these checkpoints (exllama, Marlin, AutoGPTQ's CUDA
+kernels) take fp16 activations and write fp16 outputs, accumulating in fp32 or fp16. a16=True
+(refinfer.load(..., a16=True), a backend option) emulates the roundings at the boundary: the input rounded to fp16, the float32 result rounded
+to fp16. The accumulation itself stays the mode's (a kernel's own summation order is not
+reproduced). The default (a16=False) is the float32 model over the deployed weights.
+
 The codes are kept one per byte, unpacked once at load: the layouts (refinfer/w4a16/) only
 parse, and every backend reads the same arrays.
 """

@@ -165,3 +165,32 @@ def matmul_q8(kind, tile):
             out[t0 + i, r] = lanes_total(part, i, tile)
 
     return kernel
+
+
+@cuda.jit
+def matmul_table(out, x, codes, table, g_idx):
+    """Integer-group weights (refinfer/quant/intgroup.py): out float32[T, N] = x float32[T, K] @ W.T
+    with W[n, k] = table[n, g_idx[k], codes[n, k]]. One thread per (token, row) sums in float64
+    in column order, from 0: the NumPy reference's column_order_matmul operation for operation
+    (a float32 product is exact in float64, so a fused multiply-add changes nothing), so the
+    result is the reference's bits whatever T or the launch shape."""
+    T, N = out.shape
+    i = cuda.grid(1)
+    if i >= T * N:
+        return
+    t, n = i // N, i % N
+    acc = 0.0
+    for k in range(x.shape[1]):
+        acc += np.float64(x[t, k]) * np.float64(table[n, g_idx[k], codes[n, k]])
+    out[t, n] = np.float32(acc)
+
+
+@cuda.jit
+def dequantize_rows_table(out, ids, codes, table, g_idx):
+    """out float32[n, K] = rows ids of an integer-group matrix; one thread per element."""
+    n, K = out.shape
+    i = cuda.grid(1)
+    if i >= n * K:
+        return
+    r, k = i // K, i % K
+    out[r, k] = table[ids[r], g_idx[k], codes[ids[r], k]]
