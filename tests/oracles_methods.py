@@ -21,6 +21,8 @@ import pathlib
 import sys
 import types
 
+import numpy as np
+
 from ci_skips import oracle_import, oracle_skip
 
 
@@ -107,3 +109,70 @@ def compressed_tensors():
     qa = oracle_import("compressed_tensors.quantization.quant_args")
     fwd = oracle_import("compressed_tensors.quantization.lifecycle.forward")
     return helpers.calculate_qparams, qa.QuantizationArgs, fwd.quantize
+
+
+def autogptq_fasterquant(W, H, *, bits, group_size, sym, actorder, static_groups, percdamp=0.01):
+    """Run AutoGPTQ's GPTQ.fasterquant on weight W [N, K] with Hessian H (float32 numpy) and return
+    its outputs plus the Hinv and perm it computed (observed, not altered):
+    dict(scale [N, G], zero [N, G], g_idx [K], Q [N, K], codes [N, K], Hinv, perm)."""
+    torch = oracle_import("torch")
+    quantizer, gptq = autogptq()
+    layer = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+    layer.weight.data = torch.from_numpy(W.copy())
+    g = gptq.GPTQ(layer)
+    g.H = torch.from_numpy(H.copy())
+    g.nsamples = 1          # read only by its log line
+    g.quantizer.configure(bits, perchannel=True, sym=sym, mse=False)
+    seen = {}
+
+    def cholesky(A, upper=False):
+        out = torch.linalg.cholesky(A, upper=upper)
+        if upper:
+            seen["Hinv"] = out.clone()
+        return out
+
+    def argsort(x, descending=False):
+        out = torch.argsort(x, descending=descending)
+        seen.setdefault("perm", out.clone())     # the second call is invperm = argsort(perm)
+        return out
+
+    saved = gptq.torch
+    gptq.torch = types.SimpleNamespace(**vars(saved))
+    gptq.torch.linalg = types.SimpleNamespace(cholesky=cholesky)
+    gptq.torch.argsort = argsort
+    try:
+        scale, zero, g_idx = g.fasterquant(percdamp=percdamp, group_size=group_size, actorder=actorder,
+                                           static_groups=static_groups)
+    finally:
+        gptq.torch = saved
+    scale, zero, g_idx = scale.numpy(), zero.numpy(), g_idx.numpy()
+    Q = layer.weight.data.numpy()
+    codes = np.rint(Q / scale[:, g_idx]) + zero[:, g_idx]     # Q = s (c - z): exact recovery
+    perm = seen["perm"].numpy() if actorder else None
+    return dict(scale=scale, zero=zero, g_idx=g_idx, Q=Q, codes=codes, Hinv=seen["Hinv"].numpy(), perm=perm)
+
+
+def autogptq_hessian(X_per_seq):
+    """GPTQ.add_batch over the sequences (one call each, as AutoGPTQ's layer loop does)."""
+    torch = oracle_import("torch")
+    _, gptq = autogptq()
+    K = X_per_seq[0].shape[-1]
+    layer = torch.nn.Linear(K, 1, bias=False)
+    g = gptq.GPTQ(layer)
+    for x in X_per_seq:
+        g.add_batch(torch.from_numpy(np.ascontiguousarray(x, np.float32))[None], None)
+    return g.H.numpy().copy()
+
+
+def trace_mismatches(codes, ref_codes, margin, order=None):
+    """Rows where codes differ from the oracle's, and for each the margin (distance of w/s from its
+    rounding boundary) of its first differing code in processing order (order: the column order
+    the quantizer walked, act-order's perm; default 0..K-1). GPTQ's rows never interact, so a
+    flip at a near-tie explains every later difference in its row.
+    -> (rows with a difference, list of first-difference margins)."""
+    K = codes.shape[1]
+    order = np.arange(K) if order is None else np.asarray(order)
+    diff = codes[:, order] != ref_codes[:, order]
+    rows = np.flatnonzero(diff.any(axis=1))
+    first = diff[rows].argmax(axis=1)
+    return rows, [float(margin[r, order[f]]) for r, f in zip(rows, first)]

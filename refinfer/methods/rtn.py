@@ -91,7 +91,7 @@ def gptq_find_params(x: np.ndarray, bits: int, sym: bool) -> tuple[np.ndarray, n
 
 def gptq_codes(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
     """quantize()'s integer step: clamp(round(x / s) + z, 0, maxq), x[N, ...], s/z[N, 1...]."""
-    return np.clip(np.rint(x / scale) + zero, 0, 2 ** bits - 1)
+    return np.minimum(np.maximum(np.rint(x / scale) + zero, 0), 2 ** bits - 1)     # np.clip: 4x slower
 
 
 def gptq_rtn(W: np.ndarray, bits: int = 4, group_size: int = 128, sym: bool = True, name: str = "weight"
