@@ -5,7 +5,10 @@ Everything that differs between the two sources happens here and only here:
 - RoPE layout: llama.cpp's converter permutes q/k rows of arch `llama` so that adjacent pairs
   rotate (ggml's "normal" RoPE); HF checkpoints are unpermuted (rotate_half, "neox"). We permute
   HF llama q/k rows the same way (`permute_qk_rows`) so the forward pass has one convention;
-- tied embeddings: a missing output.weight means the output projection is token_embd.
+- tied embeddings: a missing output.weight means the output projection is token_embd;
+- quantized HF checkpoints (config.json quantization_config: GPTQ, AWQ, compressed-tensors):
+  their Linear layers become IntGroupTensor (refinfer/w4a16/checkpoint.py), q/k rows permuted
+  with take_rows like the float rows.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 from . import quant
 from .config import ModelConfig, config_from_gguf, config_from_hf, llama3_rope_factors
 from .errors import FormatError, RefinferError
+from .w4a16 import checkpoint as w4a16
 from .weights import LayerWeights, QTensor, Weights
 
 LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -147,19 +151,43 @@ def load_safetensors(path):
     if ck.config is None:
         raise FormatError("no config.json beside the safetensors weights", file=str(path),
                           hint="an HF checkpoint directory has config.json, model*.safetensors and a tokenizer")
-    gguf_names = hf_to_gguf_names(ck.tensors)
+    # Quantized Linears (GPTQ, AWQ, compressed-tensors) stand in for their `.weight` with the
+    # shape their packed tensors declare; embeddings, norms and unquantized layers stay float.
+    spec = w4a16.read_spec(ck.config, path)
+    hf_shapes = {n: tuple(info.shape) for n, info in ck.tensors.items()}
+    quantized = {}  # HF weight name -> module prefix
+    if spec is not None:
+        for prefix, shape in w4a16.quantized_linears(ck, spec).items():
+            for suffix in w4a16.COMPONENTS[spec.method]:
+                hf_shapes.pop(f"{prefix}.{suffix}", None)
+            hf_shapes[prefix + ".weight"] = shape
+            quantized[prefix + ".weight"] = prefix
+    gguf_names = hf_to_gguf_names(hf_shapes)
     tied = "output.weight" not in gguf_names
     cfg = config_from_hf(ck.config, str(path), tied=tied if tied else None)
-    check_tensor_set({g: tuple(ck.tensors[h].shape) for g, h in gguf_names.items()}, cfg, str(path))
+    check_tensor_set({g: hf_shapes[h] for g, h in gguf_names.items()}, cfg, str(path))
     stored_type = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
+
+    def qk_rows(name, n_rows):
+        """The q/k row permutation for this matrix, or None."""
+        if cfg.arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+            return permute_qk_rows(n_rows, cfg.n_heads if ".attn_q." in name else cfg.n_kv_heads)
+        return None
 
     def get_matrix(name):
         hf = gguf_names[name]
+        if hf in quantized:
+            t = w4a16.load_linear(ck, quantized[hf], spec, name=name, shape=hf_shapes[hf])
+            idx = qk_rows(name, t.shape[0])
+            return t if idx is None else t.take_rows(idx)
         info = ck.tensors[hf]
+        if info.dtype not in stored_type:
+            raise FormatError(f"dtype {info.dtype}, expected F32, F16 or BF16 for a float weight", file=str(path),
+                              tensor=hf, hint="a quantized checkpoint needs its quantization_config in config.json")
         raw = np.ascontiguousarray(ck.raw(hf)).view(np.uint8).reshape(info.shape[0], -1)
-        if cfg.arch == "llama" and (".attn_q." in name or ".attn_k." in name):
-            n_head = cfg.n_heads if ".attn_q." in name else cfg.n_kv_heads
-            raw = raw[permute_qk_rows(raw.shape[0], n_head)]
+        idx = qk_rows(name, raw.shape[0])
+        if idx is not None:
+            raw = raw[idx]
         return QTensor(name, raw, quant.get_type(stored_type[info.dtype]), tuple(info.shape))
 
     def get_vector(name):
@@ -169,7 +197,10 @@ def load_safetensors(path):
     scaling = ck.config.get("rope_scaling") or {}
     if scaling.get("rope_type", scaling.get("type")) == "llama3":
         weights.rope_freqs = llama3_rope_factors(scaling, cfg.head_dim, cfg.rope_theta)
-    return cfg, weights, {"hf_config": ck.config, "path": str(path)}
+    meta = {"hf_config": ck.config, "path": str(path)}
+    if spec is not None:
+        meta["quantization"] = spec
+    return cfg, weights, meta
 
 
 def load(path):

@@ -238,8 +238,39 @@ def _ct_spec(qc, source) -> QuantSpec:
 
 # --- one Linear ----------------------------------------------------------------------------
 
-def has_quantized(ck, hf_prefix: str, spec: QuantSpec) -> bool:
-    return (hf_prefix + (".weight_packed" if spec.method == "compressed-tensors" else ".qweight")) in ck.tensors
+COMPONENTS = {  # the tensors one quantized Linear stores, by method
+    "gptq": ("qweight", "qzeros", "scales", "g_idx"),
+    "awq": ("qweight", "qzeros", "scales"),
+    "compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"),
+}
+
+
+def quantized_linears(ck, spec: QuantSpec) -> dict:
+    """{module prefix: (N, K)} for every quantized Linear of ck, (N, K) as its tensors declare it
+    (load_linear checks every tensor against the shape the model's hyperparameters give)."""
+    key = "weight_packed" if spec.method == "compressed-tensors" else "qweight"
+    out = {}
+    for name, info in ck.tensors.items():
+        prefix, _, suffix = name.rpartition(".")
+        if suffix != key:
+            continue
+        if len(info.shape) != 2:
+            raise FormatError(f"has {len(info.shape)} dimensions, expected 2", file=ck.path, tensor=name,
+                              hint=HINT_CONFIG)
+        rows, cols = info.shape
+        if spec.method == "compressed-tensors":
+            ws = ck.tensors.get(prefix + ".weight_shape")
+            if ws is None or ws.dtype not in ("I64", "I32") or tuple(ws.shape) != (2,):
+                raise FormatError("missing or not an integer pair: a pack-quantized Linear needs weight_shape (N, K)",
+                                  file=ck.path, tensor=prefix + ".weight_shape", hint=HINT_CONFIG)
+            out[prefix] = tuple(int(v) for v in np.asarray(ck.raw(prefix + ".weight_shape")))
+        elif spec.method == "gptq":
+            out[prefix] = (cols, rows * 32 // spec.for_module(prefix).bits)
+        elif spec.format == "awq-gemm":
+            out[prefix] = (cols * 8, rows)
+        else:
+            out[prefix] = (rows, cols * 8)
+    return out
 
 
 def _warn_default(message):
@@ -528,5 +559,5 @@ def quantization_config(fmt: str, bits: int, group_size: int, sym: bool, desc_ac
     raise UnsupportedError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(WRITE_FORMATS)}")
 
 
-__all__ = ["QuantSpec", "read_spec", "load_linear", "has_quantized", "pack", "quantization_config", "FORMATS",
+__all__ = ["QuantSpec", "read_spec", "load_linear", "quantized_linears", "COMPONENTS", "pack", "quantization_config", "FORMATS",
            "WRITE_FORMATS", "SAFETENSORS_DTYPES"]
