@@ -63,7 +63,10 @@ from .quant import get_type, quantize
 # --type -> llama_ftype (LLAMA_FTYPE_MOSTLY_*, ALL_F32), written as general.file_type.
 FTYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q8_0": 7}
 FLOAT_FTYPES = {"f32": 0, "f16": 1, "bf16": 32}
-ALL_FTYPES = {**FLOAT_FTYPES, **FTYPES}
+# llama-quantize's K-quant presets: a mix of types per tensor (llama_tensor_get_type_impl)
+K_FTYPES = {"q2_k": 10, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15,
+            "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
+ALL_FTYPES = {**FLOAT_FTYPES, **FTYPES, **K_FTYPES}
 GGML_QNT_VERSION = 2
 FLOAT_TYPES = tuple(FLOAT_FTYPES)
 
@@ -97,6 +100,9 @@ class QuantizeReport:
     n_copied: int = 0
     requantized: list = field(default_factory=list)  # quantized types of the input that were dequantized
     f16_fallback: list = field(default_factory=list)  # names whose row length is not a multiple of 32
+    types: dict = field(default_factory=dict)  # ggml type written -> number of tensors (quantized or copied)
+    imatrix_used: list = field(default_factory=list)  # names quantized with importance weights
+    imatrix_missing: list = field(default_factory=list)  # quantized names the imatrix has no entry for
     bytes_in: int = 0
     bytes_out: int = 0
     seconds: float = 0.0
@@ -119,14 +125,122 @@ def allows_quantization(name: str, ne) -> bool:
     return not any(frag in name for frag in _NEVER_QUANTIZED_FRAGMENTS)
 
 
+def default_type(qtype: str) -> str:
+    """llama_ftype_get_default_type: the ggml type of a preset's ordinary 2-D weights."""
+    return qtype[:4].replace("_k", "_K") if qtype in K_FTYPES else qtype
+
+
+# tensor_type_fallback: a 256-block type for a row length it does not divide
+_FALLBACK = {"q2_K": "q4_0", "q3_K": "q4_0", "q4_K": "q5_0", "q5_K": "q5_1", "q6_K": "q8_0"}
+
+
+def type_fallback(ne, new_type: str) -> str:
+    if ne[0] % get_type(new_type).block_size == 0:
+        return new_type
+    new_type = _FALLBACK.get(new_type, new_type)  # a 32-block type has nothing smaller
+    if ne[0] % get_type(new_type).block_size:
+        return "f16"  # "must use F16 due to unusual shape"
+    return new_type
+
+
 def target_type(name: str, ne, qtype: str) -> str | None:
     """The ggml type llama.cpp's pure mode gives tensor `name` of shape ne (ggml order)."""
-    t = get_type(qtype)
     if not allows_quantization(name, ne):
         return None  # copied unchanged
-    if ne[0] % t.block_size:
-        return "f16"  # tensor_type_fallback: no smaller block to fall back to, so F16
-    return t.name
+    new = default_type(qtype)
+    return new if new in FLOAT_TYPES else type_fallback(ne, new)
+
+
+def tensor_category(name: str) -> str:
+    """llama.cpp's tensor_get_category, in its order of tests."""
+    if name == "output.weight":
+        return "output"
+    if name in ("token_embd.weight", "per_layer_token_embd.weight"):
+        return "token_embd"
+    for fragment, category in (("attn_qkv.weight", "attn_v"), ("attn_kv_b.weight", "attn_v"),
+                               ("attn_v.weight", "attn_v"), ("attn_k.weight", "attn_k"),
+                               ("attn_q.weight", "attn_q"), ("attn_output.weight", "attn_output"),
+                               ("ffn_up", "ffn_up"), ("ffn_gate", "ffn_gate"), ("ffn_down", "ffn_down")):
+        if fragment in name:
+            return category  # attn_qkv and attn_kv_b count as attn_v (category_is_attn_v)
+    return "other"
+
+
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    # the first and last eighth of the layers, and every third one between
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def mixture_types(src: SourceModel, qtype: str, names, *, has_imatrix: bool) -> dict:
+    """name -> ggml type (None: copied) that llama-quantize (not --pure) chooses for preset qtype:
+    llama_tensor_get_type and llama_tensor_get_type_impl of src/llama-quant.cpp, for the dense
+    (non-MoE, non-Falcon) models refinfer runs. The counters i_attention_wv and i_ffn_down
+    advance over the tensors in llama.cpp's order (names), as its preliminary loop does."""
+    a, md = src.arch, src.metadata
+    if int(md.get(f"{a}.expert_count", 0) or 0) > 1 or a == "falcon":
+        raise UnsupportedError(f"{src.path!r}: the {qtype.upper()} type rules for arch {a!r} with "
+                               f"{md.get(f'{a}.expert_count', 0)} experts are not implemented",
+                               hint="use --pure (every 2-D weight in the preset's default type)")
+    n_head = int(md.get(f"{a}.attention.head_count", 1))
+    n_head_kv = int(md.get(f"{a}.attention.head_count_kv", n_head))
+    n_gqa = n_head // n_head_kv if n_head_kv else 0
+    n_layer = int(md.get(f"{a}.block_count", 0))
+    # model.type == LLM_TYPE_70B (src/models/*.cpp): attn_v gets q5_K instead of q3_K/q4_K
+    is_70b = ((a == "llama" and n_layer == 80 and n_head != n_head_kv)
+              or (a in ("qwen2", "deci", "olmo") and n_layer == 80) or (a == "jais2" and n_layer == 68))
+    categories = {n: tensor_category(n) for n in names}
+    tied = "output" not in categories.values()
+    n_attention_wv = sum(c == "attn_v" for c in categories.values())
+    i_attention_wv = i_ffn_down = 0
+    base = default_type(qtype)
+    out = {}
+    for name in names:
+        ne = src.tensors[name].ne
+        if not allows_quantization(name, ne):
+            out[name] = None
+            continue
+        cat, new = categories[name], base
+        if cat == "output" or (tied and cat == "token_embd"):
+            if ne[0] % get_type(new).block_size:
+                new = "q8_0"
+            elif new != "q8_0":
+                new = "q6_K"
+        elif cat == "attn_v":
+            if qtype == "q2_k":
+                new = "q4_K" if n_gqa >= 4 else "q3_K"
+            elif qtype == "q3_k_m":
+                new = "q5_K" if i_attention_wv < 2 else "q4_K"
+            elif qtype == "q3_k_l":
+                new = "q5_K"
+            elif qtype in ("q4_k_m", "q5_k_m") and use_more_bits(i_attention_wv, n_attention_wv):
+                new = "q6_K"
+            elif qtype == "q4_k_s" and i_attention_wv < 4:
+                new = "q5_K"
+            if is_70b and new in ("q3_K", "q4_K"):
+                new = "q5_K"
+            i_attention_wv += 1
+        elif cat == "ffn_down":
+            i = i_ffn_down  # the layer index, for a dense model
+            if qtype == "q2_k":
+                new = "q3_K"
+            elif qtype == "q3_k_m":
+                new = "q5_K" if i < n_layer // 16 else "q4_K"
+            elif qtype == "q3_k_l":
+                new = "q5_K"
+            elif qtype == "q4_k_m":
+                if use_more_bits(i, n_layer):
+                    new = "q6_K"
+            elif qtype == "q5_k_m" and use_more_bits(i, n_layer):
+                new = "q6_K"
+            elif qtype == "q4_k_s" and i < n_layer // 8:
+                new = "q5_K"
+            elif qtype in ("q4_0", "q5_0") and has_imatrix and i < n_layer // 8:
+                new = "q4_1" if qtype == "q4_0" else "q5_1"  # "guard against craziness"
+            i_ffn_down += 1
+        elif cat == "attn_output":
+            new = {"q2_k": "q3_K", "q3_k_m": "q4_K", "q3_k_l": "q5_K"}.get(qtype, new)
+        out[name] = type_fallback(ne, new)
+    return out
 
 
 _LAYER = re.compile(r"blk\.\s*([+-]?\d+)")
@@ -144,9 +258,8 @@ def check_qtype(qtype: str, choices=ALL_FTYPES, option="--type") -> str:
     key = str(qtype).strip().lower()
     if key in choices:
         return key
-    if key.endswith(("_k", "_k_s", "_k_m", "_k_l")) or key.startswith("iq"):
-        hint = ("K-quant and IQ files (Q4_K_M, ...) mix types per tensor and are not produced by "
-                f"this command; choose one of {', '.join(choices)}")
+    if key.startswith(("iq", "tq")) or key in ("q2_k_s", "mxfp4_moe"):
+        hint = f"the IQ/TQ types and Q2_K_S need codebooks refinfer does not have; choose one of {', '.join(choices)}"
     else:
         hint = f"choose one of {', '.join(choices)}"
     raise UnsupportedError(f"{option}: unsupported type {qtype!r}", hint=hint)
@@ -312,7 +425,33 @@ def hf_source(path: str, vocab_from=None) -> SourceModel:
     return SourceModel(path, cfg.arch, metadata, types, array_types, tensors)
 
 
-def _convert(src: SourceModel, st: SourceTensor, new_type: str) -> np.ndarray:
+def _importance(src: SourceModel, st: SourceTensor, imatrix: dict, report: QuantizeReport):
+    """The imatrix entry llama_model_quantize_impl uses for st, or None: a missing entry means
+    quantizing without one; an entry of the wrong size is an error, except for token_embd
+    (never a matmul input, so llama-imatrix has no entry of its row length)."""
+    qw = imatrix.get(st.name)
+    if qw is None:
+        report.imatrix_missing.append(st.name)
+        return None
+    qw = np.asarray(qw, dtype=np.float32).reshape(-1)
+    expected = st.ne[0] * (st.ne[2] if len(st.ne) > 2 else 1)
+    if qw.shape[0] != expected:
+        if st.name in ("token_embd.weight", "per_layer_token_embd.weight"):
+            report.imatrix_missing.append(st.name)
+            return None
+        raise FormatError(f"imatrix entry {st.name!r} has {qw.shape[0]} values, but the tensor's rows "
+                          f"have {expected}", file=src.path,
+                          hint="the importance matrix was computed for a different model; compute it "
+                               "for this one with `python -m refinfer imatrix`")
+    if not np.isfinite(qw).all():
+        raise FormatError(f"imatrix entry {st.name!r} contains non-finite values", file=src.path,
+                          hint="llama.cpp rejects such an imatrix too; recompute it")
+    report.imatrix_used.append(st.name)
+    return qw
+
+
+def _convert(src: SourceModel, st: SourceTensor, new_type: str, qw=None) -> np.ndarray:
+    from .quant.weighted import quantize_rows
     t = get_type(new_type)
     n_rows = int(np.prod(st.ne[1:])) if len(st.ne) > 1 else 1
     out = np.empty((n_rows, st.ne[0] // t.block_size * t.type_size), np.uint8)  # [n_rows, row_bytes]
@@ -320,7 +459,7 @@ def _convert(src: SourceModel, st: SourceTensor, new_type: str) -> np.ndarray:
     for a in range(0, n_rows, step):
         b = min(n_rows, a + step)
         try:
-            out[a:b] = quantize(st.rows(a, b), t)
+            out[a:b] = quantize(st.rows(a, b), t) if qw is None else quantize_rows(st.rows(a, b), t, qw)
         except (NonFiniteError, ShapeError) as e:
             raise type(e)(f"{src.path!r}, tensor {st.name!r}, rows {a}..{b}: {e}",
                           hint=e.hint if e.hint != e.default_hint else
@@ -342,10 +481,23 @@ def check_paths(in_path, out_path):
     check_output_path(out_path, "OUT")
 
 
-def quantize_model(in_path, out_path, qtype: str, *, vocab_from=None, progress: bool = False) -> QuantizeReport:
+def quantize_model(in_path, out_path, qtype: str, *, vocab_from=None, progress: bool = False,
+                   pure=None, imatrix=None) -> QuantizeReport:
     """IN (a GGUF file, or an HF safetensors checkpoint directory) -> OUT with the 2-D weights
-    in qtype: a quantized type, or f32/f16/bf16 (then it is a conversion)."""
+    in qtype: a quantized type or preset, or f32/f16/bf16 (then it is a conversion).
+
+    pure: every 2-D weight in the preset's default type (llama-quantize --pure), or llama.cpp's
+    per-tensor rules (False). None: pure for the single types (q4_0 .. q8_0, f32/f16/bf16, as
+    this command always did), the rules for the K-quant presets (Q2_K .. Q6_K), as
+    llama-quantize does by default. imatrix: a path (refinfer.imatrix.read_imatrix) or a dict
+    name -> float32 importance weights; K-quants and q4_0/q4_1/q5_0/q5_1 then use ggml's
+    weighted quantizers."""
     qtype = check_qtype(qtype)
+    if pure is None:
+        pure = qtype not in K_FTYPES
+    if imatrix is not None and not isinstance(imatrix, dict):
+        from .imatrix import read_imatrix
+        imatrix = read_imatrix(imatrix).importance()
     in_path, out_path = os.fspath(in_path), os.fspath(out_path)
     check_paths(in_path, out_path)
 
@@ -362,12 +514,17 @@ def quantize_model(in_path, out_path, qtype: str, *, vocab_from=None, progress: 
     metadata["general.file_type"] = ALL_FTYPES[qtype]
     types["general.file_type"] = GGUFValueType.UINT32
     names = llama_tensor_order(src.tensors)
+    if pure or qtype in FLOAT_TYPES:
+        chosen = {name: target_type(name, src.tensors[name].ne, qtype) for name in names}
+    else:
+        chosen = mixture_types(src, qtype, names, has_imatrix=bool(imatrix))
+    base = default_type(qtype)
 
     def tensors():
         from tqdm import tqdm
         for name in tqdm(names, desc=f"quantize {qtype}", unit="tensor", disable=not progress, file=sys.stderr):
             st = src.tensors[name]
-            new = target_type(name, st.ne, qtype)
+            new = chosen[name]
             report.bytes_in += st.nbytes
             if new is not None and new != st.stored and st.stored not in FLOAT_TYPES \
                     and st.stored not in report.requantized:
@@ -376,11 +533,13 @@ def quantize_model(in_path, out_path, qtype: str, *, vocab_from=None, progress: 
                 report.n_copied += 1
                 data, t = st.raw(), st.stored
             else:
-                if new != qtype:   # the f16 fallback of a row length the block does not divide
+                if new == "f16" and base != "f16":  # a row length no block of the type divides
                     report.f16_fallback.append(name)
                 else:
                     report.n_quantized += 1
-                data, t = _convert(src, st, new), new
+                qw = _importance(src, st, imatrix, report) if imatrix and new not in FLOAT_TYPES else None
+                data, t = _convert(src, st, new, qw), new
+            report.types[t] = report.types.get(t, 0) + 1
             report.bytes_out += data.nbytes
             yield name, data, t, st.shape
 

@@ -124,8 +124,8 @@ def check_error(capsys, argv, *fragments):
 
 
 def test_error_unsupported_type(tiny_llama_f32, tmp_path, capsys):
-    check_error(capsys, ["quantize", str(tiny_llama_f32), str(tmp_path / "o.gguf"), "--type", "q4_K_M"],
-                "'q4_K_M'", "hint:", "q4_0, q4_1, q5_0, q5_1, q8_0")
+    check_error(capsys, ["quantize", str(tiny_llama_f32), str(tmp_path / "o.gguf"), "--type", "iq2_xs"],
+                "'iq2_xs'", "hint:", "q4_0, q4_1, q5_0, q5_1, q8_0")
     check_error(capsys, ["quantize", str(tiny_llama_f32), str(tmp_path / "o.gguf"), "--type", "q4"], "'q4'",
                 "hint:", "f32, f16, bf16, q4_0")
     assert not (tmp_path / "o.gguf").exists()
