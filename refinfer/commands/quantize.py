@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from ..quantize_model import ALL_FTYPES, FLOAT_TYPES, quantize_model
@@ -18,6 +19,13 @@ def add_arguments(p):
     p.add_argument("--type", required=True, metavar="TYPE",
                    help=f"type for the 2-D weights: {', '.join(ALL_FTYPES)}; norms stay f32, and "
                         "weights whose row length is not a multiple of 32 become f16, as in llama.cpp")
+    p.add_argument("--pure", action=argparse.BooleanOptionalAction, default=None,
+                   help="--pure: every 2-D weight in the type (llama-quantize --pure); --no-pure: llama-quantize's "
+                        "per-tensor rules (output.weight q6_K, some attn_v/ffn_down with more bits). Default: "
+                        "--no-pure for the K-quant presets (Q2_K .. Q6_K), --pure for q4_0 .. q8_0 and f32/f16/bf16")
+    p.add_argument("--imatrix", metavar="FILE",
+                   help="importance matrix (llama-imatrix's GGUF or legacy .dat, or `refinfer imatrix`'s) for "
+                        "ggml's importance-weighted quantizers")
     p.add_argument("--vocab-from", metavar="GGUF",
                    help="for an HF directory IN: a GGUF with the same vocabulary to copy tokenizer.* from (default: the directory's tokenizer.json or tokenizer.model)")
 
@@ -32,8 +40,14 @@ def print_report(args, r, verb: str):
 
 def run(args) -> int:
     r = quantize_model(args.input, args.output, args.type, vocab_from=args.vocab_from,
-                       progress=sys.stderr.isatty())
+                       progress=sys.stderr.isatty(), pure=getattr(args, "pure", None),
+                       imatrix=getattr(args, "imatrix", None))
     print_report(args, r, "")
+    if len(r.types) > 2 or r.imatrix_used:
+        print("types: " + ", ".join(f"{t} {n}" for t, n in sorted(r.types.items()))
+              + (f"; importance-weighted: {len(r.imatrix_used)} tensors"
+                 + (f", no imatrix entry: {len(r.imatrix_missing)}" if r.imatrix_missing else "")
+                 if r.imatrix_used or r.imatrix_missing else ""))
     if r.requantized and r.qtype not in FLOAT_TYPES:
         print(f"note: the input was already quantized ({', '.join(r.requantized)}); its weights were "
               f"dequantized and quantized again to {r.qtype}, which compounds the rounding error of both. "
