@@ -91,3 +91,37 @@ def test_bad_file(tmp_path, smollm2_path, kind):
     assert len(errors) == 1 and str(path) in errors[0], p.stderr
     if kind == "truncated_gguf":
         assert "tokenizer.ggml.tokens" in errors[0] and "offset" in errors[0]
+
+
+def test_quantized_checkpoint_shows_the_quantization(tmp_path):
+    """A GPTQ checkpoint labelled v1 that stores v2 zeros: inspect shows the method, bits, group
+    size, act-order, the version the data proves, and the real bits per weight of the stored
+    codes, zeros, scales and g_idx (counted here from the layout: 4 bits per code, 4 bits per
+    zero and 16 per scale per group of 32, 32 bits of g_idx per input column)."""
+    import oracles_w4a16  # noqa: F401  (the packers below need the oracle libraries)
+    from test_w4a16_loading import LINEARS, SHAPE, quantized_checkpoint
+    from refinfer.safetensors_file import SafetensorsCheckpoint
+    from refinfer.w4a16 import gptq
+    from safetensors.numpy import save_file
+    qdir, _ = quantized_checkpoint(tmp_path, "gptq", sym=True)
+    ck = SafetensorsCheckpoint(qdir)
+    tensors = {n: np.asarray(ck.raw(n)) for n in ck.tensors}
+    del ck
+    for n in [n for n in tensors if n.endswith(".qzeros")]:
+        tensors[n] = gptq.pack_qzeros(np.full((tensors[n].shape[1] * 8, tensors[n].shape[0]), 8, np.uint8), 4)
+    save_file(tensors, str(qdir / "model.safetensors"))
+    p = run_inspect(qdir, "--json")
+    assert p.returncode == 0, p.stderr
+    q = json.loads(p.stdout)["quantization"]
+    assert (q["method"], q["format"], q["config_format"], q["bits"], q["group_size"], q["act_order"], q["sym"]) == \
+        ("gptq", "gptq_v2", "gptq", 4, 32, False, True)
+    shapes = [tensors[f"model.layers.{i}.{lin}.qweight"].shape for i in range(SHAPE["n_layers"]) for lin in LINEARS]
+    weights = sum(rows * 8 * N for rows, N in shapes)                      # qweight [K/8, N]
+    bits = sum(rows * 8 * N * 4 + (rows * 8 // 32) * N * (4 + 16) + rows * 8 * 32 for rows, N in shapes)
+    assert q["quantized_linears"] == len(shapes) and q["quantized_weights"] == weights
+    assert q["real_bits_per_weight"] == bits / weights
+    assert len(q["notes"]) == 1 and "0x88888888" in q["notes"][0]
+    p = run_inspect(qdir)
+    assert p.returncode == 0, p.stderr
+    assert "format         gptq_v2 (the stored zeros prove it; the config says gptq)" in p.stdout
+    assert f"real bits/weight {bits / weights:.3f} over {len(shapes)} quantized Linears" in p.stdout

@@ -3,7 +3,9 @@
 Shows what a model file holds: the metadata (long arrays such as tokenizer vocabularies
 summarized as "[49152 x str]" with their first items) and a table of tensors (name, type,
 shape, bytes) with totals: parameter count, file size and bits per weight. Works on GGUF files
-and on HF safetensors checkpoints (a .safetensors file, an index .json, or a directory).
+and on HF safetensors checkpoints (a .safetensors file, an index .json, or a directory). For a
+GPTQ, AWQ or compressed-tensors checkpoint it also shows the method, bits, group size, format
+version, act-order and the real bits per weight of the quantized layers.
 
 A GGUF tensor of a ggml type that refinfer cannot compute (IQ2_XXS, ...) is listed with its
 size from gguf-py's GGML_QUANT_SIZES and marked "unsupported"; the commands that compute with
@@ -120,8 +122,35 @@ def _inspect_safetensors(path: str, full: bool) -> dict:
         tensors.append({"name": t.name, "type": t.dtype, "shape": list(t.shape), "file": os.path.basename(t.file),
                         "offset": t.offset, "nbytes": t.nbytes, "n_params": n})
     file_size = sum(os.path.getsize(f) for f in files)
-    return {"file": path, "format": "safetensors", "files": [os.path.basename(f) for f in files],
-            "metadata": metadata, "config": config, "tensors": tensors, "totals": _totals(tensors, file_size)}
+    report = {"file": path, "format": "safetensors", "files": [os.path.basename(f) for f in files],
+              "metadata": metadata, "config": config, "tensors": tensors, "totals": _totals(tensors, file_size)}
+    if ck.config is not None:
+        report["quantization"] = _quantization(ck, path)
+    return report
+
+
+def _quantization(ck, path) -> dict | None:
+    """Method, bits, group size, format version (as the data proves it, for symmetric 4/8-bit
+    GPTQ), act-order and the real bits per weight of the quantized Linears: every stored byte
+    of their codes, zeros, scales and g_idx over their weights."""
+    from ..w4a16 import checkpoint as w4a16
+    spec = w4a16.read_spec(ck.config, path)
+    if spec is None:
+        return None
+    linears = w4a16.quantized_linears(ck, spec)
+    n_weights = sum(n * k for n, k in linears.values())
+    n_bytes = sum(ck.tensors[f"{p}.{s}"].nbytes for p in linears for s in w4a16.COMPONENTS[spec.method]
+                  if f"{p}.{s}" in ck.tensors)
+    notes = []
+    if linears:  # the first Linear, fully read: proves the GPTQ version and reports what loading would
+        first = sorted(linears)[0]
+        w4a16.load_linear(ck, first, spec, warn=notes.append, shape=linears[first])
+    s = spec.for_module(sorted(linears)[0]) if linears else spec
+    return {"method": s.method, "format": spec.resolved_format, "config_format": spec.format, "bits": s.bits,
+            "group_size": s.group_size, "act_order": s.desc_act, "sym": s.sym, "static_groups": s.static_groups,
+            "source": spec.source, "quantized_linears": len(linears), "quantized_weights": n_weights,
+            "quantized_bytes": n_bytes, "real_bits_per_weight": 8 * n_bytes / n_weights if n_weights else None,
+            "notes": notes}
 
 
 def inspect_path(path, full: bool = False) -> dict:
@@ -198,6 +227,21 @@ def format_text(r: dict, full: bool = False) -> str:
         for k, e in entries.items():
             tname = "" if e.get("type") == "ARRAY" else _type_word(e.get("type"))
             out.append(f"  {k:<{width}}  {tname:<6} {_format_value(e, full)}")
+
+    q = r.get("quantization")
+    if q:
+        out.append("")
+        out.append("quantization:")
+        version = q["format"] if q["format"] == q["config_format"] else \
+            f"{q['format']} (the stored zeros prove it; the config says {q['config_format']})"
+        bpw = f"{q['real_bits_per_weight']:.3f}" if q["real_bits_per_weight"] is not None else "-"
+        out += [f"  method         {q['method']}", f"  format         {version}", f"  bits           {q['bits']}",
+                f"  group size     {q['group_size']}{' (one group per row)' if q['group_size'] == -1 else ''}",
+                f"  act-order      {'yes' if q['act_order'] else 'no'}", f"  symmetric      {'yes' if q['sym'] else 'no'}",
+                f"  static groups  {'yes' if q['static_groups'] else 'no'}",
+                f"  real bits/weight {bpw} over {q['quantized_linears']} quantized Linears "
+                f"({q['quantized_weights']:,} weights, {q['quantized_bytes']:,} bytes of codes, zeros, scales, g_idx)"]
+        out += [f"  note: {n}" for n in q["notes"]]
 
     out.append("")
     out.append(f"tensors ({t['n_tensors']}):")
