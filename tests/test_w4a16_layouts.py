@@ -23,7 +23,7 @@ import pytest
 import oracles_w4a16 as orc
 from refinfer.errors import CheckpointWarning, FormatError
 from refinfer.safetensors_file import SafetensorsCheckpoint
-from refinfer.w4a16 import awq, checkpoint as ckm, compressed_tensors as ct, gptq
+from refinfer.w4a16 import awq, checkpoint as ckm, gptq
 from refinfer.w4a16.packing import pack_rows, unpack_rows
 
 

@@ -302,7 +302,7 @@ class _Reader:
         return info, self.ck.raw(name)
 
     def scales(self, shape, what):
-        info, raw = self.get("scales", ("F16", "BF16", "F32"), shape, what)
+        info, _ = self.get("scales", ("F16", "BF16", "F32"), shape, what)
         return self.ck.get(f"{self.prefix}.scales"), SCALE_ROUNDING[info.dtype]
 
 
@@ -436,8 +436,7 @@ def _load_awq(r, spec, shape, warn):
                           f">= 128 dividing K", hint="the checkpoint's group_size is wrong for this layout")
     G = K // gs_
     _, qzeros = r.get("qzeros", ("I32", "U32"), (N, Zw), f" (calculate_zeros_width({K}, {gs_}) = {Zw})")
-    sinfo, _ = r.get("scales", ("F16", "BF16", "F32"), (N, 8 * Zw), f" (8 * calculate_zeros_width = {8 * Zw})")
-    scales = r.ck.get(f"{r.prefix}.scales")
+    scales, _ = r.scales((N, 8 * Zw), f" (8 * calculate_zeros_width = {8 * Zw})")
     codes, zeros, scales = awq.unpack_gemv(np.asarray(qweight), np.asarray(qzeros), scales, K, G)
     return codes, scales, zeros, gptq.default_g_idx(K, gs), "f32"
 
