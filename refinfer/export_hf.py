@@ -172,7 +172,7 @@ def _write_json(path, obj):
 def _write_safetensors(path, specs: dict, arrays) -> int:
     """specs {name: (dtype, shape)} in file order; arrays yields each tensor's data in that
     order (one at a time: a model larger than memory can be written). Returns the file size."""
-    sizes = {"F32": 4, "F16": 2, "BF16": 2}
+    sizes = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8}      # I32/I64: packed quantized tensors
     head, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, (dt, shape) in specs.items():
         n = math.prod(shape) * sizes[dt]
