@@ -112,12 +112,15 @@ class Layer:
         self.be.rope(q3, cos, sin, cfg.rope_neox)
         self.be.rope(k3, cos, sin, cfg.rope_neox)
         rep = cfg.n_heads // cfg.n_kv_heads
-        kk, vv = np.repeat(k3, rep, axis=1), np.repeat(v3, rep, axis=1)          # [T, H, hd]
-        s = np.einsum("thd,uhd->htu", q3, kk) * np.float32(1 / np.sqrt(hd))
-        s = s + np.triu(np.full((T, T), -np.inf, np.float32), 1)
-        s = np.exp(s - s.max(axis=-1, keepdims=True))
+        qh = np.ascontiguousarray(q3.transpose(1, 0, 2))                          # [H, T, hd]
+        kh = np.repeat(k3.transpose(1, 0, 2), rep, axis=0)                          # [H, T, hd]
+        vh = np.repeat(v3.transpose(1, 0, 2), rep, axis=0)
+        s = np.matmul(qh, kh.transpose(0, 2, 1)) * np.float32(1 / np.sqrt(hd))     # [H, T, T] (batched BLAS)
+        s += np.triu(np.full((T, T), -np.inf, np.float32), 1)
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
         s /= s.sum(axis=-1, keepdims=True)
-        return np.einsum("htu,uhd->thd", s, vv).reshape(T, -1).astype(np.float32)
+        return np.matmul(s, vh).transpose(1, 0, 2).reshape(T, -1).astype(np.float32)
 
     def forward(self, x, w=None, taps=None):
         """x [T, dim] -> layer output; taps[name] receives each Linear's input."""
@@ -299,7 +302,9 @@ def write_checkpoint(src, out_dir, model, tensors: dict, o: Options):
     arrays = {}
     Wt = model.weights
     for hf, arr in _float_parts(Wt, cfg, hf_tensor_name):
-        arrays[hf] = arr
+        # fp16, as AutoGPTQ and AutoAWQ save the model around the quantized layers (torch_dtype
+        # float16); this rounds the embeddings and norms of a float32 source once
+        arrays[hf] = np.ascontiguousarray(arr.astype(np.float16))
     for name, t in tensors.items():
         if cfg.arch == "llama" and (".attn_q." in name or ".attn_k." in name):
             n_head = cfg.n_heads if ".attn_q." in name else cfg.n_kv_heads

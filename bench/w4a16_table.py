@@ -1,0 +1,139 @@
+"""The quantization table: GPTQ, AWQ and RTN checkpoints beside llama.cpp's block types, on
+SmolLM2-135M, against the float model.
+
+    python bench/w4a16_table.py --json w4a16-table.json [--chunks 8] [--rows gptq-4-64,awq-4-64,q4_0]
+
+The float model is SmolLM2's Q4_1 weights dequantized (`refinfer convert --type f32`): the only
+float weights of it that can be had offline. So re-quantizing it to q4_1 is trivially lossless
+(every block is already a q4_1 block), and its q4_1 row measures nothing but that.
+
+Each row is made with refinfer's own commands:
+    W4A16   python -m refinfer quantize F32.gguf DIR --method M --bits B --group-size G --format F
+            (calibration: the default, exllamav2's c4.utf8, 32 x 512 tokens)
+    GGUF    python -m refinfer quantize F32.gguf OUT.gguf --type T
+and measured with
+    kld     python -m refinfer kld --base F32.gguf --test ... -f wiki -c 512 --chunks N --json
+            (ideal mode, numba backend: PPL, mean KLD and same-top-p against the float model)
+    decode  refinfer.load(...).generate greedy, 64 tokens, numba backend, median of 3 runs
+Columns: bits per weight of the quantized linear layers (the checkpoint's bytes over the
+weights), file size, PPL, mean KLD, same-top-p, decode tok/s. Evaluation text is wiki.utf8,
+calibration c4.utf8: no step of a row reads the text it is scored on.
+
+Not collected by pytest: the AWQ search alone takes tens of minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+# Group size 64: SmolLM2's width 576 is 4.5 x 128, and GPTQ/AWQ checkpoints need groups that divide
+# every Linear's in_features (AutoGPTQ's and vLLM's kernels do), so 128 is not possible on it.
+ROWS = {  # name -> quantize arguments
+    "rtn-4-64": ["--method", "rtn", "--bits", "4", "--group-size", "64", "--format", "gptq"],
+    "rtn-3-64": ["--method", "rtn", "--bits", "3", "--group-size", "64", "--format", "gptq"],
+    "rtn-8-64": ["--method", "rtn", "--bits", "8", "--group-size", "64", "--format", "gptq"],
+    "gptq-4-64": ["--method", "gptq", "--bits", "4", "--group-size", "64", "--format", "gptq"],
+    "gptq-4-64-act": ["--method", "gptq", "--bits", "4", "--group-size", "64", "--desc-act", "--format", "gptq"],
+    "gptq-4-32": ["--method", "gptq", "--bits", "4", "--group-size", "32", "--format", "gptq"],
+    "gptq-3-64": ["--method", "gptq", "--bits", "3", "--group-size", "64", "--format", "gptq"],
+    "gptq-8-64": ["--method", "gptq", "--bits", "8", "--group-size", "64", "--format", "gptq"],
+    "awq-4-64": ["--method", "awq", "--bits", "4", "--group-size", "64", "--format", "awq"],
+    "q4_0": ["--type", "q4_0"], "q4_1": ["--type", "q4_1"], "q5_0": ["--type", "q5_0"],
+    "q5_1": ["--type", "q5_1"], "q8_0": ["--type", "q8_0"],
+}
+
+
+def run(cmd, log):
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "refinfer", *cmd], capture_output=True, text=True)
+    log.write(f"$ refinfer {' '.join(cmd)}\n{p.stdout}{p.stderr}\n")
+    log.flush()
+    if p.returncode:
+        raise SystemExit(f"refinfer {' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def size_of(path: pathlib.Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def linear_bits_per_weight(path: pathlib.Path) -> float:
+    """Bits per weight of the quantized linear layers (the transformer blocks' matrices), from the
+    model as refinfer loads it: IntGroupTensor.nbytes (codes, scales, zeros, g_idx as stored) or
+    the GGUF blocks' bytes."""
+    import refinfer.loader as loader
+    _, weights, _ = loader.load(path)
+    nbytes = n = 0
+    for layer in weights.layers:
+        for name in loader.LAYER_MATRICES:
+            t = getattr(layer, name)
+            nbytes += t.nbytes
+            n += t.shape[0] * t.shape[1]
+    return 8.0 * nbytes / n
+
+
+def decode_tok_s(path, n=64, reps=3) -> float:
+    import refinfer
+    m = refinfer.load(str(path), backend="numba")
+    m.generate("The history of", max_tokens=4, temperature=0)        # compile, warm the caches
+    rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        r = m.generate("The history of", max_tokens=n, temperature=0, details=True)
+        rates.append(len(r.token_ids) / (time.perf_counter() - t0))   # prompt included: 4 tokens
+    return statistics.median(rates)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="w4a16-work", help="directory for the models (kept: reruns reuse them)")
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names (default: all)")
+    ap.add_argument("--chunks", type=int, default=8, help="wiki chunks of 512 tokens for kld (default 8)")
+    ap.add_argument("--json", default=None, metavar="FILE")
+    args = ap.parse_args(argv)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        ap.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    work = pathlib.Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log = open(work / "log.txt", "a")
+    from refinfer.fetch import default_model_path
+    f32 = work / "smollm2-f32.gguf"
+    if not f32.exists():
+        run(["convert", str(default_model_path()), str(f32), "--type", "f32"], log)
+    made, seconds = {}, {}
+    for r in rows:
+        out = work / (r + ".gguf" if ROWS[r][0] == "--type" else r)
+        if not out.exists():
+            seconds[r] = run(["quantize", str(f32), str(out), *ROWS[r]], log)
+        made[r] = out
+    kjson = work / "kld.json"
+    run(["kld", "--base", str(f32), *sum((["--test", str(p)] for p in made.values()), []), "-f", "wiki",
+         "-c", "512", "--chunks", str(args.chunks), "--json", str(kjson)], log)
+    stats = json.loads(kjson.read_text())
+    table = []
+    for r, p in made.items():
+        s = stats["tests"][str(p)]
+        table.append({"row": r, "bits_per_weight": linear_bits_per_weight(p), "file_mib": size_of(p) / 2**20,
+                      "ppl": s["ppl_test"], "mean_kld": s["kld_mean"], "same_top_p": s["same_top"],
+                      "decode_tok_s": decode_tok_s(p), "quantize_s": seconds.get(r)})
+    base_ppl = next(iter(stats["tests"].values()))["ppl_base"]
+    print(f"float model (SmolLM2 Q4_1 dequantized): {size_of(f32) / 2**20:.1f} MiB, PPL {base_ppl:.3f}")
+    print("| row | bits/weight | file MiB | PPL | mean KLD | same top p | decode tok/s |")
+    print("|---|---|---|---|---|---|---|")
+    for t in table:
+        print(f"| {t['row']} | {t['bits_per_weight']:.2f} | {t['file_mib']:.1f} | {t['ppl']:.3f} | "
+              f"{t['mean_kld']:.5f} | {100 * t['same_top_p']:.2f}% | {t['decode_tok_s']:.1f} |")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps({"base_ppl": base_ppl, "rows": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
