@@ -1,4 +1,5 @@
-"""`python -m refinfer quantize IN OUT --type q4_0`: the llama-quantize --pure equivalent."""
+"""`python -m refinfer quantize IN OUT --type q4_0|Q4_K_M|...`: what llama-quantize writes; with
+`--method rtn|gptq|awq`: a GPTQ, AWQ or compressed-tensors checkpoint (refinfer/methods/)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import sys
 
 from ..quantize_model import ALL_FTYPES, FLOAT_TYPES, quantize_model
 
-HELP = ("quantize a GGUF model to q4_0/q4_1/q5_0/q5_1/q8_0, or convert it to f32/f16/bf16 "
-        "(the bytes llama-quantize --pure writes)")
+HELP = ("quantize a model to a GGUF type or llama-quantize preset (the bytes llama-quantize writes, "
+        "--imatrix included), or with --method rtn/gptq/awq to a GPTQ, AWQ or compressed-tensors checkpoint")
 
 
 def add_arguments(p):
     p.add_argument("input", metavar="IN", help="GGUF model (f32, f16, bf16, or quantized: it is dequantized first), "
                                                "or an HF safetensors checkpoint directory")
-    p.add_argument("output", metavar="OUT", help="GGUF to write (replaced if it exists)")
+    p.add_argument("output", metavar="OUT", help="GGUF to write (replaced if it exists); with --method, the checkpoint directory to write")
     # Checked in run(), not by argparse choices, so that a wrong type gets the usual error + hint.
     p.add_argument("--type", metavar="TYPE",
                    help=f"type for the 2-D weights: {', '.join(ALL_FTYPES)}; norms stay f32, and "
