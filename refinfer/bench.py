@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import resource
 import subprocess
 import sys
@@ -246,7 +247,8 @@ def run_bench(model, threads_list, engines=ENGINES, n_prompt=512, n_gen=128, rep
     cpu_tokens_per_s, peak_rss_bytes, model_bytes, startup_s (and error for a failed engine or
     a failed check: then tokens_per_s is None). With reps > 1 the engines run in turn reps
     times and each keeps its best result."""
-    model_bytes = os.path.getsize(model)
+    model_bytes = (sum(f.stat().st_size for f in pathlib.Path(model).rglob("*") if f.is_file())
+                   if os.path.isdir(model) else os.path.getsize(model))
     if log:
         log("reference logits (numpy, ideal mode) ...")
     reference = reference_logits(model, n_prompt, n_gen)

@@ -237,3 +237,18 @@ def test_bench_batched_rejects_bad_arguments(args, option, capsys):
     rc = main([*BATCHED, *args])
     _, err = capsys.readouterr()
     assert rc == 2 and err.startswith(f"error: {option}") and "\nhint: " in err and "Traceback" not in err, err
+
+
+def test_bench_runs_a_gptq_checkpoint_directory(tiny_llama_f32, tmp_path, capsys):
+    """A W4A16 checkpoint directory benches on refinfer's backends (its logits checked against the
+    NumPy reference first, as every row); llama.cpp, which reads GGUF only, is refused by name."""
+    from refinfer.methods import pipeline
+    ck = tmp_path / "gptq"
+    pipeline.quantize_model(str(tiny_llama_f32), ck, pipeline.Options(method="rtn", group_size=32), progress=False)
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "-m", str(ck), "--backends", "numba", "-p", "8", "-n", "4", "-t", "1", "--json", str(out)])
+    stdout, stderr = capsys.readouterr()
+    assert rc == 0, stdout + stderr
+    assert {r["test"] for r in json.loads(out.read_text())} == {"pp8", "tg4"}
+    rc = main(["bench", "-m", str(ck), "-t", "1"])
+    assert rc == 2 and "llama.cpp runs GGUF files only" in capsys.readouterr().err

@@ -91,7 +91,7 @@ def run(args) -> int:
         raise RefinferError(f"-p and -n must be >= 0 and not both 0, got -p {args.n_prompt} -n {args.n_gen}",
                             hint="-p 512 -n 128 as llama-bench; -p 0 skips the prompt test, -n 0 the generation test")
     check_output_path(args.json, "--json")
-    model = _model_path(args)
+    model = _model_path(args, engines)
     rows = run_bench(model, threads, engines, args.n_prompt, args.n_gen, reps=args.reps, log=_log)
     sys.stdout.write(format_table(rows, model))
     return _finish(args, rows)
@@ -101,7 +101,7 @@ def _log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def _model_path(args):
+def _model_path(args, engines=()):
     import os
 
     from ..errors import RefinferError
@@ -109,9 +109,15 @@ def _model_path(args):
     if model is None:
         from ..fetch import default_model_path
         model = str(default_model_path())
+    if os.path.isdir(model):    # an HF checkpoint (float, GPTQ, AWQ, compressed-tensors): refinfer's rows only
+        if "llama.cpp" in engines:
+            raise RefinferError(f"-m {model!r} is a directory (an HF checkpoint), and llama.cpp runs GGUF files only",
+                                hint="--backends numba (or numba,numpy) for a checkpoint directory; "
+                                     "compare against llama.cpp on a GGUF of the same model")
+        return model
     if not os.path.isfile(model):
-        what = "is a directory" if os.path.isdir(model) else "does not exist"
-        raise RefinferError(f"-m {model!r} {what}", hint="bench runs a GGUF file; leave out -m for the default model")
+        raise RefinferError(f"-m {model!r} does not exist", hint="bench runs a GGUF file or an HF checkpoint "
+                                                                 "directory; leave out -m for the default model")
     return model
 
 
