@@ -2,6 +2,11 @@
 SmolLM2-135M, against the float model.
 
     python bench/w4a16_table.py --json w4a16-table.json [--chunks 8] [--rows gptq-4-64,awq-4-64,q4_0]
+    python bench/w4a16_table.py --model tiny.gguf --group-size 32 --no-quality   # a generated model
+
+A generated model has random weights and near-flat outputs (PPL about 1.7e5): its rows say
+nothing about which method is safe, so --no-quality leaves out PPL, KLD and same-top-p and
+keeps the sizes and the decode speed.
 
 The float model is SmolLM2's Q4_1 weights dequantized (`refinfer convert --type f32`): the only
 float weights of it that can be had offline. So re-quantizing it to q4_1 is trivially lossless
@@ -96,6 +101,10 @@ def main(argv=None):
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names (default: all)")
     ap.add_argument("--chunks", type=int, default=8, help="wiki chunks of 512 tokens for kld (default 8)")
     ap.add_argument("--json", default=None, metavar="FILE")
+    ap.add_argument("--model", default=None, help="float or quantized GGUF to start from (default: SmolLM2, "
+                                                   "its Q4_1 weights converted to f32)")
+    ap.add_argument("--group-size", type=int, default=64, help="group size of the W4A16 rows (default 64)")
+    ap.add_argument("--no-quality", action="store_true", help="sizes and decode speed only (generated models)")
     args = ap.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
@@ -105,32 +114,42 @@ def main(argv=None):
     work.mkdir(parents=True, exist_ok=True)
     log = open(work / "log.txt", "a")
     from refinfer.fetch import default_model_path
-    f32 = work / "smollm2-f32.gguf"
+    src = pathlib.Path(args.model) if args.model else default_model_path()
+    f32 = work / (src.stem + "-f32.gguf" if args.model else "smollm2-f32.gguf")
     if not f32.exists():
-        run(["convert", str(default_model_path()), str(f32), "--type", "f32"], log)
+        run(["convert", str(src), str(f32), "--type", "f32"], log)
     made, seconds = {}, {}
     for r in rows:
-        out = work / (r + ".gguf" if ROWS[r][0] == "--type" else r)
+        argv_r = [a if a != "64" else str(args.group_size) for a in ROWS[r]]
+        name = r.replace("-64", f"-{args.group_size}")
+        out = work / (name + ".gguf" if ROWS[r][0] == "--type" else name)
         if not out.exists():
-            seconds[r] = run(["quantize", str(f32), str(out), *ROWS[r]], log)
-        made[r] = out
-    kjson = work / "kld.json"
-    run(["kld", "--base", str(f32), *sum((["--test", str(p)] for p in made.values()), []), "-f", "wiki",
-         "-c", "512", "--chunks", str(args.chunks), "--json", str(kjson)], log)
-    stats = json.loads(kjson.read_text())
+            seconds[name] = run(["quantize", str(f32), str(out), *argv_r], log)
+        made[name] = out
+    stats = {"tests": {}}
+    if not args.no_quality:
+        kjson = work / "kld.json"
+        run(["kld", "--base", str(f32), *sum((["--test", str(p)] for p in made.values()), []), "-f", "wiki",
+             "-c", "512", "--chunks", str(args.chunks), "--json", str(kjson)], log)
+        stats = json.loads(kjson.read_text())
     table = []
     for r, p in made.items():
-        s = stats["tests"][str(p)]
+        s = stats["tests"].get(str(p), {})
         table.append({"row": r, "bits_per_weight": linear_bits_per_weight(p), "file_mib": size_of(p) / 2**20,
-                      "ppl": s["ppl_test"], "mean_kld": s["kld_mean"], "same_top_p": s["same_top"],
+                      "ppl": s.get("ppl_test"), "mean_kld": s.get("kld_mean"), "same_top_p": s.get("same_top"),
                       "decode_tok_s": decode_tok_s(p), "quantize_s": seconds.get(r)})
-    base_ppl = next(iter(stats["tests"].values()))["ppl_base"]
-    print(f"float model (SmolLM2 Q4_1 dequantized): {size_of(f32) / 2**20:.1f} MiB, PPL {base_ppl:.3f}")
+    base_ppl = next(iter(stats["tests"].values()))["ppl_base"] if stats["tests"] else None
+    print(f"float model ({src.name} as f32): {size_of(f32) / 2**20:.1f} MiB"
+          + (f", PPL {base_ppl:.3f}" if base_ppl else ""))
     print("| row | bits/weight | file MiB | PPL | mean KLD | same top p | decode tok/s |")
     print("|---|---|---|---|---|---|---|")
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
     for t in table:
-        print(f"| {t['row']} | {t['bits_per_weight']:.2f} | {t['file_mib']:.1f} | {t['ppl']:.3f} | "
-              f"{t['mean_kld']:.5f} | {100 * t['same_top_p']:.2f}% | {t['decode_tok_s']:.1f} |")
+        print(f"| {t['row']} | {t['bits_per_weight']:.2f} | {t['file_mib']:.1f} | {f(t['ppl'], '.3f')} | "
+              f"{f(t['mean_kld'], '.5f')} | {f(None if t['same_top_p'] is None else 100 * t['same_top_p'], '.2f')}% | "
+              f"{t['decode_tok_s']:.1f} |")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({"base_ppl": base_ppl, "rows": table}, indent=1))
 

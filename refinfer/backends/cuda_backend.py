@@ -242,16 +242,11 @@ class CudaBackend(NumpyBackend):
         out[...] = d_out.copy_to_host()
 
     def intg_tables(self, w):
-        """Device (codes, table, g_idx) of an integer-group matrix, uploaded once (the tables as
-        the numba backend chooses them: per-group tables, or the dense weights for 8-bit with
-        small groups)."""
+        """Device (codes, table, g_idx) of an integer-group matrix (IntGroupTensor.kernel_tables),
+        uploaded once."""
         hit = self._weights.get(id(w))
         if hit is None:
-            N, K = w.shape
-            if N * w.n_groups << w.bits <= N * K:
-                parts = (w.codes, w.table(), w.g_idx)
-            else:
-                parts = (np.zeros((N, K), np.uint8), w.dequantize()[:, :, None], np.arange(K, dtype=np.int32))
+            parts = w.kernel_tables()
             hit = self._weights[id(w)] = (w, tuple(self.cuda.to_device(np.ascontiguousarray(a)) for a in parts))
         return hit[1]
 

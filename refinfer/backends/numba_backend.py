@@ -178,11 +178,7 @@ class NumbaBackend(NumpyBackend):
         made once: the codes one per byte and each (row, group)'s 2^bits weight values."""
         hit = self._repacked.get(id(w))
         if hit is None:
-            N, K = w.shape
-            if N * w.n_groups << w.bits <= N * K:     # tables no larger than the float32 weights
-                codes, table, g_idx = w.codes, w.table(), w.g_idx
-            else:   # 8-bit with small groups: the dense weights, as a one-entry table per column
-                codes, table, g_idx = np.zeros((N, K), np.uint8), w.dequantize()[:, :, None], np.arange(K, dtype=np.int32)
+            codes, table, g_idx = w.kernel_tables()
             hit = self._repacked[id(w)] = (w, (*ik.repack(codes, table), readonly(g_idx)))
         return hit[1]
 

@@ -114,6 +114,16 @@ class IntGroupTensor:
         t = self.scales[:, :, None] * (q[None, None, :] - self.zeros.astype(np.int32)[:, :, None]).astype(np.float32)
         return round_to(t, self.rounding)
 
+    def kernel_tables(self):
+        """(codes uint8[N, K], table float32[N, G', L], g_idx int32[K]) for the fused kernels, with
+        W[n, k] = table[n, g_idx[k], codes[n, k]]: the per-group tables, or, where those would be
+        larger than the float32 weights (8-bit with small groups), the dense weights as a one-entry
+        table per column (codes 0, g_idx = k)."""
+        N, K = self.shape
+        if N * self.n_groups << self.bits <= N * K:
+            return self.codes, self.table(), self.g_idx
+        return np.zeros((N, K), np.uint8), self.dequantize()[:, :, None], np.arange(K, dtype=np.int32)
+
     def take_rows(self, idx, name=None) -> "IntGroupTensor":
         """The rows idx (output features) in that order: the loader's q/k permutation."""
         idx = np.asarray(idx)
