@@ -55,6 +55,21 @@ def codes(raw):  # uint8[n, 84] -> (q uint8[n, 16, 16], dl float32[n, 16], -ml f
     return unpack_crumbs(b["qs"]).reshape(n, 16, 16), dl, -ml
 
 
+def _requantize_and_pack(x, L, packed, d16, dmin16):
+    """The last step both quantizers share: each sub-block's codes again from the stored (fp16)
+    scales and mins, q = nearest_int((x + m) / d) clamped to 0..3 (the first codes L are kept
+    where d == 0), then the block bytes."""
+    n = len(x)
+    with np.errstate(all="ignore"):
+        d = fp16_to_f32(d16)[:, None] * (packed & 0xF).astype(np.float32)  # [n, 16]
+        m = fp16_to_f32(dmin16)[:, None] * (packed >> 4).astype(np.float32)
+        q = np.clip(nearest_int_c((x.reshape(n, 16, 16) + m[:, :, None]) / d[:, :, None]), 0, 3)
+    L = np.where((d != 0)[:, :, None], q, L.reshape(n, 16, 16)).reshape(n, QK_K)
+    b = new_blocks(n, block_q2_K)
+    b["scales"], b["qs"], b["d"], b["dmin"] = packed, pack_crumbs(L), d16, dmin16
+    return blocks_to_bytes(b)
+
+
 def dequantize_blocks(raw):  # uint8[n, 84] -> float32[n, 256]
     q, dl, m = codes(raw)
     with np.errstate(all="ignore"):
@@ -76,13 +91,7 @@ def _quantize(x):  # float32[n, 256] -> uint8[n, 84]
         packed = ((ls | (lm << 4)) & 0xFF).astype(np.uint8)
         d16 = np.where(max_scale > 0, f32_to_fp16_bits(max_scale / F32(15)), 0).astype(np.uint16)
         dmin16 = np.where(max_min > 0, f32_to_fp16_bits(max_min / F32(15)), 0).astype(np.uint16)
-        d = fp16_to_f32(d16)[:, None] * (packed & 0xF).astype(np.float32)  # [n, 16]
-        dm = fp16_to_f32(dmin16)[:, None] * (packed >> 4).astype(np.float32)
-        q = np.clip(nearest_int_c((x.reshape(n, 16, 16) + dm[:, :, None]) / d[:, :, None]), 0, 3)
-    L = np.where((d != 0)[:, :, None], q, L.reshape(n, 16, 16)).reshape(n, QK_K)
-    b = new_blocks(n, block_q2_K)
-    b["scales"], b["qs"], b["d"], b["dmin"] = packed, pack_crumbs(L), d16, dmin16
-    return blocks_to_bytes(b)
+    return _requantize_and_pack(x, L, packed, d16, dmin16)
 
 
 def quantize_blocks(x):  # float32[n, 256] -> uint8[n, 84]
@@ -110,13 +119,7 @@ def _quantize_weighted(x, qw):  # float32[n, 256] x 2 -> uint8[n, 84]
     with np.errstate(all="ignore"):
         packed = ((Ls.astype(np.int32) | (Lm.astype(np.int32) << 4)) & 0xFF).astype(np.uint8)
         d16, dmin16 = f32_to_fp16_bits(dm), f32_to_fp16_bits(mm)
-        d = fp16_to_f32(d16)[:, None] * (packed & 0xF).astype(np.float32)  # [n, 16]
-        m = fp16_to_f32(dmin16)[:, None] * (packed >> 4).astype(np.float32)
-        q = np.clip(nearest_int_c((x.reshape(n, 16, 16) + m[:, :, None]) / d[:, :, None]), 0, 3)
-    L = np.where((d != 0)[:, :, None], q, L.reshape(n, 16, 16)).reshape(n, QK_K)
-    b = new_blocks(n, block_q2_K)
-    b["scales"], b["qs"], b["d"], b["dmin"] = packed, pack_crumbs(L), d16, dmin16
-    return blocks_to_bytes(b)
+    return _requantize_and_pack(x, L, packed, d16, dmin16)
 
 
 def quantize_blocks_weighted(x, qw):  # float32[n, 256] x 2 -> uint8[n, 84]
