@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import oracle_import
+from ci_skips import oracle_import
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 12
 N_CTX = 32

@@ -10,7 +10,7 @@ import ctypes
 import numpy as np
 import pytest
 
-from conftest import oracle_import
+from ci_skips import oracle_import
 from refinfer.gguf_file import GGUFFile
 from refinfer.quantize_model import FTYPES, K_FTYPES, quantize_model
 
