@@ -27,6 +27,11 @@ from ci_skips import oracle_import, oracle_skip
 
 
 def _site(package: str) -> pathlib.Path:
+    """The installed package's directory; also when tests/oracles_w4a16.py has already put a stub
+    package (no __spec__) for it in sys.modules, which find_spec refuses."""
+    mod = sys.modules.get(package)
+    if getattr(mod, "__path__", None):
+        return pathlib.Path(list(mod.__path__)[0])
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         oracle_skip(f"{package} is not installed (pip install --no-deps -r requirements-oracles.txt)")
@@ -42,11 +47,16 @@ def _load(name: str, path: pathlib.Path):
 
 
 def _package(name: str, path: pathlib.Path | None = None):
+    """An empty package module named name, searching path for its submodules (so that the other
+    oracle loader's `import name.sub` still finds the real files); an existing one is reused."""
     if name not in sys.modules:
         mod = types.ModuleType(name)
-        mod.__path__ = [str(path)] if path else []
+        mod.__path__ = []
         sys.modules[name] = mod
-    return sys.modules[name]
+    mod = sys.modules[name]
+    if path and not getattr(mod, "__path__", None):
+        mod.__path__ = [str(path)]
+    return mod
 
 
 @functools.cache
@@ -83,7 +93,7 @@ def autoawq():
     _load("awq.modules.act", root / "modules" / "act.py")
     calib = _package("awq.utils.calib_data")
     calib.get_calib_dataset = None          # only AwqQuantizer.__init__ (not used) reads calibration data
-    linear = _package("awq.modules.linear")
+    linear = _package("awq.modules.linear", root / "modules" / "linear")
     for cls in ("WQLinear_GEMM", "WQLinear_GEMV", "WQLinear_Marlin", "WQLinear_GEMVFast"):
         setattr(linear, cls, None)          # packers: only _apply_quant (not used) builds them
     scale = _load("awq.quantize.scale", root / "quantize" / "scale.py")
