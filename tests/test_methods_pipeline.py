@@ -62,3 +62,17 @@ def test_cli_rejects_impossible_combination(tiny_llama_f32, tmp_path):
     assert p.returncode == 2
     assert "error: --format awq cannot store 8-bit codes" in p.stderr and "awq: bits 4" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("method,want", [("awq", {"quant_method": "awq", "zero_point": True, "version": "gemm"}),
+                                         ("gptq", {"quant_method": "gptq", "sym": True, "desc_act": False})])
+def test_cli_defaults_are_the_libraries(tiny_llama_f32, tmp_path, method, want):
+    """--method awq alone is AutoAWQ's default (GEMM, zero_point=True); gptq alone AutoGPTQ's (sym)."""
+    from refinfer.cli import main
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_llama_f32), str(out), "--method", method, "--group-size", "32",
+                 "--calib", str(calib), "--calib-samples", "2", "--calib-seqlen", "24"]) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert {k: qc.get(k) for k in want} == want

@@ -29,12 +29,15 @@ def add_arguments(p):
                         "ggml's importance-weighted quantizers")
     m = p.add_argument_group("W4A16 methods (--method: an HF checkpoint directory OUT instead of a GGUF)")
     m.add_argument("--method", metavar="METHOD", help="rtn, gptq (AutoGPTQ 0.7.1's) or awq (AutoAWQ 0.2.9's)")
-    m.add_argument("--format", dest="w_format", default="gptq", metavar="FMT",
-                   help="gptq (v1 zeros, AutoGPTQ's), gptq_v2, awq (GEMM, 4-bit), compressed-tensors (pack-quantized)")
+    m.add_argument("--format", dest="w_format", default=None, metavar="FMT",
+                   help="gptq (v1 zeros, AutoGPTQ's), gptq_v2, awq (GEMM, 4-bit), compressed-tensors (pack-quantized); "
+                        "default: awq for --method awq, else gptq")
     m.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (gptq); 4 (awq); 2..8 (compressed-tensors)")
     m.add_argument("--group-size", type=int, default=128, help="columns per group; -1: one group per row")
-    m.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric (the default)")
-    m.add_argument("--asym", dest="sym", action="store_false", help="asymmetric: a zero point per group")
+    m.add_argument("--sym", dest="sym", action="store_true", default=None,
+                   help="symmetric (the default of gptq and rtn, AutoGPTQ's sym=True)")
+    m.add_argument("--asym", dest="sym", action="store_false",
+                   help="asymmetric: a zero point per group (the default of awq, AutoAWQ's zero_point=True)")
     m.add_argument("--desc-act", action="store_true", help="GPTQ act-order: columns by decreasing Hessian diagonal")
     m.add_argument("--static-groups", action="store_true", help="GPTQ: group parameters from the unquantized weights")
     m.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, a fraction of mean(diag H)")
@@ -60,7 +63,10 @@ def run_method(args) -> int:
     from ..errors import RefinferError
     from ..methods.pipeline import Options, check_options
     from ..methods.pipeline import quantize_model as quantize_w4a16
-    o = Options(method=args.method, fmt=args.w_format, bits=args.bits, group_size=args.group_size, sym=args.sym,
+    # AutoGPTQ's defaults (sym=True) for gptq and rtn, AutoAWQ's (zero_point=True: asymmetric, GEMM) for awq
+    fmt = args.w_format or ("awq" if args.method == "awq" else "gptq")
+    sym = args.sym if args.sym is not None else args.method != "awq"
+    o = Options(method=args.method, fmt=fmt, bits=args.bits, group_size=args.group_size, sym=sym,
                 desc_act=args.desc_act, static_groups=args.static_groups, damp=args.damp,
                 true_sequential=args.true_sequential, n_samples=args.calib_samples, seqlen=args.calib_seqlen)
     check_options(o)
