@@ -48,7 +48,8 @@ ROWS = {  # name -> quantize arguments
     "gptq-4-32": ["--method", "gptq", "--bits", "4", "--group-size", "32", "--format", "gptq"],
     "gptq-3-64": ["--method", "gptq", "--bits", "3", "--group-size", "64", "--format", "gptq"],
     "gptq-8-64": ["--method", "gptq", "--bits", "8", "--group-size", "64", "--format", "gptq"],
-    "awq-4-64": ["--method", "awq", "--bits", "4", "--group-size", "64", "--format", "awq"],
+    "awq-4-64": ["--method", "awq", "--bits", "4", "--group-size", "64", "--format", "awq", "--asym"],
+    "awq-4-64-sym": ["--method", "awq", "--bits", "4", "--group-size", "64", "--format", "awq", "--sym"],
     "q4_0": ["--type", "q4_0"], "q4_1": ["--type", "q4_1"], "q5_0": ["--type", "q5_0"],
     "q5_1": ["--type", "q5_1"], "q8_0": ["--type", "q8_0"],
 }
