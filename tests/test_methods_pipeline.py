@@ -76,3 +76,15 @@ def test_cli_defaults_are_the_libraries(tiny_llama_f32, tmp_path, method, want):
                  "--calib", str(calib), "--calib-samples", "2", "--calib-seqlen", "24"]) == 0
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert {k: qc.get(k) for k in want} == want
+
+
+def test_a_format_that_cannot_hold_the_model_is_refused_before_any_work(tmp_path, capsys):
+    """The fixture's k/v projections have 16 rows: AutoGPTQ's layout needs multiples of 32. The
+    command stops before calibrating, naming the tensor and the formats that can hold it."""
+    import pathlib
+    from refinfer.cli import main
+    fixture = pathlib.Path(__file__).resolve().parent.parent / "formats" / "fixtures" / "tiny-llama-f16.gguf"
+    assert main(["quantize", str(fixture), str(tmp_path / "q"), "--method", "gptq", "--group-size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "blk.0.attn_k" in err and "(16, 32)" in err and "formats that can: awq, compressed-tensors" in err
+    assert not (tmp_path / "q").exists()

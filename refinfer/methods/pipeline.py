@@ -236,6 +236,35 @@ class Report:
     tensors: dict          # refinfer name -> IntGroupTensor
 
 
+def _storable(W, o: Options, fmt: str):
+    """None if fmt can store every Linear of W at o's bits and group size, else the reason
+    (checkpoint.pack's own checks, run on one empty matrix of each shape)."""
+    from ..quant.intgroup import from_weights
+    from ..w4a16.checkpoint import pack
+    for name, (N, K) in {f"blk.0.{n}": getattr(W.layers[0], n).shape for n in LINEARS}.items():
+        gs = K if o.group_size == -1 else o.group_size
+        if K % gs:
+            return f"{name}: in_features {K} is not a multiple of the group size {gs}"
+        G = K // gs
+        t = from_weights(name, np.zeros((N, K)), np.ones((N, G)), np.full((N, G), 1 << (o.bits - 1)),
+                         bits=o.bits, group_size=gs)
+        try:
+            pack(t, {"awq": "awq"}.get(fmt, fmt))
+        except UnsupportedError as e:
+            return str(e)
+    return None
+
+
+def check_storable(W, o: Options):
+    """Before any work: the chosen format can hold every Linear of this model."""
+    why = _storable(W, o, o.fmt)
+    if why is not None:
+        others = [f for f in FORMATS if f != o.fmt and o.bits in BITS[f] and _storable(W, o, f) is None]
+        raise RefinferError(f"--format {o.fmt} cannot store this model: {why}",
+                            hint=(f"formats that can: {', '.join(others)}" if others else
+                                  "no format stores these shapes at these bits: try another --group-size"))
+
+
 def quantize_model(src, out_dir, o: Options, *, calib_text: str | None = None, calib_source: str = "c4",
                    progress=True, write=True) -> Report:
     from ..backends.numpy_backend import NumpyBackend
@@ -245,6 +274,7 @@ def quantize_model(src, out_dir, o: Options, *, calib_text: str | None = None, c
     t0 = time.perf_counter()
     model = load(src, backend="numpy")
     cfg, W = model.config, model.weights
+    check_storable(W, o)
     be = NumpyBackend("ideal")
     xs = []
     if o.method != "rtn":
