@@ -149,7 +149,7 @@ def main(argv=None):
         return "-" if v is None else format(v, fmt)
     for t in table:
         print(f"| {t['row']} | {t['bits_per_weight']:.2f} | {t['file_mib']:.1f} | {f(t['ppl'], '.3f')} | "
-              f"{f(t['mean_kld'], '.5f')} | {f(None if t['same_top_p'] is None else 100 * t['same_top_p'], '.2f')}% | "
+              f"{f(t['mean_kld'], '.5f')} | {f(None if t['same_top_p'] is None else 100 * t['same_top_p'], '.2f')}{'' if t['same_top_p'] is None else '%'} | "
               f"{t['decode_tok_s']:.1f} |")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({"base_ppl": base_ppl, "rows": table}, indent=1))
