@@ -174,7 +174,7 @@ def awq_layer(layer: Layer, xs: list, o: Options, prefix: str) -> tuple[dict, li
     feats = {n: [] for n in LINEARS}
     nxt = [layer.forward(x, taps=lambda n, a: feats[n].append(a)) for x in xs]   # unquantized layer
     X = {n: np.concatenate(v) for n, v in feats.items()}
-    w, cfg, gs = dict(layer.w), layer.cfg, o.group_size
+    w, gs = dict(layer.w), o.group_size
     kw = dict(bits=o.bits, group_size=gs, zero_point=not o.sym)
     hs = feats["attn_q"]
 
