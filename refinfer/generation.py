@@ -86,6 +86,8 @@ class GenerationResult:
     error_hint: str | None = None
     seed: int | None = None                    # the seed the request drew with (a random one is reported here)
     stats: RequestStats = field(default_factory=RequestStats)
+    eog: TokenLogprob | None = None            # finish "stop" at an end-of-generation token: that token and its
+                                               # logprob (an OpenAI server reports it; lm-eval scores it)
 
 
 def error_result(err: RefinferError, stats: RequestStats | None = None) -> GenerationResult:
@@ -97,11 +99,13 @@ def error_result(err: RefinferError, stats: RequestStats | None = None) -> Gener
 class Event:
     """One step of a request as it streams: its generated token (None when the step generated
     none: an end-of-generation token, max_tokens 0, a cancellation), the text piece it released
-    (may be ""), the token's logprob, and the finish reason on the request's last event."""
+    (may be ""), the token's logprob, and the finish reason on the request's last event; on
+    a finish at an end-of-generation token, that token and its logprob (eog)."""
     token_id: int | None
     text: str
     logprob: TokenLogprob | None
     finish_reason: str | None = None
+    eog: TokenLogprob | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +249,7 @@ class Decoder:
         self.text = ""
         self.emitted = 0                                 # characters of text already released
         self.finish_reason: str | None = None
+        self.eog: TokenLogprob | None = None
         self.error: RefinferError | None = None
         self.stats = RequestStats(prompt_tokens=len(request.prompt_ids))
 
@@ -274,7 +279,10 @@ class Decoder:
             return self._finish("length")
         tok = self.sample(row, self.history, i)          # its draw depends on (seed, i) only
         if self.tok.is_eog(tok):
-            return self._finish("stop")
+            self.eog = token_logprob(row, tok, req.top_logprobs)
+            ev = self._finish("stop")
+            ev.eog = self.eog
+            return ev
         lp = token_logprob(row, tok, req.top_logprobs)
         self.history.append(tok)
         self.token_ids.append(tok)
@@ -312,4 +320,4 @@ class Decoder:
                                 list(self.request.prompt_ids),
                                 None if self.prompt_logprobs is None else list(self.prompt_logprobs),
                                 error=None if err is None else str(err), error_hint=getattr(err, "hint", None),
-                                seed=self.request.seed, stats=self.stats)
+                                seed=self.request.seed, stats=self.stats, eog=self.eog)

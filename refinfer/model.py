@@ -132,6 +132,10 @@ class Model:
         max_tokens = min(max_tokens, self._room(ids))
         return Request(ids, max_tokens, cfg, f["stop"], f["top_logprobs"], f["prompt_logprobs"])
 
+    def prompt_ids(self, prompt=None, messages=None, chat=False, add_special=True) -> list:
+        """The token ids that generate feeds the model for this prompt (text or ids) or messages."""
+        return self._prompt_ids(prompt, chat, add_special, messages)
+
     def _prompt_ids(self, prompt, chat, add_special, messages=None) -> list:
         tok = self._need_tokenizer()
         if messages is not None:

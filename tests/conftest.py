@@ -85,6 +85,15 @@ def tiny_llama_f16(tmp_path_factory, vocab_dir) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_gguf(tmp_path_factory, smollm2_path) -> pathlib.Path:
+    """A tiny generated Llama (dim 64, 2 layers, context 512) with SmolLM2-135M-Instruct's
+    tokenizer and ChatML template: the server tests' model (real BPE text, chat turns)."""
+    from models import make_tiny_llama_gguf
+    path = tmp_path_factory.mktemp("tiny_chat") / "tiny-chat-f32.gguf"
+    return make_tiny_llama_gguf(path, vocab_gguf=smollm2_path, dtype="f32", ctx=512, seed=7)
+
+
+@pytest.fixture(scope="session")
 def tiny_quantized(tiny_llama_f32, tmp_path_factory) -> dict:
     """The generated f32 model ("f32") and llama.cpp's pure quantizations of it, by type name."""
     oracle_import("llama_cpp")

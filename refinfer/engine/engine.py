@@ -70,10 +70,12 @@ class RequestHandle:
     """A submitted request: iterate it for its Events, result() for its GenerationResult,
     cancel() to stop it. Any thread may use it."""
 
-    def __init__(self, engine: Engine, seq: Sequence):
+    def __init__(self, engine: Engine, seq: Sequence, listener=None):
         self._engine = engine
+        self._listener = listener                # called in the stepping thread with each Event
         self.request_id = seq.seq_id
         self.request = seq.request               # the checked request: prompt_ids, max_tokens, seed, ...
+        self._decoder = seq.decoder
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._done = threading.Event()
         self._result: GenerationResult | None = None
@@ -81,6 +83,12 @@ class RequestHandle:
     @property
     def done(self) -> bool:
         return self._done.is_set()
+
+    @property
+    def prompt_logprobs(self):
+        """With prompt_logprobs=True: the prompt's TokenLogprobs (None for position 0), complete
+        once the request's first Event has come (its prompt is computed before its first token)."""
+        return self._decoder.prompt_logprobs
 
     def __iter__(self):
         """The request's Events as they come; the last one has its finish_reason."""
@@ -124,9 +132,18 @@ class RequestHandle:
         blocks are freed (now, or by the engine thread before its next step)."""
         self._engine._cancel(self.request_id)
 
-    def _finish(self, result: GenerationResult):
+    def _put(self, ev: Event):
+        self._events.put(ev)
+        if self._listener is not None:
+            self._listener(ev)
+
+    def _finish(self, ev: Event, result: GenerationResult):
+        """The last event, after the result is set: a listener that sees it may call result()."""
         self._result = result
+        self._events.put(ev)
         self._done.set()
+        if self._listener is not None:
+            self._listener(ev)
 
 
 class Engine:
@@ -151,21 +168,23 @@ class Engine:
 
     # -- any thread -------------------------------------------------------------------------------
 
-    def submit(self, prompt=None, **fields) -> RequestHandle:
+    def submit(self, prompt=None, *, listener=None, **fields) -> RequestHandle:
         """Queue one request: prompt (text or token ids) or messages=[...], and Model.generate's
         other keyword names (max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
         repeat_last_n, seed, stop, chat, add_special, top_logprobs, prompt_logprobs). A bad
-        request, or one that can never fit the KV pool, raises RefinferError here."""
+        request, or one that can never fit the KV pool, raises RefinferError here.
+        listener(event), if given, is called with each Event in the stepping thread, as it is
+        queued for the handle's iterator (the server hands it to its event loop); it must be quick."""
         if prompt is not None:
             fields["prompt"] = prompt
-        return self._submit(fields)
+        return self._submit(fields, listener)
 
-    def _submit(self, fields) -> RequestHandle:
+    def _submit(self, fields, listener=None) -> RequestHandle:
         req = self.model.prepare_request(**check_fields(fields))
         self.kv.check_fits(req.positions)             # reads the pool's size only
         seq = Sequence(next(self._ids), Decoder(req, self.model._need_tokenizer(), Sampler(req.sampler)),
                        time.perf_counter())
-        handle = RequestHandle(self, seq)
+        handle = RequestHandle(self, seq, listener)
         self._inbox.put(("submit", seq, handle))
         self._wake.set()
         return handle
@@ -292,7 +311,7 @@ class Engine:
             self._end(seq, ev)
             return
         seq.tokens.append(ev.token_id)
-        self._live[seq.seq_id][1]._events.put(ev)
+        self._live[seq.seq_id][1]._put(ev)
 
     def _end(self, seq: Sequence, ev: Event):
         """seq is finished (ev is its last event): it leaves the batch and frees its blocks."""
@@ -303,9 +322,8 @@ class Engine:
             st.queue_s = now - seq.arrival
         if seq.first_token is not None:
             st.decode_s = now - seq.first_token
-        handle._events.put(ev)
-        handle._finish(seq.decoder.result())
         self.finished += 1
+        handle._finish(ev, seq.decoder.result())
 
     def _take_inbox(self):
         while True:

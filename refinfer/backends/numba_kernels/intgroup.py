@@ -19,7 +19,9 @@ into its chain.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from .jit import njit
 
 ROWS = 8
 

@@ -27,7 +27,9 @@ roundings: the non-invariant BLAS prefill (NumbaBackend(batch_invariant=False)) 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from .jit import njit
 
 from .. import blockdecode as bd
 from .prefetch import prefetch

@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from .jit import njit
 
 from .. import blockdecode as bd
 from .prefetch import prefetch
