@@ -94,6 +94,30 @@ def tiny_chat_gguf(tmp_path_factory, smollm2_path) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_eog_gguf(tmp_path_factory, tiny_chat_gguf) -> pathlib.Path:
+    """tiny_chat_gguf with one change: the output row of <|im_end|> (an end-of-generation
+    token) is twice the row of the greedy first token after "Hello", so that greedy decoding
+    of "Hello" ends at once, and other prompts often end early: the model for the tests of a
+    request that stops at an end-of-generation token."""
+    import gguf
+    import numpy as np
+
+    import refinfer
+    path = tmp_path_factory.mktemp("tiny_chat_eog") / "tiny-chat-eog-f32.gguf"
+    shutil.copyfile(tiny_chat_gguf, path)
+    m = refinfer.load(path, backend="numpy")
+    first = int(np.argmax(m.logits(m.tokenize("Hello"))[-1]))
+    eog = m.tokenizer.eos_id
+    del m
+    reader = gguf.GGUFReader(path, "r+")
+    (out,) = [t for t in reader.tensors if t.name == "output.weight"]
+    out.data[eog] = 2 * out.data[first]
+    out.data.flush()
+    del reader
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_quantized(tiny_llama_f32, tmp_path_factory) -> dict:
     """The generated f32 model ("f32") and llama.cpp's pure quantizations of it, by type name."""
     oracle_import("llama_cpp")
