@@ -61,6 +61,7 @@ class ServerConfig:
     api_key: str | None = None
     model_alias: str | None = None
     kv_cache_mib: float | None = None
+    kv_cache_tokens: int | None = None
     ctx: int | None = None            # context length served (at most the model's)
     max_tokens_per_step: int = 512
     sse_ping_s: float = SSE_PING_S
@@ -92,7 +93,7 @@ class ServerState:
             model.config = dataclasses.replace(model.config, max_seq_len=cfg.ctx)
         self.fingerprint = fingerprint(model)
         self.engine = Engine(model, max_batch=cfg.parallel, max_tokens_per_step=cfg.max_tokens_per_step,
-                             kv_cache_mib=cfg.kv_cache_mib).start()
+                             kv_cache_mib=cfg.kv_cache_mib, kv_cache_tokens=cfg.kv_cache_tokens).start()
         self.name = cfg.model_alias or model_name(model)
         self.model = model
         self.ready.set()
@@ -308,13 +309,14 @@ def sse(obj) -> str:
 
 
 def create_app(model=None, *, loader=None, parallel=4, max_queue=64, api_key=None, model_alias=None,
-               kv_cache_mib=None, ctx=None, max_tokens_per_step=512, sse_ping_s=SSE_PING_S):
+               kv_cache_mib=None, kv_cache_tokens=None, ctx=None, max_tokens_per_step=512, sse_ping_s=SSE_PING_S):
     """The server's ASGI app over `model` (a loaded refinfer Model), or over the model that
     `loader()` returns, loaded in a thread after the server starts (/health answers 503 until
     then). The engine thread starts with the app and stops with it."""
     if (model is None) == (loader is None):
         raise RefinferError("create_app needs exactly one of model and loader", hint="create_app(refinfer.load(path))")
-    cfg = ServerConfig(parallel, max_queue, api_key, model_alias, kv_cache_mib, ctx, max_tokens_per_step, sse_ping_s)
+    cfg = ServerConfig(parallel, max_queue, api_key, model_alias, kv_cache_mib, kv_cache_tokens, ctx,
+                       max_tokens_per_step, sse_ping_s)
     st = ServerState(cfg)
 
     @contextlib.asynccontextmanager
