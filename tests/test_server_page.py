@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 import urllib.request
 
@@ -261,4 +262,26 @@ def test_chat_page_with_an_api_key(browser, chat_model):
         ref = reference(chat_model, [{"role": "user", "content": "Hi"}], 4, 0.8, 5)
         check_turn(page.locator(".message.assistant").nth(0), ref, chat_model.tokenizer)
         log.check_clean(allowed_errors=[r"status of 401 \(Unauthorized\)"])
+        log.page.close()
+
+
+def test_chat_page_waits_for_the_model(browser, chat_model):
+    """While the model loads, /v1/models is a 503 with Retry-After: the page says so and asks
+    again until the model is there."""
+    loaded = threading.Event()
+
+    def loader():
+        loaded.wait(30)
+        return chat_model
+
+    with serve_model(loader=loader, parallel=1) as url:
+        try:
+            log = PageLog(browser, url, ready="loading")
+            assert "Loading model" in log.page.text_content("#status")
+        finally:
+            loaded.set()
+        log.page.wait_for_selector('#status[data-state="idle"]')
+        assert log.page.text_content("#model") == \
+            json.load(urllib.request.urlopen(url + "/v1/models", timeout=10))["data"][0]["id"]
+        log.check_clean(allowed_errors=[r"status of 503 \(Service Unavailable\)"])
         log.page.close()

@@ -30,7 +30,8 @@ let history = [];       // the conversation so far, as OpenAI messages (without 
 let controller = null;  // the AbortController of the request in flight
 
 // ---------------------------------------------------------------------------------------------
-// Status line. data-state is one of: loading, idle, generating, done, stopped, error.
+// Status line. data-state is one of: connecting (the page has not heard from the server yet),
+// loading (the server is loading the model), idle, generating, done, stopped, error.
 
 function setStatus(state, text) {
   el.status.dataset.state = state;
@@ -66,6 +67,12 @@ async function responseError(resp) {
 async function loadModel() {
   try {
     const resp = await fetch("v1/models", {headers: headers()});
+    const retry = resp.headers.get("Retry-After");
+    if (resp.status === 503 && retry !== null) {   // the model is still loading: ask again then
+      setStatus("loading", await responseError(resp));
+      setTimeout(loadModel, 1000 * Math.max(1, Number(retry) || 1));
+      return;
+    }
     if (!resp.ok) {
       setStatus("error", await responseError(resp));
       return;
