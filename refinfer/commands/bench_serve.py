@@ -9,6 +9,10 @@ serial reference); each level then reports how many responses differ from it, by
 (completions and chat with `return_tokens_as_token_ids`, llama-server's /completion) or by text
 where the server gives no ids.
 
+The serial reference runs first on the same server, so a server with a prefix cache answers
+every later level's prompts from it: TTFT then measures cached prefills. For cold-cache TTFT
+restart the server between levels (bench/serve_vs_llama_server.py does, per level).
+
 Exit status: 0 when every request completed, 1 when some failed or none could be compared
 (the table is still printed), 2 for bad input or a URL where no server answers.
 """
@@ -96,7 +100,7 @@ def run(args) -> int:
     if args.prompts is not None:
         prompts = bs.load_prompts(args.prompts)
     else:
-        prompts = bs.builtin_prompts(max(args.requests, 1) if args.requests < 64 else 64, seed=args.seed)
+        prompts = bs.builtin_prompts(min(args.requests, 64), seed=args.seed)
     requests = bs.make_requests(prompts, args.requests)
     settings = bs.Settings(endpoint=args.endpoint, model=args.model, max_tokens=args.max_tokens,
                            temperature=args.temperature, seed=args.seed, timeout=args.timeout)
