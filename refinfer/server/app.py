@@ -711,6 +711,8 @@ def validation_message(err: dict) -> tuple[str, str | None]:
         return f"the request body is not valid JSON: {err.get('ctx', {}).get('error', msg)}", None
     if kind == "extra_forbidden":
         return f"Unrecognized request argument supplied: {'.'.join(loc)}", ".".join(loc)
+    if kind == "missing" and not loc:
+        return "the request body is empty: send a JSON object", None
     if kind == "missing":
         return f"'{'.'.join(loc)}' is a required property", ".".join(loc)
     msg = msg.removeprefix("Value error, ")
