@@ -82,7 +82,9 @@ class ServerState:
         self.ready = threading.Event()     # the model is loaded and the engine runs
         self.loaded = threading.Event()    # loading ended, well (ready) or not (load_error)
 
-    def install(self, model):
+    def install(self, model, warmup=False):
+        """Serve model; warmup: generate two tokens first, so that the backend's kernels are
+        compiled (or loaded from numba's cache) before /health says ready."""
         from ..engine import Engine
         cfg = self.cfg
         if cfg.ctx is not None:
@@ -92,6 +94,8 @@ class ServerState:
                                     hint=f"give --ctx {n} or less")
             model.config = dataclasses.replace(model.config, max_seq_len=cfg.ctx)
         self.fingerprint = fingerprint(model)
+        if warmup:
+            model.generate([0], max_tokens=2, temperature=0)
         self.engine = Engine(model, max_batch=cfg.parallel, max_tokens_per_step=cfg.max_tokens_per_step,
                              kv_cache_mib=cfg.kv_cache_mib, kv_cache_tokens=cfg.kv_cache_tokens).start()
         self.name = cfg.model_alias or model_name(model)
@@ -327,7 +331,7 @@ def create_app(model=None, *, loader=None, parallel=4, max_queue=64, api_key=Non
         else:
             def load():
                 try:
-                    st.install(loader())
+                    st.install(loader(), warmup=True)
                 except RefinferError as e:
                     st.load_error = f"{e}" + (f" ({e.hint})" if getattr(e, "hint", None) else "")
                 except Exception as e:  # noqa: BLE001  (reported by /health and every request)
@@ -496,12 +500,13 @@ def create_app(model=None, *, loader=None, parallel=4, max_queue=64, api_key=Non
                         chunks.append((ev.text, lp))
                     for n_, (text, lp) in enumerate(chunks):
                         last = ev.finish_reason is not None and n_ == len(chunks) - 1
-                        yield sse({**head, "choices": [{"index": i, "text": text, "logprobs": lp,
-                                                        "finish_reason": ev.finish_reason if last else None}],
-                                   "usage": None})
+                        fin = {"finish_reason": ev.finish_reason, "seed": sp.fields["seed"]} if last else \
+                            {"finish_reason": None}
+                        yield sse({**head, "choices": [{"index": i, "text": text, "logprobs": lp, **fin}], "usage": None})
                     if ev.finish_reason is not None and not chunks:
                         yield sse({**head, "choices": [{"index": i, "text": "", "logprobs": None,
-                                                        "finish_reason": ev.finish_reason}], "usage": None})
+                                                        "finish_reason": ev.finish_reason, "seed": sp.fields["seed"]}],
+                                   "usage": None})
                 if include_usage:
                     yield sse({**head, "choices": [], "usage": usage(specs, run.results, body.n)})
                 yield "[DONE]"
@@ -560,7 +565,8 @@ def create_app(model=None, *, loader=None, parallel=4, max_queue=64, api_key=Non
                                                         "finish_reason": None}], "usage": use})
                     if ev.finish_reason is not None:
                         yield sse({**head, "choices": [{"index": i, "delta": {}, "logprobs": None,
-                                                        "finish_reason": ev.finish_reason}], "usage": use})
+                                                        "finish_reason": ev.finish_reason, "seed": specs[i].fields["seed"]}],
+                                   "usage": use})
                 if include_usage:
                     yield sse({**head, "choices": [], "usage": usage(specs, run.results, body.n)})
                 yield "[DONE]"
