@@ -59,6 +59,10 @@ def test_completion_equals_generate_with_logprobs(client, model):
 
 
 def test_echo_gives_the_prompt_logprobs_in_the_legacy_shape(client, model):
+    check_echo(client, model)
+
+
+def check_echo(client, model):
     prompt = "The quick brown fox jumps over the lazy dog"
     r = client.completions.create(model="tiny-chat-f32.gguf", prompt=prompt, max_tokens=1, temperature=0, echo=True,
                                   logprobs=2)
@@ -77,6 +81,10 @@ def test_echo_gives_the_prompt_logprobs_in_the_legacy_shape(client, model):
 
 
 def test_batch_of_prompts_with_n_is_ordered_by_prompt_then_sample_with_seeds_seed_plus_j(client, model):
+    check_batch_and_n(client, model)
+
+
+def check_batch_and_n(client, model):
     ids = model.tokenize("A list of token ids")
     r = client.completions.create(model="tiny-chat-f32.gguf", prompt=[ids, ids[:3]], n=2, max_tokens=6, seed=2 ** 64 - 1,
                                   logprobs=0, extra_body=TOKEN_IDS)
@@ -112,6 +120,26 @@ def test_completion_stream_equals_the_whole_answer(client, model):
     assert [c.choices[0].finish_reason for c in body][-1] == want.finish_reason
     assert all(c.choices[0].finish_reason is None for c in body[:-1])
     assert last.choices == [] and last.usage.completion_tokens == len(generated_with_eog(want)[0])
+
+
+def test_a_request_that_ends_at_an_end_of_generation_token_lists_it_last(tiny_chat_eog_gguf):
+    check_eog_listed(refinfer.load(tiny_chat_eog_gguf, backend="numba"))
+
+
+def check_eog_listed(model):
+    """The completions API lists the end-of-generation token that stopped a request (its text is
+    not output): lm-eval drops the last entry as the generated token."""
+    with serve_model(model, parallel=1) as u:
+        c = openai.OpenAI(base_url=u + "/v1", api_key="none", max_retries=0)
+        r = c.completions.create(model="tiny-chat-eog-f32.gguf", prompt="Hello", max_tokens=5, temperature=0,
+                                 logprobs=1, echo=True, extra_body=TOKEN_IDS)
+    want = reference(model, prompt="Hello", max_tokens=5, seed=0, temperature=0, top_logprobs=1, prompt_logprobs=True)
+    assert want.token_ids == [] and want.eog is not None and want.finish_reason == "stop"
+    lp = r.choices[0].logprobs
+    assert ids_of(lp.tokens) == want.prompt_token_ids + [want.eog.token_id]
+    assert lp.token_logprobs[-1] == want.eog.logprob and lp.top_logprobs[-1] == legacy_top(want.eog)
+    assert r.choices[0].text == "Hello" and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == 1
 
 
 def chat_messages():

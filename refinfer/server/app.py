@@ -289,6 +289,20 @@ def entries_of(logprobs) -> list:
     return [(t.token_id, t.logprob, t.top) for t in logprobs]
 
 
+def completion_entries(r) -> list:
+    """The generated tokens as the completions API lists them: the end-of-generation token that
+    stopped the request last (lm-eval scores the one generated token, whatever it is)."""
+    ent = entries_of(r.logprobs)
+    if r.eog is not None:
+        ent.append((r.eog.token_id, r.eog.logprob, r.eog.top))
+    return ent
+
+
+def choice_seed(seed: int, j: int) -> int:
+    """Sample j of a prompt draws with seed + j (mod 2**64): n = k is k requests."""
+    return (seed + j) % 2 ** 64
+
+
 def usage(specs, results, n) -> dict:
     prompt = sum(len(s.prompt_ids) for s in specs if s.index % n == 0)
     cached = sum(r.stats.cached_prompt_tokens for s, r in zip(specs, results) if s.index % n == 0 and r is not None)
@@ -410,7 +424,7 @@ def create_app(model=None, *, loader=None, parallel=4, max_queue=64, api_key=Non
             for j in range(n):
                 specs.append(ChoiceSpec(len(specs), pi, ids, text,
                                         {**fields, "prompt": ids, "max_tokens": want,
-                                         "seed": (base_seed + j) % 2 ** 64}))
+                                         "seed": choice_seed(base_seed, j)}))
         return specs
 
     # -- routes ----------------------------------------------------------------------------------
@@ -450,12 +464,6 @@ def create_app(model=None, *, loader=None, parallel=4, max_queue=64, api_key=Non
             ent = [(t, None, None) if lp is None else (t, lp.logprob, lp.top) for t, lp in zip(sp.prompt_ids, prompt_lps)]
             return sp.prompt_text, legacy_logprobs(pieces, ent, 0)
 
-        def gen_entries(r):
-            ent = entries_of(r.logprobs)
-            if r.eog is not None:                      # lm-eval scores the one generated token, whatever it is
-                ent.append((r.eog.token_id, r.eog.logprob, r.eog.top))
-            return ent
-
         run = Run(st, specs)
         if not body.stream:
             try:
@@ -468,7 +476,7 @@ def create_app(model=None, *, loader=None, parallel=4, max_queue=64, api_key=Non
                 ptext, plp = prompt_part(sp, r.prompt_logprobs or [])
                 lp = None
                 if k is not None:
-                    g = legacy_logprobs(pieces, gen_entries(r), len(ptext))
+                    g = legacy_logprobs(pieces, completion_entries(r), len(ptext))
                     lp = g if plp is None else {key: plp[key] + g[key] for key in g}
                 choices.append({"index": sp.index, "text": ptext + r.text, "logprobs": lp,
                                 "finish_reason": r.finish_reason, "seed": r.seed})
