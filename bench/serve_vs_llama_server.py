@@ -143,9 +143,22 @@ class Server:
         self.log.close()
 
 
-def refinfer_cmd(model, port, conc, threads, ctx):
+def kv_mib_per_position(model) -> float:
+    """MiB of refinfer's KV pool per position for this model (the server's default numba backend,
+    ideal mode: f32 K and V rows)."""
+    import refinfer
+    from refinfer.kv_cache import MIB, BlockPool
+    m = refinfer.load(str(model))
+    cfg, (k, v) = m.config, m.backend.kv_types()
+    return BlockPool.bytes_per_block(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 1, k, v) / MIB
+
+
+def refinfer_cmd(model, port, conc, threads, ctx, mib_per_pos):
+    # --ctx: each request's context, as llama-server's per-slot -c / -np; the KV pool holds
+    # conc * ctx positions, as llama-server's -c (the server's default pool is one context)
+    mib = (conc * ctx + 0.5) * mib_per_pos
     return [sys.executable, "-m", "refinfer", "serve", "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-            "--parallel", str(conc), "--threads", str(threads), "--ctx", str(ctx)]
+            "--parallel", str(conc), "--threads", str(threads), "--ctx", str(ctx), "--kv-cache-mib", f"{mib:.3f}"]
 
 
 def llama_cmd(binary, model, port, conc, threads, ctx):
@@ -159,35 +172,31 @@ def shown(cmd):
     return " ".join(pathlib.Path(c).name if i == 0 or c.endswith(".gguf") else c for i, c in enumerate(cmd))
 
 
-def run_engine(name, make_cmd, model, levels, requests, settings, threads, ctx, logdir):
-    """{conc: level summary}: the server restarted for each level with conc slots; level 1 is the
-    serial reference itself (a fresh server, one request at a time), and the later levels are
-    compared with it."""
+def run_level(name, make_cmd, conc, requests, settings, reference, logdir):
+    """(level summary, reference outputs) of one server restarted with conc slots. At the first
+    level (1) the run is the serial reference itself: a fresh server, one request at a time;
+    later levels are compared with it."""
     from refinfer import bench_serve as bs
-    out, reference, cmds = {}, None, {}
-    for conc in levels:
-        port = free_port()
-        cmd = make_cmd(port, conc)
-        cmds[conc] = shown(cmd)
-        load0 = os.getloadavg()[0]
-        print(f"[{name}] concurrency {conc}: {shown(cmd)}", file=sys.stderr, flush=True)
-        with Server(name, cmd, port, logdir / f"{name}-np{conc}.log") as srv:
-            if reference is None:
-                if conc != 1:
-                    raise SystemExit("the first concurrency level must be 1: it is the serial reference")
-                rep = bs.bench(srv.url, requests, settings, [])
-                reference = rep["_reference_outputs"]
-                lv = rep["reference"]
-                lv.update(compared=lv["completed"], differ=0, compared_by="reference", differ_keys=[])
-            else:
-                lv = bs.bench(srv.url, requests, settings, [conc], reference=reference)["levels"][0]
-        lv["loadavg_1min_before"] = load0
-        lv["server_cmd"] = cmds[conc]
-        out[conc] = lv
-        print(f"[{name}] concurrency {conc}: {lv['completed']}/{lv['requests']} done, "
-              f"{lv['output_throughput']:.1f} out tok/s, TTFT p50 {lv['ttft_ms']['p50'] or 0:.0f} ms, "
-              f"differ {lv['differ']}", file=sys.stderr, flush=True)
-    return out, reference
+    port = free_port()
+    cmd = make_cmd(port, conc)
+    load0 = os.getloadavg()[0]
+    print(f"[{name}] concurrency {conc}: {shown(cmd)}", file=sys.stderr, flush=True)
+    with Server(name, cmd, port, logdir / f"{name}-np{conc}.log") as srv:
+        if reference is None:
+            if conc != 1:
+                raise SystemExit("the first concurrency level must be 1: it is the serial reference")
+            rep = bs.bench(srv.url, requests, settings, [])
+            reference = rep["_reference_outputs"]
+            lv = rep["reference"]
+            lv.update(compared=lv["completed"], differ=0, compared_by="reference", differ_keys=[])
+        else:
+            lv = bs.bench(srv.url, requests, settings, [conc], reference=reference)["levels"][0]
+    lv["loadavg_1min_before"], lv["loadavg_1min_after"] = load0, os.getloadavg()[0]
+    lv["server_cmd"] = shown(cmd)
+    print(f"[{name}] concurrency {conc}: {lv['completed']}/{lv['requests']} done, "
+          f"{lv['output_throughput']:.1f} out tok/s, TTFT p50 {lv['ttft_ms']['p50'] or 0:.0f} ms, "
+          f"differ {lv['differ']}", file=sys.stderr, flush=True)
+    return lv, reference
 
 
 def _ms(v):
@@ -257,17 +266,21 @@ def main(argv=None) -> int:
     settings = bs.Settings(endpoint="completions", max_tokens=args.max_tokens, temperature=args.temperature,
                            seed=args.seed, timeout=args.timeout)
     logdir = pathlib.Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    mib_per_pos = kv_mib_per_position(model) if "refinfer" in servers else None
     makers = {
-        "refinfer": (lambda port, c: refinfer_cmd(model, port, c, args.threads, args.ctx), settings),
+        "refinfer": (lambda port, c: refinfer_cmd(model, port, c, args.threads, args.ctx, mib_per_pos), settings),
         # llama-server's own endpoint: its streamed chunks carry the token ids
         "llama-server": (lambda port, c: llama_cmd(binary, model, port, c, args.threads, args.ctx),
                          dataclasses.replace(settings, endpoint="completion")),
     }
-    results = {}
+    results = {n: ({}, None) for n in servers}     # name -> ({conc: summary}, serial reference outputs)
     t0 = time.perf_counter()
-    for n in servers:
-        make, st = makers[n]
-        results[n] = run_engine(n, make, model, levels, requests, st, args.threads, args.ctx, logdir)
+    for c in levels:        # the servers in turn at each level, so that both see the same machine
+        for n in servers:
+            make, st = makers[n]
+            lv, ref = run_level(n, make, c, requests, st, results[n][1], logdir)
+            results[n][0][c] = lv
+            results[n] = (results[n][0], ref)
     print()
     print(f"model {model.name}; {args.requests} requests per level, {args.max_tokens} max tokens, "
           f"temperature {args.temperature:g}, built-in prompts of {lo}-{hi} words "
@@ -277,8 +290,9 @@ def main(argv=None) -> int:
           "llama-server: /completion (token ids in each chunk)")
     for n in servers:
         for c in levels:
-            print(f"  {n} -np/--parallel {c}: {results[n][0][c]['server_cmd']}  (load avg before: "
-                  f"{results[n][0][c]['loadavg_1min_before']:.2f})")
+            lv = results[n][0][c]
+            print(f"  {n} -np/--parallel {c}: {lv['server_cmd']}  (1-min load average before/after: "
+                  f"{lv['loadavg_1min_before']:.2f}/{lv['loadavg_1min_after']:.2f})")
     print()
     print(table(results, levels, args.requests))
     if len(servers) == 2:
