@@ -44,7 +44,10 @@ def set_threads(n: int | None) -> int:
         return os.cpu_count() or 1
     check(n)
     if "numba" not in sys.modules:
-        os.environ["NUMBA_NUM_THREADS"] = str(n)
+        # a fresh process: libraries loaded from now on start with n threads (numba imports
+        # scipy where it is installed, and with it scipy's own OpenBLAS)
+        for var in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(n)
     else:
         import numba
         if n > numba.config.NUMBA_NUM_THREADS:
