@@ -16,7 +16,7 @@ from refinfer.errors import RefinferError
 from server_harness import serve_app, serve_model
 from test_server_invariance import parse_metrics
 
-HEALTH_LIMIT_S = 0.1        # the bound; measured: 2-12 ms during a 2-3 s SmolLM2 prefill on 2 cores
+HEALTH_LIMIT_S = 0.1        # the bound asked for; measured: median 2 ms, max 8 ms during a 4-5 s SmolLM2 prefill on 2 cores
 
 
 @pytest.fixture(scope="module")
