@@ -133,10 +133,51 @@ def _load_f64(src):
     return np.ascontiguousarray(src).view("<f8").astype(np.float64)
 
 
+def _ggml_type(name: str, doc: str, quantize_blocks=None) -> CacheType:
+    """A ggml block type as a cache type: a row of head_dim values is head_dim / block_size
+    blocks (llama.cpp refuses a type whose block does not divide n_embd_head_k), stored with
+    the quantizer llama.cpp's CPU backend stores with (the type's from_float, which
+    ggml_set_rows calls: _ref for q4_0, q4_1, q5_0, q5_1, bf16; the x86 variant for q8_0)."""
+    from . import quant
+    bt = quant.get_type(name)
+
+    def row_bytes(hd):
+        if hd % bt.block_size:
+            raise ShapeError(f"KV cache type {name}: head_dim {hd} is not a multiple of its block size {bt.block_size}",
+                             hint=f"llama.cpp refuses it too; use f16 or a type whose block divides {hd}")
+        return hd // bt.block_size * bt.type_size
+
+    def store(dst, rows):
+        rows = np.asarray(rows, dtype=np.float32)
+        flat = rows.reshape(-1, bt.block_size)
+        raw = (quantize_blocks or bt.quantize_blocks)(flat)
+        dst[...] = raw.reshape(dst.shape)
+
+    def load(src):
+        src = np.ascontiguousarray(src)
+        n = src.shape[-1] // bt.type_size * bt.block_size
+        return bt.dequantize_blocks(src.reshape(-1, bt.type_size)).reshape(src.shape[:-1] + (n,))
+
+    return CacheType(name, row_bytes, store, load, doc)
+
+
+def _q8_0_x86(x):
+    from .quant.q8_0 import quantize_blocks_x86
+    return quantize_blocks_x86(x)
+
+
 F32 = CacheType("f32", lambda hd: 4 * hd, _store_f32, _load_f32, "float32, exact")
 F16 = CacheType("f16", lambda hd: 2 * hd, _store_f16, _load_f16, "IEEE binary16, ggml's default KV type")
 F64 = CacheType("f64", lambda hd: 8 * hd, _store_f64, _load_f64, "float64, for the float64 reference (dtype=np.float64)")
-CACHE_TYPES: dict[str, CacheType] = {t.name: t for t in (F32, F16, F64)}
+GGML_CACHE_TYPES = (
+    _ggml_type("bf16", "bfloat16 (ggml's round-to-nearest-even)"),
+    _ggml_type("q8_0", "llama.cpp's q8_0 blocks, stored as its x86 quantize_row_q8_0 does (half-even codes)", _q8_0_x86),
+    _ggml_type("q4_0", "llama.cpp's q4_0 blocks (quantize_row_q4_0_ref)"),
+    _ggml_type("q4_1", "llama.cpp's q4_1 blocks (quantize_row_q4_1_ref)"),
+    _ggml_type("q5_0", "llama.cpp's q5_0 blocks (quantize_row_q5_0_ref)"),
+    _ggml_type("q5_1", "llama.cpp's q5_1 blocks (quantize_row_q5_1_ref)"),
+)
+CACHE_TYPES: dict[str, CacheType] = {t.name: t for t in (F32, F16, F64, *GGML_CACHE_TYPES)}
 
 
 def get_cache_type(name) -> CacheType:

@@ -8,6 +8,11 @@
 Quantize (ggml `quantize_row_q8_0_ref`): d = max|x| / 127; q = roundf(x / d), where roundf
 rounds half AWAY from zero (not NumPy's half-to-even). Also the activation type of the
 q4_0/q5_0/q8_0 dot products in llama.cpp's CPU backend.
+
+llama.cpp's x86 CPU backend quantizes with its own `quantize_row_q8_0` (ggml-cpu/arch/x86/
+quants.c; the type's from_float, which ggml_set_rows uses to store a q8_0 KV cache):
+q = round-half-even(x * (127 / max|x|)) (`_mm256_round_ps`, _MM_ROUND_NEAREST), the same d.
+It rarely differs from the _ref codes (quantize_blocks_x86).
 """
 
 import numpy as np
@@ -43,6 +48,18 @@ def quantize_blocks(x):  # float32[n, 32] -> uint8[n, 34]
     b = new_blocks(len(x), block_q8_0)
     b["d"] = f32_to_fp16_bits(d)
     b["qs"] = codes
+    return blocks_to_bytes(b)
+
+
+def quantize_blocks_x86(x):  # float32[n, 32] -> uint8[n, 34], as the x86 quantize_row_q8_0
+    x = np.asarray(x, dtype=np.float32)
+    amax = np.max(np.abs(x), axis=-1)
+    d = amax / F32(127)
+    with np.errstate(divide="ignore"):
+        idv = np.where(amax != 0, F32(127) / np.where(amax != 0, amax, F32(1)), F32(0)).astype(np.float32)
+    b = new_blocks(len(x), block_q8_0)
+    b["d"] = f32_to_fp16_bits(d)
+    b["qs"] = np.rint(x * idv[:, None]).astype(np.int32)
     return blocks_to_bytes(b)
 
 
