@@ -194,7 +194,8 @@ class Run:
                 h.cancel()
 
     async def wait(self, request: Request):
-        """Every choice's result; a disconnect of the client cancels them (ClientGone)."""
+        """Every choice's result. A disconnect of the client cancels them (answered 499, which
+        nobody reads); a choice whose engine step failed is a 500 (never a user's error)."""
         gone = asyncio.ensure_future(wait_disconnect(request))
         try:
             agen = self.events()
@@ -203,10 +204,11 @@ class Run:
                 done, _ = await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
                 if nxt not in done:
                     nxt.cancel()
-                    raise ClientGone()
+                    raise ApiError(499, "the client closed the request", "client_closed_request", code=499)
                 try:
                     nxt.result()
                 except StopAsyncIteration:
+                    check_finished(self.results)
                     return self.results
         finally:
             gone.cancel()
@@ -224,10 +226,6 @@ class Run:
     async def _drain(self):
         async for _ in self.events():
             pass
-
-
-class ClientGone(Exception):
-    pass
 
 
 async def wait_disconnect(request: Request):
@@ -320,6 +318,13 @@ def check_finished(results):
 
 def sse(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def stream_error(r) -> str:
+    """The event of a choice whose engine step failed, in the middle of a stream (vLLM's and
+    llama-server's shape: the stream goes on with the other choices, then [DONE])."""
+    return sse({"error": {"message": f"generation failed: {r.error}", "type": "server_error", "param": None,
+                          "code": 500}})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,11 +471,7 @@ def create_app(model=None, *, loader=None, parallel=4, max_queue=64, api_key=Non
 
         run = Run(st, specs)
         if not body.stream:
-            try:
-                results = await run.wait(request)
-            except ClientGone:
-                return PlainTextResponse("", status_code=499)
-            check_finished(results)
+            results = await run.wait(request)
             choices = []
             for sp, r in zip(specs, results):
                 ptext, plp = prompt_part(sp, r.prompt_logprobs or [])
@@ -498,9 +499,7 @@ def create_app(model=None, *, loader=None, parallel=4, max_queue=64, api_key=Non
                     if ev.eog is not None:
                         ent.append((ev.eog.token_id, ev.eog.logprob, ev.eog.top))
                     if ev.finish_reason == "error":
-                        r = run.results[i]
-                        yield sse({"error": {"message": f"generation failed: {r.error}", "type": "server_error",
-                                             "param": None, "code": 500}})
+                        yield stream_error(run.results[i])
                         continue
                     if ev.text or ent:
                         lp = legacy_logprobs(pieces, ent, offsets[i]) if k is not None else None
@@ -536,11 +535,7 @@ def create_app(model=None, *, loader=None, parallel=4, max_queue=64, api_key=Non
 
         run = Run(st, specs)
         if not body.stream:
-            try:
-                results = await run.wait(request)
-            except ClientGone:
-                return PlainTextResponse("", status_code=499)
-            check_finished(results)
+            results = await run.wait(request)
             choices = [{"index": sp.index, "message": {"role": "assistant", "content": r.text},
                         "logprobs": {"content": [chat_logprob(pieces, t) for t in r.logprobs]} if body.logprobs else None,
                         "finish_reason": r.finish_reason, "seed": r.seed}
@@ -560,9 +555,7 @@ def create_app(model=None, *, loader=None, parallel=4, max_queue=64, api_key=Non
                                                     "logprobs": None, "finish_reason": None}], "usage": None})
                 async for i, ev in run.events():
                     if ev.finish_reason == "error":
-                        r = run.results[i]
-                        yield sse({"error": {"message": f"generation failed: {r.error}", "type": "server_error",
-                                             "param": None, "code": 500}})
+                        yield stream_error(run.results[i])
                         continue
                     use = usage(specs, run.results, body.n) if continuous else None
                     if ev.token_id is not None or ev.text:
@@ -617,11 +610,7 @@ def create_app(model=None, *, loader=None, parallel=4, max_queue=64, api_key=Non
 
         run = Run(st, specs)
         if not body.stream:
-            try:
-                results = await run.wait(request)
-            except ClientGone:
-                return PlainTextResponse("", status_code=499)
-            check_finished(results)
+            results = await run.wait(request)
             return final(results[0])
 
         async def stream():
@@ -630,8 +619,7 @@ def create_app(model=None, *, loader=None, parallel=4, max_queue=64, api_key=Non
                     if ev.finish_reason is not None:
                         r = run.results[0]
                         if r.finish_reason == "error":
-                            yield sse({"error": {"message": f"generation failed: {r.error}", "type": "server_error",
-                                                 "code": 500}})
+                            yield stream_error(r)
                             return
                         if ev.text:
                             yield sse({"content": ev.text, "stop": False, "id_slot": 0})
