@@ -100,11 +100,24 @@ def _expect(ok: bool, message: str):
 
 @dataclass(frozen=True)
 class CacheType:
+    """One way of keeping a row (one position of one KV head) as bytes. Rows reach store and
+    load with the KV-head axis second to last: [..., n_kv_heads, head_dim] values and
+    [..., n_kv_heads, row_bytes] bytes, so per-head parameters broadcast over it."""
     name: str
     row_bytes: Callable[[int], int]                    # head_dim -> bytes of one row; ShapeError if it does not fit
     store: Callable[[np.ndarray, np.ndarray], None]    # store(dst uint8[..., row_bytes], rows float[..., head_dim])
     load: Callable[[np.ndarray], np.ndarray]           # load(src uint8[..., row_bytes]) -> float32[..., head_dim] (f64: float64)
     doc: str
+    kind: str = "float"                 # family: float, ggml, lmdeploy, calibrated, fp8
+    exact: CacheType | None = None      # the variant ggml mode stores and loads with (None: this one)
+
+    def for_layer(self, layer: int) -> CacheType:
+        """The type as layer `layer` uses it: itself, or a calibrated type bound to that layer's parameters."""
+        return self
+
+    def in_mode(self, mode: str) -> CacheType:
+        """ggml mode stores and loads with the exact variant where the type has one."""
+        return self.exact if mode == "ggml" and self.exact is not None else self
 
 
 def _store_f32(dst, rows):
@@ -158,7 +171,7 @@ def _ggml_type(name: str, doc: str, quantize_blocks=None) -> CacheType:
         n = src.shape[-1] // bt.type_size * bt.block_size
         return bt.dequantize_blocks(src.reshape(-1, bt.type_size)).reshape(src.shape[:-1] + (n,))
 
-    return CacheType(name, row_bytes, store, load, doc)
+    return CacheType(name, row_bytes, store, load, doc, kind="ggml")
 
 
 def _q8_0_x86(x):
@@ -178,15 +191,39 @@ GGML_CACHE_TYPES = (
     _ggml_type("q5_1", "llama.cpp's q5_1 blocks (quantize_row_q5_1_ref)"),
 )
 CACHE_TYPES: dict[str, CacheType] = {t.name: t for t in (F32, F16, F64, *GGML_CACHE_TYPES)}
+# types that need a parameter file (calibrated scales): name -> (factory(kv_params, which) -> CacheType, doc)
+PARAMETRIC_TYPES: dict[str, tuple[Callable, str]] = {}
 
 
-def get_cache_type(name) -> CacheType:
+def register_cache_type(ct: CacheType):
+    CACHE_TYPES[ct.name] = ct
+
+
+def register_parametric_type(name: str, factory: Callable, doc: str):
+    PARAMETRIC_TYPES[name] = (factory, doc)
+
+
+def cache_type_names() -> list[str]:
+    return [n for n in (*CACHE_TYPES, *PARAMETRIC_TYPES) if n != "f64"]
+
+
+def get_cache_type(name, kv_params=None, which="k") -> CacheType:
+    """The cache type called name (a CacheType passes through). A parametric type is built from
+    kv_params, the path of a parameter file (python -m refinfer calibrate-kv) or its loaded object,
+    for K (which="k") or V."""
     if isinstance(name, CacheType):
         return name
     if name in CACHE_TYPES:
         return CACHE_TYPES[name]
-    raise UnsupportedError(f"unknown KV cache type {name!r}; known: {', '.join(CACHE_TYPES)}",
-                           hint=f"the KV cache types are {', '.join(CACHE_TYPES)} (refinfer.kv_cache.CACHE_TYPES)")
+    if name in PARAMETRIC_TYPES:
+        if kv_params is None:
+            raise RefinferError(f"KV cache type {name!r} needs calibrated parameters",
+                                hint="make them with python -m refinfer calibrate-kv -m MODEL -o PARAMS.json and "
+                                     "pass --kv-params PARAMS.json (Python: kv_params=...)")
+        return PARAMETRIC_TYPES[name][0](kv_params, which)
+    known = ", ".join(cache_type_names())
+    raise UnsupportedError(f"unknown KV cache type {name!r}; known: {known}",
+                           hint=f"the KV cache types are {known} (refinfer.kv_cache.CACHE_TYPES)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,8 +570,8 @@ class BlockManager:
             _expect(block.ref_cnt == 1 and block.block_hash is None,
                     f"write into block {block.block_id} (ref_cnt {block.ref_cnt}, registered "
                     f"{block.block_hash is not None}) at position {pos} of sequence {seq!r}")
-            p.k_type.store(p.k[layer, block.block_id, off:off + n], k_rows[pos - start:pos - start + n])
-            p.v_type.store(p.v[layer, block.block_id, off:off + n], v_rows[pos - start:pos - start + n])
+            p.k_type.for_layer(layer).store(p.k[layer, block.block_id, off:off + n], k_rows[pos - start:pos - start + n])
+            p.v_type.for_layer(layer).store(p.v[layer, block.block_id, off:off + n], v_rows[pos - start:pos - start + n])
             pos += n
 
     def gather(self, layer: int, seq: Hashable, n_positions: int):
@@ -546,7 +583,7 @@ class BlockManager:
         ids = t.block_ids[:self.blocks_needed(n_positions)]
         k = p.k[layer, ids].reshape(-1, p.n_kv_heads, p.k.shape[-1])[:n_positions]
         v = p.v[layer, ids].reshape(-1, p.n_kv_heads, p.v.shape[-1])[:n_positions]
-        return p.k_type.load(k), p.v_type.load(v)
+        return p.k_type.for_layer(layer).load(k), p.v_type.for_layer(layer).load(v)
 
     # -- statistics and accounting ---------------------------------------------------------------
 

@@ -285,7 +285,7 @@ class NumpyBackend:
         for arr, ctype, rows in ((pool.k, pool.k_type, k), (pool.v, pool.v_type, v)):
             flat = arr[layer].reshape(-1, *arr.shape[-2:])           # [n_blocks * block_size, n_kv, row_bytes]
             buf = np.empty((len(rows),) + arr.shape[-2:], np.uint8)
-            ctype.store(buf, rows)
+            ctype.for_layer(layer).store(buf, rows)
             flat[meta.slots] = buf
 
     @staticmethod
@@ -295,7 +295,7 @@ class NumpyBackend:
         ids = meta.tables[seg][: -(-n_positions // meta.block_size)]
         k = pool.k[layer][ids].reshape(-1, *pool.k.shape[-2:])[:n_positions]
         v = pool.v[layer][ids].reshape(-1, *pool.v.shape[-2:])[:n_positions]
-        return pool.k_type.load(k), pool.v_type.load(v)
+        return pool.k_type.for_layer(layer).load(k), pool.v_type.for_layer(layer).load(v)
 
     def attention(self, out, q, pool, layer, meta):
         """Causal GQA attention over the paged cache: q, out [N, n_heads, hd]; token i attends to
