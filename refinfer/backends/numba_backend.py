@@ -14,13 +14,16 @@ scales, R rows side by side; the file's pages are then released.
           activations are quantized to the weight's vec_dot type first: q8_0/q8_1 in Numba with
           the x86 rounding, q8_K and bf16 through the reference quantizer.
 Attention reads K/V through the block tables of the paged pool: in ideal mode per (token,
-head) in float64 with every sum in a fixed order (f32 cache, numba_kernels/ops.py); in ggml
-mode over the F16 cache as llama.cpp's non-flash attention, with the batch kernels' lane
-order for a segment of several tokens and the vec_dot order for one (numba_kernels/ggml.py).
+head) in float64 with every sum in a fixed order (numba_kernels/ops.py), an f32 cache's rows
+as they are and every other cache type with a row decoder (ops.KV_KINDS: f16, bf16, q8_0,
+q4_0, q4_1, q5_0, q5_1) straight from its bytes, each row decoded once per (token, KV head)
+to the float32 values its type's load gives, then the same arithmetic; in ggml mode over the
+F16 cache as llama.cpp's non-flash attention, with the batch kernels' lane order for a
+segment of several tokens and the vec_dot order for one (numba_kernels/ggml.py).
 
 Whatever has no kernel here (float64 ideal mode, a matrix whose width is not a whole number
-of the kernels' blocks, other KV cache types) runs the inherited NumPy reference, with one
-warning per (op, type).
+of the kernels' blocks, a KV cache type without a row decoder, a quantized cache in ggml
+mode) runs the inherited NumPy reference, with one warning per (op, type).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import warnings
 
 import numpy as np
 
-from .. import quant
+from .. import kv_cache, quant
 from . import blockdecode as bd
 from . import ggml_emulation as ge
 from .numba_kernels import ggml as gk
@@ -83,6 +86,10 @@ def coverage(mode="ideal", dtype=np.float32):
         cov[(op, "f32")] = "native" if native else "fallback"
     for op in SHARED_OPS:
         cov[(op, "f32")] = "shared"
+    for name in kv_cache.cache_type_names():    # attention over a cache whose K and V are of that type
+        if name != "f32":
+            ok_ = np.dtype(dtype) == np.float32 and attention_kinds(mode, name, name) is not None
+            cov[("attention", name)] = "native" if ok_ else "fallback"
     return cov
 
 
@@ -308,27 +315,36 @@ class NumbaBackend(NumpyBackend):
     # pool's cache type, exact for every type.
 
     def attention(self, out, q, pool, layer, meta):
-        """Causal GQA attention over the paged cache (numba_kernels/ops.py): f32 pools in ideal
-        mode, f16 pools in ggml mode (their default cache types); other types run the
-        reference."""
-        want = "f32" if self.mode == "ideal" else "f16"
+        """Causal GQA attention over the paged cache (numba_kernels/ops.py). ideal mode: an f32
+        pool reads its float32 rows directly (ok.attention), any other type with a kind in
+        ok.KV_KINDS has each row's bytes decoded once by the block decoders (ok.attention_rows,
+        the same float64 arithmetic); ggml mode: f16 pools (its default cache type). Other types
+        run the reference."""
         types = f"{pool.k_type.name}/{pool.v_type.name}"
-        if not self._native or types != f"{want}/{want}":
-            why = f"dtype {self.dtype}" if not self._native else f"no {self.mode}-mode kernel for a {types} cache"
-            self._fallback("attention", types, why)
+        if not self._native:
+            self._fallback("attention", types, f"dtype {self.dtype}")
+            return super().attention(out, q, pool, layer, meta)
+        kinds = attention_kinds(self.mode, pool.k_type.name, pool.v_type.name)
+        if kinds is None:
+            self._fallback("attention", types, f"no {self.mode}-mode kernel for a {types} cache")
             return super().attention(out, q, pool, layer, meta)
         n_kv, hd = pool.n_kv_heads, pool.head_dim
-        view = np.float32 if want == "f32" else np.uint16
-        kf = pool.k[layer].view(view).reshape(-1, n_kv, hd)   # [n_blocks * block_size, n_kv, hd]
-        vf = pool.v[layer].view(view).reshape(-1, n_kv, hd)
         res = out if out.flags.c_contiguous and out.dtype == np.float32 else np.empty(out.shape, np.float32)
-        args = (res, np.ascontiguousarray(q, dtype=np.float32), kf, vf, meta.position_slots,
-                np.asarray(meta.positions, np.int64), np.asarray(meta.seg_of_token, np.int64))
-        if self.mode == "ideal":
-            ok.attention(*args)
-        else:      # a segment of several tokens runs llama.cpp's batch kernels, one token its vec_dot
-            batched = np.diff(np.asarray(meta.seg_starts, np.int64)) > 1
-            gk.attention(*args, batched, np.float32(1) / np.sqrt(np.float32(hd)))
+        tail = (meta.position_slots, np.asarray(meta.positions, np.int64), np.asarray(meta.seg_of_token, np.int64))
+        qc = np.ascontiguousarray(q, dtype=np.float32)
+        if kinds != "typed":            # rows of bytes: [n_blocks * block_size, n_kv, row_bytes]
+            kb = pool.k[layer].reshape(-1, n_kv, pool.k.shape[-1])
+            vb = pool.v[layer].reshape(-1, n_kv, pool.v.shape[-1])
+            ok.attention_rows(res, qc, kb, vb, *tail, *kinds)
+        else:
+            view = np.float32 if self.mode == "ideal" else np.uint16
+            kf = pool.k[layer].view(view).reshape(-1, n_kv, hd)   # [n_blocks * block_size, n_kv, hd]
+            vf = pool.v[layer].view(view).reshape(-1, n_kv, hd)
+            if self.mode == "ideal":
+                ok.attention(res, qc, kf, vf, *tail)
+            else:      # a segment of several tokens runs llama.cpp's batch kernels, one token its vec_dot
+                batched = np.diff(np.asarray(meta.seg_starts, np.int64)) > 1
+                gk.attention(res, qc, kf, vf, *tail, batched, np.float32(1) / np.sqrt(np.float32(hd)))
         if res is not out:
             out[...] = res
 
@@ -353,6 +369,18 @@ class _ReadOnly:
 
     def __init__(self, w):
         self.qtensor, self.raw, self.qtype, self.shape = w, readonly(w.raw), w.qtype, w.shape
+
+
+def attention_kinds(mode, k_name, v_name):
+    """How attention runs on a (K, V) cache-type pair: "typed" (the f32 ideal / f16 ggml kernels
+    over the rows' values), (k_kind, v_kind) for ok.attention_rows (ideal mode, both types with
+    a row decoder), or None (the reference)."""
+    default = "f32" if mode == "ideal" else "f16"
+    if k_name == v_name == default:
+        return "typed"
+    if mode == "ideal" and k_name in ok.KV_KINDS and v_name in ok.KV_KINDS:
+        return ok.KV_KINDS[k_name], ok.KV_KINDS[v_name]
+    return None
 
 
 def mk_group(tname):

@@ -153,6 +153,77 @@ def add_row(acc, ps, vrow, hd8):  # acc[d] = fma(ps, v[d], acc[d]) for every d
         acc[d] = fma(ps, np.float64(vrow[d]), acc[d])
 
 
+@njit(cache=True, inline="always")
+def scores4(p, q64, s, k0, k1, k2, k3, hd8, scale):
+    """p[g, s .. s + 3] = scale * (q_g . k) for four float32 rows k0..k3 (attend_heads' order)."""
+    for g in range(q64.shape[0]):
+        qg = q64[g]
+        l0 = l1 = l2 = l3 = vsplat(0.0)
+        for d in range(0, hd8, 8):
+            qd = vload(qg, d)
+            l0 = vfma(qd, vload_f64(k0, d), l0)
+            l1 = vfma(qd, vload_f64(k1, d), l1)
+            l2 = vfma(qd, vload_f64(k2, d), l2)
+            l3 = vfma(qd, vload_f64(k3, d), l3)
+        p[g, s] = dot_rest(l0, qg, k0, hd8) * scale
+        p[g, s + 1] = dot_rest(l1, qg, k1, hd8) * scale
+        p[g, s + 2] = dot_rest(l2, qg, k2, hd8) * scale
+        p[g, s + 3] = dot_rest(l3, qg, k3, hd8) * scale
+
+
+@njit(cache=True, inline="always")
+def score1(p, q64, s, k0, hd8, scale):
+    """p[g, s] = scale * (q_g . k0), the same operations as one chain of scores4."""
+    for g in range(q64.shape[0]):
+        qg = q64[g]
+        l0 = vsplat(0.0)
+        for d in range(0, hd8, 8):
+            l0 = vfma(vload(qg, d), vload_f64(k0, d), l0)
+        p[g, s] = dot_rest(l0, qg, k0, hd8) * scale
+
+
+@njit(cache=True, inline="always")
+def add_rows4(acc, p, s, v0, v1, v2, v3, hd8):
+    """acc[g] += p[g, s + i] * v_i for the four float32 rows v0..v3, FMAs in position order."""
+    hd = acc.shape[1]
+    for g in range(acc.shape[0]):
+        ag = acc[g]
+        p0, p1, p2, p3 = vsplat(p[g, s]), vsplat(p[g, s + 1]), vsplat(p[g, s + 2]), vsplat(p[g, s + 3])
+        for d in range(0, hd8, 8):
+            a = vfma(p0, vload_f64(v0, d), vload(ag, d))
+            a = vfma(p1, vload_f64(v1, d), a)
+            a = vfma(p2, vload_f64(v2, d), a)
+            vstore(ag, d, vfma(p3, vload_f64(v3, d), a))
+        for d in range(hd8, hd):
+            ag[d] = fma(p[g, s + 3], np.float64(v3[d]), fma(p[g, s + 2], np.float64(v2[d]),
+                        fma(p[g, s + 1], np.float64(v1[d]), fma(p[g, s], np.float64(v0[d]), ag[d]))))
+
+
+@njit(cache=True, inline="always")
+def widen_queries(qs):  # float32[G, hd] -> float64[G, hd]
+    G, hd = qs.shape
+    q64 = np.empty((G, hd), np.float64)
+    for g in range(G):
+        for d in range(hd):
+            q64[g, d] = qs[g, d]
+    return q64
+
+
+@njit(cache=True, inline="always")
+def normalize(o, acc, tot):  # o[g, d] = acc[g, d] / tot[g], rounded once to float32
+    for g in range(o.shape[0]):
+        for d in range(o.shape[1]):
+            o[g, d] = acc[g, d] / tot[g]
+
+
+@njit(cache=True, inline="always")
+def softmax_rows(p):  # -> tot float64[G]: each row of p exp(p - max) in place, its sum
+    tot = np.empty(p.shape[0], np.float64)
+    for g in range(p.shape[0]):
+        tot[g] = softmax_numerators(p[g])
+    return tot
+
+
 @njit(cache=True)
 def attend_heads(o, qs, kf, vf, slots, n, kv, scale):
     """ideal mode, the G query heads qs float32[G, hd] of one token that share KV head kv:
@@ -167,69 +238,146 @@ def attend_heads(o, qs, kf, vf, slots, n, kv, scale):
     loaded and stored once per 4 FMAs), the rest one at a time, with the same operations."""
     G, hd = qs.shape
     hd8 = hd // 8 * 8
-    q64 = np.empty((G, hd), np.float64)
-    for g in range(G):
-        for d in range(hd):
-            q64[g, d] = qs[g, d]
+    q64 = widen_queries(qs)
     p = np.empty((G, n), np.float64)
     s = 0
     while s < n:
         for a in range(s + AHEAD_ROWS, min(s + AHEAD_ROWS + 4, n)):
             prefetch_row(kf, slots[a], kv)
         if s + 4 <= n:
-            k0, k1, k2, k3 = kf[slots[s], kv], kf[slots[s + 1], kv], kf[slots[s + 2], kv], kf[slots[s + 3], kv]
-            for g in range(G):
-                qg = q64[g]
-                l0 = l1 = l2 = l3 = vsplat(0.0)
-                for d in range(0, hd8, 8):
-                    qd = vload(qg, d)
-                    l0 = vfma(qd, vload_f64(k0, d), l0)
-                    l1 = vfma(qd, vload_f64(k1, d), l1)
-                    l2 = vfma(qd, vload_f64(k2, d), l2)
-                    l3 = vfma(qd, vload_f64(k3, d), l3)
-                p[g, s] = dot_rest(l0, qg, k0, hd8) * scale
-                p[g, s + 1] = dot_rest(l1, qg, k1, hd8) * scale
-                p[g, s + 2] = dot_rest(l2, qg, k2, hd8) * scale
-                p[g, s + 3] = dot_rest(l3, qg, k3, hd8) * scale
+            scores4(p, q64, s, kf[slots[s], kv], kf[slots[s + 1], kv], kf[slots[s + 2], kv], kf[slots[s + 3], kv],
+                    hd8, scale)
             s += 4
         else:
-            k0 = kf[slots[s], kv]
-            for g in range(G):
-                qg = q64[g]
-                l0 = vsplat(0.0)
-                for d in range(0, hd8, 8):
-                    l0 = vfma(vload(qg, d), vload_f64(k0, d), l0)
-                p[g, s] = dot_rest(l0, qg, k0, hd8) * scale
+            score1(p, q64, s, kf[slots[s], kv], hd8, scale)
             s += 1
-    tot = np.empty(G, np.float64)
-    for g in range(G):
-        tot[g] = softmax_numerators(p[g])
+    tot = softmax_rows(p)
     acc = np.zeros((G, hd), np.float64)
     s = 0
     while s < n:
         for a in range(s + AHEAD_ROWS, min(s + AHEAD_ROWS + 4, n)):
             prefetch_row(vf, slots[a], kv)
         if s + 4 <= n:
-            v0, v1, v2, v3 = vf[slots[s], kv], vf[slots[s + 1], kv], vf[slots[s + 2], kv], vf[slots[s + 3], kv]
-            for g in range(G):
-                ag = acc[g]
-                p0, p1, p2, p3 = vsplat(p[g, s]), vsplat(p[g, s + 1]), vsplat(p[g, s + 2]), vsplat(p[g, s + 3])
-                for d in range(0, hd8, 8):
-                    a = vfma(p0, vload_f64(v0, d), vload(ag, d))
-                    a = vfma(p1, vload_f64(v1, d), a)
-                    a = vfma(p2, vload_f64(v2, d), a)
-                    vstore(ag, d, vfma(p3, vload_f64(v3, d), a))
-                for d in range(hd8, hd):
-                    ag[d] = fma(p[g, s + 3], np.float64(v3[d]), fma(p[g, s + 2], np.float64(v2[d]),
-                                fma(p[g, s + 1], np.float64(v1[d]), fma(p[g, s], np.float64(v0[d]), ag[d]))))
+            add_rows4(acc, p, s, vf[slots[s], kv], vf[slots[s + 1], kv], vf[slots[s + 2], kv], vf[slots[s + 3], kv],
+                      hd8)
             s += 4
         else:
             for g in range(G):
                 add_row(acc[g], p[g, s], vf[slots[s], kv], hd8)
             s += 1
-    for g in range(G):
+    normalize(o, acc, tot)
+
+
+# ---- attention over quantized rows (any cache type with a kind in KV_KINDS) -----------------------
+# kb, vb are the pool's bytes of one layer, uint8[n_blocks * block_size, n_kv, row_bytes]; a row is
+# decoded once per task into a float32 scratch row (every supported type decodes to float32
+# values: ggml's dequantize_row_* and the reference's load), and then goes through exactly the
+# arithmetic of attend_heads (scores4, score1, add_rows4, add_row): an f32 pool through this path
+# gives attend_heads' bits.
+KV_KINDS = {"f32": bd.F32, "f16": bd.F16, "bf16": bd.BF16, "q8_0": bd.Q8_0, "q4_0": bd.Q4_0,
+            "q4_1": bd.Q4_1, "q5_0": bd.Q5_0, "q5_1": bd.Q5_1}
+
+
+@njit(cache=True, inline="always")
+def f16_bits_to_f32_bits(h):
+    """IEEE binary16 bits -> the bits of the same value as a binary32 (exact): the integer form
+    of blockdecode.fp16_to_f32, which a loop can vectorize (ldexp per element cost 50 ns)."""
+    sign = (h & 0x8000) << 16
+    e = (h >> 10) & 0x1F
+    mant = h & 0x3FF
+    if e == 31:
+        return sign | 0x7F800000 | (mant << 13)                  # inf, NaN (payload kept)
+    if e != 0:
+        return sign | ((e + 112) << 23) | (mant << 13)          # rebias 15 -> 127
+    if mant == 0:
+        return sign
+    sh = 0                                                      # subnormal: normalize the mantissa
+    while (mant & 0x400) == 0:
+        mant <<= 1
+        sh += 1
+    return sign | ((113 - sh) << 23) | ((mant & 0x3FF) << 13)
+
+
+@njit(cache=True)
+def decode_row(kind, row, out, bits):
+    """out float32[hd] = the values of one cache row (its bytes row uint8[row_bytes]), as the
+    cache type's load gives them; bits is out viewed as uint32. Quantized rows: hd // 32
+    blocks, each through blockdecode's per-element code functions with its scales read once
+    (dequantize_row_*: code * d, or code * d + m, in float32); float rows by their bit
+    patterns."""
+    hd = out.shape[0]
+    if kind == bd.F32:
         for d in range(hd):
-            o[g, d] = acc[g, d] / tot[g]
+            bits[d] = (np.uint32(row[4 * d]) | (np.uint32(row[4 * d + 1]) << 8) | (np.uint32(row[4 * d + 2]) << 16)
+                       | (np.uint32(row[4 * d + 3]) << 24))
+        return
+    if kind == bd.F16:
+        for d in range(hd):
+            bits[d] = f16_bits_to_f32_bits(np.uint32(row[2 * d]) | (np.uint32(row[2 * d + 1]) << 8))
+        return
+    if kind == bd.BF16:                                         # the top half of a float32
+        for d in range(hd):
+            bits[d] = (np.uint32(row[2 * d]) << 16) | (np.uint32(row[2 * d + 1]) << 24)
+        return
+    ts = row.shape[0] // (hd // 32)
+    for b in range(hd // 32):
+        blk = row[b * ts:(b + 1) * ts]
+        o = 32 * b
+        dd = bd.f16_at(blk, 0)
+        if kind == bd.Q8_0:
+            for j in range(32):
+                out[o + j] = np.float32(bd.q8_0_code(blk, j)) * dd
+        elif kind == bd.Q4_0:
+            for j in range(32):
+                out[o + j] = np.float32(bd.q4_0_code(blk, j)) * dd
+        elif kind == bd.Q5_0:
+            for j in range(32):
+                out[o + j] = np.float32(bd.q5_0_code(blk, j)) * dd
+        elif kind == bd.Q4_1:
+            m = bd.f16_at(blk, 2)
+            for j in range(32):
+                out[o + j] = np.float32(bd.q4_1_code(blk, j)) * dd + m
+        else:
+            m = bd.f16_at(blk, 2)
+            for j in range(32):
+                out[o + j] = np.float32(bd.q5_1_code(blk, j)) * dd + m
+
+
+@njit(cache=True)
+def attend_heads_rows(o, qs, kb, vb, slots, n, kv, scale, k_kind, v_kind):
+    """attend_heads over K and V rows of any kind (kb, vb: bytes), each row decoded once."""
+    G, hd = qs.shape
+    hd8 = hd // 8 * 8
+    q64 = widen_queries(qs)
+    p = np.empty((G, n), np.float64)
+    buf = np.empty((4, hd), np.float32)
+    bits = buf.view(np.uint32)
+    s = 0
+    while s < n:
+        if s + 4 <= n:
+            for i in range(4):
+                decode_row(k_kind, kb[slots[s + i], kv], buf[i], bits[i])
+            scores4(p, q64, s, buf[0], buf[1], buf[2], buf[3], hd8, scale)
+            s += 4
+        else:
+            decode_row(k_kind, kb[slots[s], kv], buf[0], bits[0])
+            score1(p, q64, s, buf[0], hd8, scale)
+            s += 1
+    tot = softmax_rows(p)
+    acc = np.zeros((G, hd), np.float64)
+    s = 0
+    while s < n:
+        if s + 4 <= n:
+            for i in range(4):
+                decode_row(v_kind, vb[slots[s + i], kv], buf[i], bits[i])
+            add_rows4(acc, p, s, buf[0], buf[1], buf[2], buf[3], hd8)
+            s += 4
+        else:
+            decode_row(v_kind, vb[slots[s], kv], buf[0], bits[0])
+            for g in range(G):
+                add_row(acc[g], p[g, s], buf[0], hd8)
+            s += 1
+    normalize(o, acc, tot)
 
 
 @njit(cache=True)
@@ -287,6 +435,25 @@ def attention(out, q, kf, vf, slots, positions, seg_of_token):
         t = N - 1 - i
         if t != i:
             attend_heads(out[t, h: h + G], q[t, h: h + G], kf, vf, slots[seg_of_token[t]], positions[t] + 1, kv, scale)
+
+
+@njit(cache=True, parallel=True)
+def attention_rows(out, q, kb, vb, slots, positions, seg_of_token, k_kind, v_kind):
+    """attention (same tasks, same pairing of token i with N - 1 - i) over rows of any kind:
+    kb, vb uint8[n_blocks * block_size, n_kv, row_bytes], decoded by attend_heads_rows."""
+    N, n_heads, hd = q.shape
+    n_kv = kb.shape[1]
+    G = n_heads // n_kv
+    scale = 1.0 / math.sqrt(hd)
+    for task in prange((N + 1) // 2 * n_kv):
+        i, kv = task // n_kv, task % n_kv
+        h = kv * G
+        attend_heads_rows(out[i, h: h + G], q[i, h: h + G], kb, vb, slots[seg_of_token[i]], positions[i] + 1, kv,
+                          scale, k_kind, v_kind)
+        t = N - 1 - i
+        if t != i:
+            attend_heads_rows(out[t, h: h + G], q[t, h: h + G], kb, vb, slots[seg_of_token[t]], positions[t] + 1,
+                              kv, scale, k_kind, v_kind)
 
 
 @njit(cache=True, parallel=True)
