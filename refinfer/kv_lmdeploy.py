@@ -247,9 +247,19 @@ def _pytorch_type(bits, exact):
     return CacheType(name, row_bytes, store, load, doc, kind="lmdeploy")
 
 
+def _quiet(f):
+    """inf and NaN are part of these formulas (a zero scale, an fp16 overflow): no warnings."""
+    def quiet(*a):
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            return f(*a)
+    return quiet
+
+
 def _with_exact(make, bits):
     ideal, exact = make(bits, False), make(bits, True)
-    return CacheType(ideal.name, ideal.row_bytes, ideal.store, ideal.load, ideal.doc, kind="lmdeploy", exact=exact)
+    exact = CacheType(exact.name, exact.row_bytes, _quiet(exact.store), _quiet(exact.load), exact.doc, kind="lmdeploy")
+    return CacheType(ideal.name, ideal.row_bytes, _quiet(ideal.store), _quiet(ideal.load), ideal.doc,
+                     kind="lmdeploy", exact=exact)
 
 
 LMDEPLOY_INT8 = _with_exact(_turbomind_type, 8)
@@ -262,10 +272,10 @@ LMDEPLOY_PT_INT4 = _with_exact(_pytorch_type, 4)
 def calibrated_quantize(x, scale, zp, exact=False):
     """x float32[..., n_kv, hd], scale / zp float32[n_kv] (or scalars) -> int8 codes (v0.2.0's quant)."""
     x = np.asarray(x, F32)
-    if exact:
-        x = x.astype(F16).astype(F32)
     scale, zp = np.asarray(scale, F32)[..., None], np.asarray(zp, F32)[..., None]
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        if exact:
+            x = x.astype(F16).astype(F32)
         v = (x - zp) / scale
     v = np.where(np.isnan(v), F32(127), np.clip(v, -128, 127))     # fminf(127, NaN) = 127
     a = np.abs(v)
