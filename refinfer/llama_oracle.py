@@ -21,6 +21,7 @@ LLAMA_CPP_HINT = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -D
 
 GGML_MAX_DIMS = 4
 GGML_TYPE_F32 = 0
+GGML_CACHE_TYPE_IDS = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}  # enum ggml_type
 
 
 class _TensorHead(ctypes.Structure):
@@ -127,7 +128,7 @@ class LlamaCpp:
     up to 100x slower than one."""
 
     def __init__(self, model_path, variant="default", n_ctx=512, n_threads=1, capture=False, kv_f32=False,
-                 n_batch=None):
+                 n_batch=None, type_k=None, type_v=None, flash_attn=None):
         if variant not in VARIANTS:
             raise RefinferError(f"unknown llama.cpp variant {variant!r}; choose one of {', '.join(VARIANTS)}",
                                 hint="e.g. llama.cpp[variant=flash_attn]:MODEL.gguf")
@@ -157,10 +158,19 @@ class LlamaCpp:
         cparams.n_ctx = self.n_ctx
         cparams.n_batch = cparams.n_ubatch = min(self.n_batch, self.n_ctx)
         cparams.n_threads = cparams.n_threads_batch = n_threads
-        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if opts.get("flash_attn")
+        fa = opts.get("flash_attn") if flash_attn is None else flash_attn
+        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if fa
                                    else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         if opts.get("kv_f32") or kv_f32:
             cparams.type_k = cparams.type_v = GGML_TYPE_F32
+        # cache types by name (llama.cpp's --cache-type-k/-v): the quantized ones are stored as
+        # ggml blocks by ggml_set_rows, a quantized V only with flash attention
+        for field, name in (("type_k", type_k), ("type_v", type_v)):
+            if name is not None:
+                if name not in GGML_CACHE_TYPE_IDS:
+                    raise RefinferError(f"llama.cpp cache type {name!r} unknown here",
+                                        hint=f"one of {', '.join(GGML_CACHE_TYPE_IDS)}")
+                setattr(cparams, field, GGML_CACHE_TYPE_IDS[name])
         if capture:
             self._callback = llama_cpp.ggml_backend_sched_eval_callback(self._capture_cb(_ggml_base(llama_cpp)))
             cparams.cb_eval = self._callback

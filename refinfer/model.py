@@ -283,15 +283,52 @@ def check_ubatch(n, option="n_ubatch"):
 DEQUANT = ("deployed", "exact")
 
 
+def configure_kv(be, cache_type_k=None, cache_type_v=None, flash_attn=False, kv_params=None, head_dim=None):
+    """Set the backend's KV cache types (names as llama.cpp's --cache-type-k/-v, or LMDeploy's
+    and refinfer's: kv_cache.CACHE_TYPES) and flash attention; None keeps the mode's default
+    (ideal f32, ggml f16). Each type is taken in the backend's mode (CacheType.in_mode: ggml mode
+    stores the LMDeploy types with their fp16 arithmetic). Combinations that llama.cpp refuses
+    or that ggml mode does not reproduce are refused here, before any weight is read."""
+    from .backends.numpy_backend import check_ggml_kv
+    from .kv_cache import get_cache_type
+    if not isinstance(flash_attn, (bool, np.bool_)):
+        raise RefinferError(f"flash_attn must be True or False, got {flash_attn!r}", hint="--flash-attn takes no value")
+    default_k, default_v = be.kv_types()
+    types = []
+    for which, name, default, opt in (("k", cache_type_k, default_k, "--cache-type-k"),
+                                      ("v", cache_type_v, default_v, "--cache-type-v")):
+        if name is None:
+            types.append(default)
+            continue
+        try:
+            t = get_cache_type(name, kv_params=kv_params, which=which)
+        except RefinferError as e:
+            raise type(e)(f"{opt}: {e}", hint=e.hint) from None
+        if head_dim is not None:
+            t.row_bytes(head_dim)                      # a block that does not divide head_dim: refused now
+        types.append(t.in_mode(be.mode))
+    if flash_attn and be.mode != "ggml":
+        raise RefinferError("--flash-attn selects llama.cpp's flash-attention arithmetic, a ggml-mode option",
+                            hint="add --mode ggml; ideal mode's attention is the exact one with or without it")
+    if be.mode == "ggml" and all(t.kind in ("float", "ggml") for t in types):
+        check_ggml_kv(types[0].name, types[1].name, bool(flash_attn))
+    be.kv_cache_types = tuple(types)
+    be.flash_attn = bool(flash_attn)
+    return be
+
+
 def load(path=None, backend=None, mode="ideal", dtype=np.float32, n_ubatch=None, dequant="deployed",
-         a16=False) -> Model:  # backend None: see backends.get_backend
+         a16=False, cache_type_k=None, cache_type_v=None, flash_attn=False, kv_params=None) -> Model:
+    # backend None: see backends.get_backend
     """Load a GGUF file or HF safetensors directory (None: the default model, fetched on first use).
     n_ubatch: tokens per forward step of a prompt (Model.ubatch; None: 512 in ggml mode, the
     whole prompt in ideal mode).
     For GPTQ / AWQ / compressed-tensors checkpoints (quant/intgroup.py): dequant "deployed" uses
     each library's own dequantized weights, rounded to the scales' dtype (fp16) as torch does;
     "exact" the float32 product scale * (q - zero). a16=True rounds the activations entering
-    and leaving those layers to fp16, as A16 kernels (exllama, Marlin) do."""
+    and leaving those layers to fp16, as A16 kernels (exllama, Marlin) do.
+    cache_type_k / cache_type_v / flash_attn / kv_params: the KV cache (configure_kv), used by
+    Model.generate, Model.logits, the Engine and the server alike."""
     n_ubatch = check_ubatch(n_ubatch)
     check_dequant(dequant)
     if path is None:
@@ -299,7 +336,9 @@ def load(path=None, backend=None, mode="ideal", dtype=np.float32, n_ubatch=None,
         path = default_model_path()
     be = get_backend(backend, mode, dtype=dtype)
     be.a16 = bool(a16)
+    configure_kv(be, cache_type_k, cache_type_v, flash_attn, kv_params)
     cfg, weights, meta = load_checkpoint(path)
+    configure_kv(be, cache_type_k, cache_type_v, flash_attn, kv_params, head_dim=cfg.head_dim)
     if dequant == "exact":
         exact_intg_weights(weights)
     return Model(cfg, weights, meta, _tokenizer_for(meta, path), be, str(path), n_ubatch=n_ubatch)

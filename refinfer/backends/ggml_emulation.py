@@ -332,3 +332,104 @@ def sincosf(y):
     sin = np.where(tiny, y, sin)
     cos = np.where(tiny, np.float32(1), cos)
     return sin, cos
+
+
+# ---- libm's expf ------------------------------------------------------------------------------
+# The CPU flash-attention kernel calls the C library's scalar expf (glibc since 2.27: ARM's
+# optimized-routines algorithm, sysdeps/ieee754/flt-32/e_expf.c with __exp2f_data): in double,
+# x*N/ln2 = k + r with N = 32 table entries of 2^(i/N), then a degree-3 polynomial in r, and the
+# double result rounded to float once. It is within 0.502 ulp, not correctly rounded, so a
+# correctly rounded exp differs from it now and then. The x86-64 build's FMA variant contracts
+# the polynomial's multiply-adds (which also matched libm on every tested input without them).
+_EXP2F_N = 32
+_EXP2F_TAB = np.array([int(h, 16) for h in (
+    "3ff0000000000000 3fefd9b0d3158574 3fefb5586cf9890f 3fef9301d0125b51 "
+    "3fef72b83c7d517b 3fef54873168b9aa 3fef387a6e756238 3fef1e9df51fdee1 "
+    "3fef06fe0a31b715 3feef1a7373aa9cb 3feedea64c123422 3feece086061892d "
+    "3feebfdad5362a27 3feeb42b569d4f82 3feeab07dd485429 3feea47eb03a5585 "
+    "3feea09e667f3bcd 3fee9f75e8ec5f74 3feea11473eb0187 3feea589994cce13 "
+    "3feeace5422aa0db 3feeb737b0cdc5e5 3feec49182a3f090 3feed503b23e255d "
+    "3feee89f995ad3ad 3feeff76f2fb5e47 3fef199bdd85529c 3fef3720dcef9069 "
+    "3fef5818dcfba487 3fef7c97337b9b5f 3fefa4afa2a490da 3fefd0765b6e4540").split()], np.uint64)
+_EXP2F_SHIFT = float.fromhex("0x1.8p+52")                       # rounds z to an integer in its low bits
+_EXP2F_INVLN2N = float.fromhex("0x1.71547652b82fep+0") * _EXP2F_N
+_EXP2F_C = (float.fromhex("0x1.c6af84b912394p-5") / _EXP2F_N ** 3, float.fromhex("0x1.ebfce50fac4f3p-3") / _EXP2F_N ** 2,
+            float.fromhex("0x1.62e42ff0c52d6p-1") / _EXP2F_N)
+
+
+def expf_libm(x) -> np.ndarray:
+    """float32 exp(x) as glibc's expf: |x| >= 88 takes the special cases (exp(-inf) = 0, inf
+    and nan pass through, overflow to inf above 0x1.62e42ep6, 0 below -0x1.9fe368p6)."""
+    x = np.asarray(x, np.float32)
+    xd = x.astype(np.float64)
+    z = _EXP2F_INVLN2N * xd
+    kd = z + _EXP2F_SHIFT
+    ki = kd.view(np.uint64)
+    kd = kd - _EXP2F_SHIFT
+    r = z - kd
+    with np.errstate(over="ignore"):
+        t = _EXP2F_TAB[ki % np.uint64(_EXP2F_N)] + (ki << np.uint64(52 - 5))   # 2^(k/N): wraps as the C uint64
+    s = t.view(np.float64)
+    c0, c1, c2 = _EXP2F_C
+    y = _fma64(_fma64(c0, r, c1), r * r, _fma64(c2, r, 1.0)) * s
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = y.astype(np.float32)
+    big = np.abs(x) >= F32(88)
+    if big.any() or np.isnan(x).any():
+        out = np.where(x > F32(float.fromhex("0x1.62e42ep6")), F32(np.inf), out)
+        out = np.where(x < F32(-float.fromhex("0x1.9fe368p6")), F32(0), out)
+        out = np.where(np.isnan(x), x, out).astype(np.float32)
+    return out
+
+
+def flash_attn_one_chunk(scores, v_rows, n_pos, v_f16):
+    """The online softmax of ggml_compute_forward_flash_attn_ext_f16_one_chunk (ggml-cpu/ops.cpp)
+    for query rows whose K.Q scores are given: scores float32[R, S] (each kq_vec_dot result
+    times the scale), v_rows float32[R or 1, S, DV] the V rows as v_to_float gives them, and
+    n_pos int[R]: row r attends to positions 0 .. n_pos[r] - 1 (the causal mask's -inf entries
+    are skipped, not added) -> float32[R, DV].
+
+    Per position, in order (M the running max, S the sum, VKQ the accumulator):
+        s > M:  M = s, ms = expf(Mold - M), VKQ *= ms, vs = 1
+        else:   ms = 1, vs = expf(s - M)
+        VKQ = fma(v, vs, VKQ) elementwise (ggml_vec_mad_f32; for an F16 V, ggml_vec_mad_f16:
+              the same fma rounded to F16, and VKQ *= ms rounded to F16 too)
+        S = fma(S, ms, vs)
+    then VKQ *= 1/S (0 when S == 0). expf is the C library's (expf_libm)."""
+    R, S_len = scores.shape
+    DV = v_rows.shape[-1]
+    M = np.full(R, -np.inf, np.float32)
+    Ssum = np.zeros(R, np.float32)
+    acc = np.zeros((R, DV), np.float32)
+    n_pos = np.asarray(n_pos, np.int64)
+    one = np.ones(R, np.float32)
+    work = np.empty((R, DV), np.float64)
+    for ic in range(S_len):
+        act = n_pos > ic
+        if not act.any():
+            continue
+        s = scores[:, ic]
+        new = act & (s > M)
+        old = act & ~new
+        with np.errstate(invalid="ignore"):
+            ms = np.where(new, expf_libm(np.where(new, M - s, F32(0))), one).astype(np.float32)
+        vs = np.where(old, expf_libm(np.where(old, s - M, F32(0))), one).astype(np.float32)
+        if new.any():
+            acc[new] = acc[new] * ms[new, None]
+            if v_f16:
+                acc[new] = _round_f16(acc[new])
+        v = v_rows[:, ic] if v_rows.shape[0] == R else np.broadcast_to(v_rows[0, ic], (R, DV))
+        upd = fma_f32(v, vs[:, None], acc, work=work)
+        if v_f16:
+            upd = _round_f16(upd)
+        acc = np.where(act[:, None], upd, acc)
+        M = np.where(new, s, M)
+        Ssum = np.where(act, fma_f32(Ssum, ms, vs), Ssum)
+    with np.errstate(divide="ignore"):
+        inv = np.where(Ssum == 0, F32(0), F32(1) / np.where(Ssum == 0, F32(1), Ssum)).astype(np.float32)
+    return acc * inv[:, None]
+
+
+def _round_f16(x):
+    # _mm256_cvtps_ph(x, 0): round to nearest even binary16
+    return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)

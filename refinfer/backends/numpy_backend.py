@@ -36,7 +36,7 @@ import math
 import numpy as np
 
 from .. import quant
-from ..kv_cache import BlockPool
+from ..kv_cache import BlockPool, get_cache_type
 from . import ggml_emulation as ge
 from ..quant._common import F32, f32_to_fp16_bits, fp16_to_f32
 from ..quant.intgroup import IntGroupTensor
@@ -90,8 +90,72 @@ def column_order_matmul(x: np.ndarray, wt: np.ndarray) -> np.ndarray:
     return acc
 
 
+GGML_FA_K_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")   # K types whose flash attention is emulated
+
+
+def check_ggml_kv(k_name, v_name, flash_attn):
+    """ggml mode reproduces these llama.cpp attention paths; anything else is refused with the reason."""
+    quantized = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+    if flash_attn:
+        if k_name not in GGML_FA_K_TYPES or v_name not in quantized + ("f16",):
+            raise UnsupportedError(
+                f"ggml mode emulates llama.cpp's CPU flash attention for a K cache of {', '.join(GGML_FA_K_TYPES)} "
+                f"and a V cache of those or f16, not K {k_name} / V {v_name}",
+                hint="for an f16 K llama.cpp runs its tiled or split-KV kernels, which ggml mode does not reproduce: "
+                     "drop --flash-attn, or use --mode ideal")
+        return
+    if v_name != "f16":
+        raise UnsupportedError(
+            f"a {v_name} V cache needs flash attention in llama.cpp (without it V is stored transposed, one "
+            f"element per row: llama_init_from_model refuses a quantized V), and ggml mode reproduces llama.cpp",
+            hint="add --flash-attn (flash_attn=True), or use --cache-type-v f16, or --mode ideal")
+    if k_name not in ("f16",) + quantized:
+        raise UnsupportedError(f"ggml mode reproduces llama.cpp's attention over an f16 or "
+                               f"{'/'.join(quantized)} K cache, not {k_name}",
+                               hint="use --cache-type-k f16 or a quantized type, or --mode ideal")
+
+
+def quantized_scores(q, k_raw, k_type):
+    """kq[h, t, s] = ggml_vec_dot_<K>_q8_<0|1>(K row s of head h's KV head, Q row (t, h) quantized
+    to K's vec_dot type by the x86 from_float) for q float32[T, n_heads, hd] and k_raw
+    uint8[S, n_kv, row_bytes] (quant_dot's order, which tinyBLAS_Q0_AVX shares)."""
+    T, n_heads, hd = q.shape
+    S, n_kv, _ = k_raw.shape
+    group = n_heads // n_kv
+    t = quant.get_type(k_type.name)
+    vd = VEC_DOT_TYPE[t.name]
+    kq = np.empty((n_heads, T, S), np.float32)
+    for kvh in range(n_kv):
+        kc, kd, km = q8_decomposition(np.ascontiguousarray(k_raw[:, kvh]), t, S)
+        lanes = ge.weight_lanes(kc)                                           # [nb, 8, 4, S]
+        qg = np.ascontiguousarray(q[:, kvh * group:(kvh + 1) * group].transpose(1, 0, 2)).reshape(group * T, hd)
+        dx, sx, qx = quantize_act_q8(qg)
+        r = ge.quant_dot(lanes, kd, qx, dx, *((km, sx) if vd == "q8_1" else ()))   # [group * T, S]
+        kq[kvh * group:(kvh + 1) * group] = r.reshape(group, T, S)
+    return kq
+
+
+def q8_decomposition(raw, t, rows):
+    """Integer decomposition of q4_0/q4_1/q5_0/q5_1/q8_0 rows as ggml's dot kernels see them:
+    w = d * q + m, with q float32[rows, nb, 32] integer codes (q4_0/q5_0 with the offset
+    removed, q4_1/q5_1 unsigned), d and m float32[rows, nb] (m = 0 for the types without one)."""
+    blocks = np.ascontiguousarray(raw).reshape(-1, t.type_size)
+    b = blocks.view(t.layout)[:, 0]
+    d = fp16_to_f32(b["d"])
+    m = fp16_to_f32(b["m"]) if "m" in t.layout.names else np.zeros_like(d)
+    unit = blocks.copy()
+    ub = unit.view(t.layout)[:, 0]
+    ub["d"] = 0x3C00                           # fp16 1.0 (and m := 0): dequantizing yields the codes
+    if "m" in t.layout.names:
+        ub["m"] = 0
+    q = quant.dequantize(unit, t).reshape(rows, -1, 32).astype(np.float32)
+    return q, d.reshape(rows, -1), m.reshape(rows, -1)
+
+
 class NumpyBackend:
     name = "numpy"
+    kv_cache_types = None   # (K, V) CacheType chosen at load (refinfer.load's cache_type_k/_v); None: the mode's default
+    flash_attn = False      # ggml mode: llama.cpp's flash-attention kernel (--flash-attn) instead of mul_mat + soft_max
 
     def __init__(self, mode="ideal", dtype=np.float32):
         self.mode = mode
@@ -114,30 +178,13 @@ class NumpyBackend:
 
     def _q8_parts(self, w, lanes=False):
         """Integer decomposition of a q4_0/q4_1/q5_0/q5_1/q8_0 matrix as ggml's dot kernels
-        see it: w = d * q + m, with q float32[rows, nb, 32] integer codes (q4_0/q5_0 with the
-        offset removed, q4_1/q5_1 unsigned), d and m float32[rows, nb]. lanes=True gives q in
-        quant_dot's layout [nb, 8, 4, rows] instead (what matmul keeps cached)."""
+        see it (q8_decomposition). lanes=True gives q in quant_dot's layout [nb, 8, 4, rows]
+        instead (what matmul keeps cached)."""
         key = ("lanes" if lanes else "q8", id(w))
         if key not in self._dense:
-            t = w.qtype
-            rows = w.shape[0]
-            blocks = np.ascontiguousarray(w.raw).reshape(-1, t.type_size)
-            b = blocks.view(t.layout)[:, 0]
-            d = fp16_to_f32(b["d"])
-            m = fp16_to_f32(b["m"]) if "m" in t.layout.names else np.zeros_like(d)
-            unit = quant.dequantize(self._unit_scale(blocks, t), t)  # codes: d := 1, m := 0
-            q = unit.reshape(rows, -1, 32).astype(np.float32)
-            self._dense[key] = (ge.weight_lanes(q) if lanes else q, d.reshape(rows, -1), m.reshape(rows, -1))
+            q, d, m = q8_decomposition(w.raw, w.qtype, w.shape[0])
+            self._dense[key] = (ge.weight_lanes(q) if lanes else q, d, m)
         return self._dense[key]
-
-    @staticmethod
-    def _unit_scale(blocks, t):
-        """The same blocks with d = 1.0 and m = 0.0, so that dequantizing yields the signed codes."""
-        b = blocks.copy().view(t.layout)[:, 0]
-        b["d"] = 0x3C00  # fp16 1.0
-        if "m" in t.layout.names:
-            b["m"] = 0
-        return b.view(np.uint8).reshape(blocks.shape)
 
     # ---- ops (output first) ----------------------------------------------------------------
     def embed(self, out, w, ids):
@@ -270,11 +317,16 @@ class NumpyBackend:
 
     # ---- the paged KV cache (kv_cache.py) -----------------------------------------------------
     def kv_types(self):
-        """(K type, V type) of the cache: exact rows in ideal mode (float64 ones for a float64
-        reference), llama.cpp's default F16 cache in ggml mode."""
+        """(K type, V type) of the cache, as CacheTypes: those chosen at load, else exact rows in
+        ideal mode (float64 ones for a float64 reference) and llama.cpp's default F16 cache in
+        ggml mode."""
+        if self.kv_cache_types is not None:
+            return self.kv_cache_types
         if self.mode == "ggml":
-            return "f16", "f16"
-        return ("f64", "f64") if self.dtype == np.float64 else ("f32", "f32")
+            names = ("f16", "f16")
+        else:
+            names = ("f64", "f64") if self.dtype == np.float64 else ("f32", "f32")
+        return tuple(get_cache_type(n) for n in names)
 
     def new_kv_pool(self, **shape):
         return BlockPool(**shape)
@@ -289,12 +341,19 @@ class NumpyBackend:
             flat[meta.slots] = buf
 
     @staticmethod
-    def gather_kv(pool, layer, meta, seg, n_positions):
-        """K and V of positions 0 .. n_positions - 1 of segment seg's sequence, through its block
-        table -> (float[n, n_kv, hd], float[n, n_kv, hd])."""
+    def gather_raw(pool, layer, meta, seg, n_positions):
+        """The stored bytes of K and V of positions 0 .. n_positions - 1 of segment seg's sequence,
+        through its block table -> (uint8[n, n_kv, k row_bytes], uint8[n, n_kv, v row_bytes])."""
         ids = meta.tables[seg][: -(-n_positions // meta.block_size)]
         k = pool.k[layer][ids].reshape(-1, *pool.k.shape[-2:])[:n_positions]
         v = pool.v[layer][ids].reshape(-1, *pool.v.shape[-2:])[:n_positions]
+        return k, v
+
+    @classmethod
+    def gather_kv(cls, pool, layer, meta, seg, n_positions):
+        """K and V of positions 0 .. n_positions - 1 of segment seg's sequence, through its block
+        table -> (float[n, n_kv, hd], float[n, n_kv, hd])."""
+        k, v = cls.gather_raw(pool, layer, meta, seg, n_positions)
         return pool.k_type.for_layer(layer).load(k), pool.v_type.for_layer(layer).load(v)
 
     def attention(self, out, q, pool, layer, meta):
@@ -306,17 +365,35 @@ class NumpyBackend:
                order (np.cumsum is a sequential sum). A token's numbers depend on its own query
                and its sequence's K/V only: the tokens of a segment are computed together, each
                with its later positions masked to exact zeros, which add nothing to a sum.
-        ggml   llama.cpp's single-sequence batch of each segment's tokens (_attention_ggml)."""
+               Every cache type: K and V are what the type's load gives for its stored bytes.
+        ggml   llama.cpp's single-sequence batch of each segment's tokens: mul_mat + soft_max +
+               mul_mat (_attention_ggml; F16 or quantized K, F16 V), or with flash_attn its CPU
+               flash-attention kernel (_attention_ggml_fa; quantized K, any V). Cache types
+               llama.cpp does not have (LMDeploy's, calibrated int8) store and load with their
+               exact variant and run the ideal attention: their engines' attention is not
+               llama.cpp's."""
+        k_type, v_type = pool.k_type, pool.v_type
+        ggml_kv = self.mode == "ggml" and k_type.kind != "lmdeploy" and k_type.kind != "calibrated" \
+            and v_type.kind not in ("lmdeploy", "calibrated")
+        if ggml_kv:
+            check_ggml_kv(k_type.name, v_type.name, self.flash_attn)
         for j in range(len(meta.seg_starts) - 1):
             t0, t1 = int(meta.seg_starts[j]), int(meta.seg_starts[j + 1])
             pos = meta.positions[t0:t1]
             S = int(pos.max()) + 1
-            k, v = self.gather_kv(pool, layer, meta, j, S)
             mask = np.arange(S)[None, :] > pos[:, None]                  # [T, S] future positions
-            if self.mode == "ideal":
+            if not ggml_kv:
+                k, v = self.gather_kv(pool, layer, meta, j, S)
                 self._attention_ideal(out[t0:t1], q[t0:t1], k, v, mask)
+                continue
+            k_raw, v_raw = self.gather_raw(pool, layer, meta, j, S)
+            v = pool.v_type.load(v_raw)
+            if self.flash_attn:
+                out[t0:t1] = self._attention_ggml_fa(q[t0:t1], k_raw, k_type, v, pos, v_type.name == "f16")
+            elif k_type.name == "f16":
+                self._attention_ggml(out[t0:t1], q[t0:t1], pool.k_type.load(k_raw), v, mask)
             else:
-                self._attention_ggml(out[t0:t1], q[t0:t1], k, v, mask)
+                self._attention_ggml(out[t0:t1], q[t0:t1], None, v, mask, k_raw=k_raw, k_type=k_type)
 
     def _attention_ideal(self, out, q, k, v, mask):
         T, n_heads, hd = q.shape
@@ -341,36 +418,68 @@ class NumpyBackend:
             out[t0:t1] = (o / tot[..., None]).transpose(1, 0, 2).astype(self.dtype)
 
     @staticmethod
-    def _attention_ggml(out, q, k, v, mask):
-        """llama.cpp's non-flash attention with an F16 cache (build_attn_mha): kq = mul_mat(k, q)
-        with Q rounded to F16, soft_max_ext(kq, mask, scale), kqv = mul_mat(v, kq) with the
-        probabilities rounded to F16 and V stored transposed. Both matmuls are F16 x F16: the
-        tinyBLAS order for a batch (when it takes the shape), ggml_vec_dot_f16 for one token.
-        The KV length is padded to a multiple of 256 (llama.cpp's n_kv for a context of 256 or
-        more) with masked zero entries: they add exact zeros but decide which lane each real
-        position lands in. Query rows are taken in chunks only to bound memory."""
+    def _attention_ggml(out, q, k, v, mask, k_raw=None, k_type=None):
+        """llama.cpp's non-flash attention (build_attn_mha): kq = mul_mat(k, q), soft_max_ext(kq,
+        mask, scale), kqv = mul_mat(v, kq) with the probabilities rounded to F16 and V (F16)
+        stored transposed. An F16 K is an F16 x F16 matmul with Q rounded to F16: the tinyBLAS
+        order for a batch (when it takes the shape), ggml_vec_dot_f16 for one token. A
+        quantized K (k_raw: its blocks, k_type) is a quantized matmul: Q quantized to the
+        type's vec_dot type (q8_0 or q8_1, x86 rounding) and ggml_vec_dot_*_q8_* per block
+        (quant_dot; tinyBLAS_Q0_AVX sums in the same order). The KV length is padded to a
+        multiple of 256 (llama.cpp's n_kv for a context of 256 or more) with masked zero
+        entries: they add exact zeros but decide which lane each real position lands in. Query
+        rows are taken in chunks only to bound memory."""
         T, n_heads, hd = q.shape
-        S, n_kv, _ = k.shape
+        S, n_kv, _ = v.shape
         group = n_heads // n_kv
         S_pad = -(-S // 256) * 256
         scale = F32(1) / np.sqrt(F32(hd))                                     # kq_scale = 1.0f/sqrtf(n_embd_head)
-        k16 = np.zeros((n_kv, S_pad, hd), np.float32)
         v16 = np.zeros((n_kv, hd, S_pad), np.float32)                         # V transposed
-        k16[:, :S] = k.transpose(1, 0, 2)
         v16[:, :, :S] = v.transpose(1, 2, 0)
-        kh = np.repeat(k16, group, axis=0)[:, None]                           # [n_heads, 1, S_pad, hd]
         vh = np.repeat(v16, group, axis=0)[:, None]                           # [n_heads, 1, hd, S_pad]
-        q16 = round_f16(q).transpose(1, 0, 2)[:, :, None, :]                  # [n_heads, T, 1, hd]
         full_mask = np.full((T, S_pad), -np.inf, np.float32)
         full_mask[:, :S] = np.where(mask, -np.inf, 0).astype(np.float32)
-        kq_dot = ge.f16_dot_tinyblas if T > 1 and hd % 8 == 0 else ge.f16_dot_vec
         kqv_dot = ge.f16_dot_tinyblas if T > 1 and hd % 4 == 0 else ge.f16_dot_vec
+        if k_raw is None:
+            k16 = np.zeros((n_kv, S_pad, hd), np.float32)
+            k16[:, :S] = k.transpose(1, 0, 2)
+            kh = np.repeat(k16, group, axis=0)[:, None]                       # [n_heads, 1, S_pad, hd]
+            q16 = round_f16(q).transpose(1, 0, 2)[:, :, None, :]              # [n_heads, T, 1, hd]
+            kq_dot = ge.f16_dot_tinyblas if T > 1 and hd % 8 == 0 else ge.f16_dot_vec
+
+            def scores(t0, t1):                                               # [n_heads, Tc, S_pad]
+                return kq_dot(q16[:, t0:t1], kh)
+        else:
+            kq_all = quantized_scores(q, k_raw, k_type)                       # [n_heads, T, S]
+
+            def scores(t0, t1):
+                kq = np.zeros((n_heads, t1 - t0, S_pad), np.float32)          # padded cells: zero blocks, masked
+                kq[:, :, :S] = kq_all[:, t0:t1]
+                return kq
         step = max(1, (1 << 22) // (8 * n_heads * S_pad))
         for t0 in range(0, T, step):
             t1 = min(T, t0 + step)
-            kq = kq_dot(q16[:, t0:t1], kh)                                    # [n_heads, Tc, S_pad]
-            p16 = round_f16(ge.soft_max(kq, scale, full_mask[t0:t1]))
+            p16 = round_f16(ge.soft_max(scores(t0, t1), scale, full_mask[t0:t1]))
             out[t0:t1] = kqv_dot(p16[:, :, None, :], vh).transpose(1, 0, 2)   # [Tc, n_heads, hd]
+
+    @staticmethod
+    def _attention_ggml_fa(q, k_raw, k_type, v, pos, v_f16):
+        """llama.cpp's CPU flash attention for a quantized K (ggml_compute_forward_flash_attn_ext_f16
+        always takes its one_chunk kernel then: the tiled and split-KV paths need an F32/F16 K):
+        per query row, Q quantized to K's vec_dot type, s = kq_vec_dot(k, Q_q) * scale per
+        position, V rows through to_float (F16 V: accumulated in F16), and the online softmax of
+        ge.flash_attn_one_chunk -> float32[T, n_heads, hd]."""
+        T, n_heads, hd = q.shape
+        S, n_kv, _ = v.shape
+        group = n_heads // n_kv
+        scale = F32(1) / np.sqrt(F32(hd))
+        kq = quantized_scores(q, k_raw, k_type) * scale                       # [n_heads, T, S]
+        out = np.empty((T, n_heads, hd), np.float32)
+        n_pos = np.asarray(pos, np.int64) + 1
+        for h in range(n_heads):
+            vrows = v[None, :, h // group, :]                                 # [1, S, hd]
+            out[:, h] = ge.flash_attn_one_chunk(kq[h], vrows, n_pos, v_f16)
+        return out
 
     def swiglu(self, out, gate, up):
         """out = silu(gate) * up, silu(g) = g / (1 + exp(-g))."""
