@@ -15,7 +15,7 @@ import warnings
 
 from .errors import RefinferError
 
-COMMANDS = ["generate", "batch", "inspect", "quantize", "imatrix", "convert", "export-hf", "dump", "floor", "compare", "perplexity", "kld", "backends", "bench", "serve", "bench-serve"]
+COMMANDS = ["generate", "batch", "inspect", "quantize", "imatrix", "convert", "export-hf", "dump", "floor", "compare", "perplexity", "kld", "backends", "bench", "serve", "bench-serve", "calibrate-kv"]
 
 
 def _load(name):
