@@ -198,6 +198,7 @@ def _step(cfg, w, be, batch, kv, tokens, tap):
     be.embed(x, w.token_embd, tokens)
     tap("inp_embd", x)
     cos, sin = be.rope_cos_sin(meta.positions, cfg, w.rope_freqs)
+    rot_k, rot_v = be.kv_rotation_sizes(pool)      # llama.cpp's Hadamard rotation for its quantized caches, or 0
 
     for i, L in enumerate(w.layers):
         be.rmsnorm(h, x, L.attn_norm, cfg.norm_eps)
@@ -213,9 +214,16 @@ def _step(cfg, w, be, batch, kv, tokens, tap):
         tap(f"Qcur-{i}", q3)
         tap(f"Kcur-{i}", k3)
         tap(f"Vcur-{i}", v3)
+        if rot_k:
+            be.hadamard(q3, rot_k)
+            be.hadamard(k3, rot_k)
+        if rot_v:
+            be.hadamard(v3, rot_v)
         be.store_kv(pool, i, meta, k3, v3)
         be.attention(att, q3, pool, i, meta)
-        tap(f"kqv_out-{i}", att)
+        tap(f"kqv_out-{i}", att)               # llama.cpp's kqv_out: before V's rotation is undone
+        if rot_v:
+            be.hadamard(att, rot_v)
         be.matmul(o, att.reshape(N, n_heads * hd), L.attn_output)
         tap(f"attn_out-{i}", o)
         x += o

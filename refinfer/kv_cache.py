@@ -226,6 +226,27 @@ def get_cache_type(name, kv_params=None, which="k") -> CacheType:
                            hint=f"the KV cache types are {known} (refinfer.kv_cache.CACHE_TYPES)")
 
 
+def attn_rotation(k_type, v_type, head_dim) -> tuple[int, int]:
+    """llama.cpp's attention rotation for a quantized cache (llama_kv_cache's attn_rot_k /
+    attn_rot_v, src/llama-kv-cache.cpp): with a quantized K type and head_dim % 64 == 0, Q and K
+    are multiplied by an orthonormal Walsh-Hadamard matrix of size n_k (the largest power of two
+    dividing head_dim, build_input_k_rot) before K is stored, so that outliers spread over the
+    block before quantization; with a quantized V type the same for V with n_v = 64
+    (build_input_v_rot), and the attention output is rotated back. Q.K is unchanged in exact
+    arithmetic (H is orthonormal, H^2 = I). Returns (n_k, n_v), 0 for no rotation. Only
+    llama.cpp's own block types rotate; LMDeploy's and calibrated types do not."""
+    def quantized(t):
+        return t.kind == "ggml" and t.name != "bf16"
+    n_k = n_v = 0
+    if quantized(k_type) and head_dim % 64 == 0:
+        n_k = 64
+        while head_dim % (2 * n_k) == 0:
+            n_k *= 2
+    if quantized(v_type) and head_dim % 64 == 0:
+        n_v = 64
+    return n_k, n_v
+
+
 # ---------------------------------------------------------------------------------------------
 # The pool: the bytes of every block of every layer.
 

@@ -36,7 +36,7 @@ import math
 import numpy as np
 
 from .. import quant
-from ..kv_cache import BlockPool, get_cache_type
+from ..kv_cache import BlockPool, attn_rotation, get_cache_type
 from . import ggml_emulation as ge
 from ..quant._common import F32, f32_to_fp16_bits, fp16_to_f32
 from ..quant.intgroup import IntGroupTensor
@@ -156,6 +156,7 @@ class NumpyBackend:
     name = "numpy"
     kv_cache_types = None   # (K, V) CacheType chosen at load (refinfer.load's cache_type_k/_v); None: the mode's default
     flash_attn = False      # ggml mode: llama.cpp's flash-attention kernel (--flash-attn) instead of mul_mat + soft_max
+    kv_rotation = True      # llama.cpp's Hadamard rotation of Q/K/V for its quantized cache types (kv_cache.attn_rotation)
 
     def __init__(self, mode="ideal", dtype=np.float32):
         self.mode = mode
@@ -327,6 +328,30 @@ class NumpyBackend:
         else:
             names = ("f64", "f64") if self.dtype == np.float64 else ("f32", "f32")
         return tuple(get_cache_type(n) for n in names)
+
+    def kv_rotation_sizes(self, pool) -> tuple[int, int]:
+        """(n_k, n_v) of the Hadamard rotation this pool's cache types get (kv_cache.attn_rotation), or (0, 0)."""
+        if not self.kv_rotation:
+            return 0, 0
+        return attn_rotation(pool.k_type, pool.v_type, pool.head_dim)
+
+    def hadamard(self, x, n):
+        """x[..., hd] = each run of n values multiplied by the orthonormal n x n Walsh-Hadamard
+        matrix, in place (llama_mul_mat_hadamard). ggml mode as ggml_compute_forward_fwht:
+        x * (1/sqrtf(n)) first, then the butterflies u + v, u - v for len = 1, 2, ..., n/2, each
+        rounded to float32. Ideal mode: the same butterflies in float64, rounded once."""
+        shape = x.shape
+        dt = np.float32 if self.mode == "ggml" else np.float64
+        y = x.reshape(-1, shape[-1] // n, n).astype(dt)
+        y = y * (F32(1) / np.sqrt(F32(n)) if self.mode == "ggml" else 1.0 / math.sqrt(n))
+        length = 1
+        while length < n:
+            g = y.reshape(y.shape[0], y.shape[1], n // (2 * length), 2, length)
+            u, v = g[:, :, :, 0].copy(), g[:, :, :, 1].copy()
+            g[:, :, :, 0] = u + v
+            g[:, :, :, 1] = u - v
+            length *= 2
+        x[...] = y.reshape(shape).astype(x.dtype)
 
     def new_kv_pool(self, **shape):
         return BlockPool(**shape)
