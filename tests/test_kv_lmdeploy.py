@@ -157,7 +157,9 @@ def make_rows(hd=32):
              100.0 + rng.standard_normal(hd) * 1e-2,          # large offset, small range
              rng.uniform(-60000, 60000, hd),                  # near the fp16 limits
              np.linspace(0, 255, hd), np.linspace(-1, 1, hd), # ties at every code
-             rng.standard_normal(hd) * 1e-6]                  # subnormal fp16 range
+             rng.standard_normal(hd) * 1e-6,                  # subnormal fp16 range
+             np.r_[0, 255, np.arange(hd - 2) + 0.5],          # int8 scale 1: every code a tie
+             np.r_[0, 15, np.arange(hd - 2) % 15 + 0.5]]      # int4 scale 1: ties
     return np.array(rows, dtype=np.float32)
 
 
@@ -297,9 +299,11 @@ def params_dict(n_layers=2, n_kv=2, hd=16, per_head=False, seed=0):
 @pytest.mark.parametrize("per_head", [False, True], ids=["layer", "head"])
 def test_calibrated_against_kernel(per_head, exact):
     d = params_dict(per_head=per_head)
+    d["layers"][0]["k_scale"], d["layers"][0]["k_zp"] = ([0.5, 0.5], [0.0, 0.0]) if per_head else (0.5, 0.0)
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((5, 2, 16)) * 3).astype(np.float32)      # beyond the range: clamped
     x[0, 0, :4] = [0.0, 1e-30, -1e30, 1e30]
+    x[1] = (np.arange(16) - 8) * 0.5 + 0.25                          # layer 0 K: (x - 0) / 0.5 = ties
     for which in "kv":
         ct = kv_cache.get_cache_type("int8-calibrated", d, which)
         ct = ct.in_mode("ggml") if exact else ct
