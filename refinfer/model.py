@@ -283,7 +283,8 @@ def check_ubatch(n, option="n_ubatch"):
 DEQUANT = ("deployed", "exact")
 
 
-def configure_kv(be, cache_type_k=None, cache_type_v=None, flash_attn=False, kv_params=None, head_dim=None):
+def configure_kv(be, cache_type_k=None, cache_type_v=None, flash_attn=False, kv_params=None, head_dim=None,
+                 kv_rotation=True):
     """Set the backend's KV cache types (names as llama.cpp's --cache-type-k/-v, or LMDeploy's
     and refinfer's: kv_cache.CACHE_TYPES) and flash attention; None keeps the mode's default
     (ideal f32, ggml f16). Each type is taken in the backend's mode (CacheType.in_mode: ggml mode
@@ -314,11 +315,12 @@ def configure_kv(be, cache_type_k=None, cache_type_v=None, flash_attn=False, kv_
         check_ggml_kv(types[0].name, types[1].name, bool(flash_attn))
     be.kv_cache_types = tuple(types)
     be.flash_attn = bool(flash_attn)
+    be.kv_rotation = bool(kv_rotation)
     return be
 
 
 def load(path=None, backend=None, mode="ideal", dtype=np.float32, n_ubatch=None, dequant="deployed",
-         a16=False, cache_type_k=None, cache_type_v=None, flash_attn=False, kv_params=None) -> Model:
+         a16=False, cache_type_k=None, cache_type_v=None, flash_attn=False, kv_params=None, kv_rotation=True) -> Model:
     # backend None: see backends.get_backend
     """Load a GGUF file or HF safetensors directory (None: the default model, fetched on first use).
     n_ubatch: tokens per forward step of a prompt (Model.ubatch; None: 512 in ggml mode, the
@@ -327,8 +329,9 @@ def load(path=None, backend=None, mode="ideal", dtype=np.float32, n_ubatch=None,
     each library's own dequantized weights, rounded to the scales' dtype (fp16) as torch does;
     "exact" the float32 product scale * (q - zero). a16=True rounds the activations entering
     and leaving those layers to fp16, as A16 kernels (exllama, Marlin) do.
-    cache_type_k / cache_type_v / flash_attn / kv_params: the KV cache (configure_kv), used by
-    Model.generate, Model.logits, the Engine and the server alike."""
+    cache_type_k / cache_type_v / flash_attn / kv_params / kv_rotation: the KV cache
+    (configure_kv; kv_rotation False drops llama.cpp's Hadamard rotation, kv_cache.attn_rotation),
+    used by Model.generate, Model.logits, the Engine and the server alike."""
     n_ubatch = check_ubatch(n_ubatch)
     check_dequant(dequant)
     if path is None:
@@ -336,9 +339,9 @@ def load(path=None, backend=None, mode="ideal", dtype=np.float32, n_ubatch=None,
         path = default_model_path()
     be = get_backend(backend, mode, dtype=dtype)
     be.a16 = bool(a16)
-    configure_kv(be, cache_type_k, cache_type_v, flash_attn, kv_params)
+    configure_kv(be, cache_type_k, cache_type_v, flash_attn, kv_params, kv_rotation=kv_rotation)
     cfg, weights, meta = load_checkpoint(path)
-    configure_kv(be, cache_type_k, cache_type_v, flash_attn, kv_params, head_dim=cfg.head_dim)
+    configure_kv(be, cache_type_k, cache_type_v, flash_attn, kv_params, head_dim=cfg.head_dim, kv_rotation=kv_rotation)
     if dequant == "exact":
         exact_intg_weights(weights)
     return Model(cfg, weights, meta, _tokenizer_for(meta, path), be, str(path), n_ubatch=n_ubatch)

@@ -162,8 +162,19 @@ def kld_stats(nll_base, nll_test, kld, p_diff, same_top, nmse_num=0.0, nmse_den=
 
 # ---- sources of logits ----------------------------------------------------------------------
 
+def _flag_option(name, value, spec):
+    if value in (None, "0", "1", 0, 1, False, True):
+        return None if value is None else value in ("1", 1, True)
+    raise RefinferError(f"{spec or 'source'}: {name}={value!r}: expected 0 or 1",
+                        hint=f"e.g. refinfer[mode=ggml,{name}=1]:MODEL.gguf")
+
+
+KV_OPTIONS = ("cache_type_k", "cache_type_v", "flash_attn")   # refinfer and llama.cpp sources
+
+
 class RefinferSource:
-    def __init__(self, path, mode="ideal", backend=None, ubatch=None, dequant="deployed", a16="0"):
+    def __init__(self, path, mode="ideal", backend=None, ubatch=None, dequant="deployed", a16="0",
+                 cache_type_k=None, cache_type_v=None, flash_attn=None, kv_params=None, kv_rotation=None):
         # backend None: numba in ideal mode (batch-invariant kernels within NMSE 4e-12 of the
         # reference; the reference's column-order float64 matmuls take about 0.25 s a token on
         # SmolLM2), the lane-exact NumPy emulation in ggml mode. ubatch None: Model.ubatch's
@@ -175,8 +186,17 @@ class RefinferSource:
             raise RefinferError(f"source option a16={a16!r}: expected 0 or 1",
                                 hint="refinfer[a16=1]:GPTQ_DIR rounds the W4A16 layers' activations to fp16")
         a16 = a16 in ("1", 1, True)
-        self.model = load(path, mode=mode, backend=backend, n_ubatch=ubatch, dequant=dequant, a16=a16)
+        fa = bool(_flag_option("flash_attn", flash_attn, None))
+        rot = _flag_option("kv_rotation", kv_rotation, None)
+        rot = True if rot is None else rot
+        self.model = load(path, mode=mode, backend=backend, n_ubatch=ubatch, dequant=dequant, a16=a16,
+                          cache_type_k=cache_type_k, cache_type_v=cache_type_v, flash_attn=fa, kv_params=kv_params,
+                          kv_rotation=rot)
         extra = (",dequant=exact" if dequant == "exact" else "") + (",a16=1" if a16 else "")
+        kt, vt = self.model.backend.kv_types()
+        if cache_type_k or cache_type_v:
+            extra += f",cache_type_k={kt.name},cache_type_v={vt.name}"
+        extra += (",flash_attn=1" if fa else "") + ("" if rot else ",kv_rotation=0")
         self.name = f"refinfer[mode={mode},backend={backend}{extra}]:{path}"
         self.n_vocab = self.model.config.vocab_size
         self.max_ctx = self.model.config.max_seq_len
@@ -195,10 +215,15 @@ class RefinferSource:
 
 
 class LlamaCppSource:
-    def __init__(self, path, variant="default", n_ctx=512, n_threads=1, ubatch=None):
+    def __init__(self, path, variant="default", n_ctx=512, n_threads=1, ubatch=None, cache_type_k=None,
+                 cache_type_v=None, flash_attn=None):
         from .llama_oracle import LlamaCpp
-        self.llm = LlamaCpp(path, variant=variant, n_ctx=n_ctx, n_threads=n_threads, n_batch=ubatch)
-        self.name = f"llama.cpp[variant={variant}]:{path}"
+        fa = _flag_option("flash_attn", flash_attn, None)
+        self.llm = LlamaCpp(path, variant=variant, n_ctx=n_ctx, n_threads=n_threads, n_batch=ubatch,
+                            type_k=cache_type_k, type_v=cache_type_v, flash_attn=fa)
+        extra = "".join(f",{k}={v}" for k, v in (("cache_type_k", cache_type_k), ("cache_type_v", cache_type_v),
+                                                 ("flash_attn", None if fa is None else int(fa))) if v is not None)
+        self.name = f"llama.cpp[variant={variant}{extra}]:{path}"
         self.n_vocab, self.add_bos, self.bos = self.llm.n_vocab, self.llm.add_bos, self.llm.bos
 
     def tokenize(self, text):
@@ -364,11 +389,13 @@ def _ubatch_option(value, spec):
     return int(value)
 
 
-def parse_source(spec: str, n_ctx=512, n_threads=1, n_ubatch=None):
+def parse_source(spec: str, n_ctx=512, n_threads=1, n_ubatch=None, kv=None):
     """refinfer[mode=ggml,backend=numpy,ubatch=512]:PATH, llama.cpp[variant=flash_attn,ubatch=512]:PATH,
     logits:FILE; openai[vocab=MODEL,top=20,model=NAME]:URL (or a bare http(s) URL); a bare path is
     refinfer's ideal mode (or a logits file if it ends in .safetensors). n_ubatch: the ubatch of
-    refinfer and llama.cpp sources whose spec gives none."""
+    refinfer and llama.cpp sources whose spec gives none; kv: defaults of the KV options
+    (cache_type_k, cache_type_v, flash_attn; kv_params, kv_rotation for refinfer) for them, the
+    command line's --cache-type-k/-v and --flash-attn."""
     m = SOURCE_SPEC.match(spec)
     if m is None and spec.startswith(("http://", "https://")):
         kind, opts, path = "openai", "", spec
@@ -383,7 +410,8 @@ def parse_source(spec: str, n_ctx=512, n_threads=1, n_ubatch=None):
             raise RefinferError(f"source option {item!r} in {spec!r} is not key=value",
                                 hint="e.g. refinfer[mode=ggml]:MODEL.gguf")
         kw[key.strip()] = value.strip()
-    allowed = {"refinfer": {"mode", "backend", "ubatch", "dequant", "a16"}, "llama.cpp": {"variant", "ubatch"}, "logits": set(),
+    allowed = {"refinfer": {"mode", "backend", "ubatch", "dequant", "a16", *KV_OPTIONS, "kv_params", "kv_rotation"},
+               "llama.cpp": {"variant", "ubatch", *KV_OPTIONS}, "logits": set(),
                "openai": {"vocab", "model", "top", "timeout"}}[kind]
     if set(kw) - allowed:
         raise RefinferError(f"{spec!r}: unknown option(s) {sorted(set(kw) - allowed)} for a {kind} source "
@@ -391,6 +419,12 @@ def parse_source(spec: str, n_ctx=512, n_threads=1, n_ubatch=None):
                             hint="e.g. refinfer[mode=ggml,backend=numba]:MODEL.gguf or llama.cpp[variant=flash_attn]:MODEL.gguf")
     if kind in ("refinfer", "llama.cpp"):
         kw["ubatch"] = _ubatch_option(kw.get("ubatch", n_ubatch), spec)
+        for key, value in (kv or {}).items():
+            if value is not None and (kind == "refinfer" or key in KV_OPTIONS):
+                kw.setdefault(key, value)
+        for key in ("flash_attn", "kv_rotation"):
+            if key in kw:
+                _flag_option(key, kw[key], spec)
     if kind == "refinfer":
         return RefinferSource(path, **kw)
     if kind == "llama.cpp":

@@ -18,6 +18,7 @@ import sys
 import time
 
 from .. import threads
+from .kv_args import add_kv_arguments, check_kv, kv_kwargs
 
 HELP = "generate for many requests at once through the continuous-batching engine (JSON lines in, JSON lines out)"
 
@@ -38,6 +39,7 @@ def add_arguments(p):
     p.add_argument("--backend", default=None, help="compute backend: numba (the default when installed), numpy (the reference) or cuda")
     p.add_argument("--mode", default="ideal", metavar="ideal|ggml",
                    help="numerics: ideal (exact float; batch-invariant) or ggml (llama.cpp's CPU roundings)")
+    add_kv_arguments(p)
     threads.add_argument(p)
 
 
@@ -95,6 +97,7 @@ def check_args(args):
     if args.kv_cache_mib is not None and not args.kv_cache_mib > 0:
         raise RefinferError(f"--kv-cache-mib must be positive, got {args.kv_cache_mib}", hint="e.g. --kv-cache-mib 256")
     check_backend_name(args.backend, args.mode)
+    check_kv(args)
     threads.check(args.threads)
 
 
@@ -108,7 +111,7 @@ def run(args) -> int:
         check_output_path(args.output, "-o/--output")
     reqs = read_requests(args.requests)
     threads.set_threads(args.threads)
-    model = load(args.model, backend=args.backend, mode=args.mode)
+    model = load(args.model, backend=args.backend, mode=args.mode, **kv_kwargs(args))
     engine = Engine(model, max_batch=args.max_batch, max_tokens_per_step=args.max_tokens_per_step,
                     kv_block_size=args.kv_block_size, kv_cache_mib=args.kv_cache_mib,
                     kv_cache_tokens=args.kv_cache_tokens, enable_prefix_caching=not args.no_prefix_cache)

@@ -11,6 +11,7 @@ import sys
 import time
 
 from .. import threads
+from .kv_args import add_kv_arguments, check_kv, kv_kwargs
 
 HELP = "generate text from a prompt (default model: SmolLM2-135M-Instruct Q4_1, fetched on first use)"
 
@@ -41,6 +42,7 @@ def add_arguments(p):
     p.add_argument("--a16", action="store_true",
                    help="GPTQ/AWQ/compressed-tensors checkpoints: round those layers' input and output activations "
                         "to fp16, as A16 kernels (exllama, Marlin) do")
+    add_kv_arguments(p)
     threads.add_argument(p)
 
 
@@ -57,6 +59,7 @@ def check_args(args):
     check_backend_name(args.backend, args.mode)
     check_ubatch(args.ubatch, "--ubatch")
     check_dequant(args.dequant, "--dequant")
+    check_kv(args)
     threads.check(args.threads)
     return seed
 
@@ -76,7 +79,7 @@ def run(args) -> int:
     threads.set_threads(args.threads)   # before Numba loads with the model's backend
     t0 = time.perf_counter()
     model = load(args.model, backend=args.backend, mode=args.mode, n_ubatch=args.ubatch, dequant=args.dequant,
-                 a16=args.a16)
+                 a16=args.a16, **kv_kwargs(args))
     load_s = time.perf_counter() - t0
     stats = {}
     pieces = model.generate(prompt, max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
@@ -93,6 +96,7 @@ def run(args) -> int:
     dec = stats.get("decode_s", 0.0)
     print(f"[{stats.get('prompt_tokens', 0)} prompt tokens in {stats.get('prefill_s', 0.0):.2f} s, "
           f"{n} generated tokens at {n / dec if dec > 0 else 0.0:.1f} tokens/s; "
-          f"load {load_s:.1f} s; backend {model.backend.name}, mode {args.mode}"
+          f"load {load_s:.1f} s; backend {model.backend.name}, mode {args.mode}, "
+          f"KV {'/'.join(t.name for t in model.backend.kv_types())}"
           + (f", threads {args.threads}" if args.threads is not None else "") + f"; seed {seed}]", file=sys.stderr)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from .. import threads
+from .kv_args import add_kv_arguments, source_kv
 from .perplexity import add_ubatch_argument
 
 HELP = "KL divergence, PPL ratio, RMS delta-p and same-top-p of test logits against base logits (llama-perplexity --kl-divergence)"
@@ -14,9 +15,15 @@ SOURCES = """SRC is one of
   refinfer[backend=numpy]:MODEL               the NumPy reference itself (slow: ~0.25 s a token on SmolLM2)
   refinfer[mode=ggml,backend=numba]:MODEL     refinfer with options (also ubatch=N; for GPTQ/AWQ/
                                               compressed-tensors dirs dequant=exact, a16=1)
+  refinfer[cache_type_k=q8_0,cache_type_v=q8_0]:MODEL
+                                              a quantized KV cache (also flash_attn=1 in ggml
+                                              mode, kv_params=FILE, kv_rotation=0); the command's
+                                              --cache-type-k/-v and --flash-attn set them for
+                                              every --test source that sets none
   llama.cpp:MODEL.gguf                        llama.cpp through llama-cpp-python (default settings)
   llama.cpp[variant=flash_attn]:MODEL.gguf    variants: default, single_token, flash_attn, kv_f32;
-                                              ubatch=N: tokens per llama_decode step (default 512)
+                                              ubatch=N: tokens per llama_decode step (default 512);
+                                              cache_type_k=, cache_type_v=, flash_attn=0|1
   logits:FILE.safetensors | FILE.safetensors  base logits saved with --save-base (float32), or a
                                               fixture's teacher-forced prompt logits
                                               (formats/fixtures/logits-*.safetensors: one chunk,
@@ -46,6 +53,7 @@ def add_arguments(p):
                         "variants single_token, flash_attn and kv_f32 against its default, on the same chunks")
     p.add_argument("--json", metavar="FILE", default=None, help="write every statistic to FILE as JSON")
     add_ubatch_argument(p)
+    add_kv_arguments(p)
     threads.add_argument(p, default_help="all cores for refinfer, 1 for llama.cpp sources")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -118,7 +126,7 @@ def run(args) -> int:
         _, first = chunks_of(base, tokens, n_ctx)   # a text too short for -c fails here, before any model runs
         tests = []
         for s in args.test:
-            tests.append(parse_source(s, n_ctx=n_ctx, n_threads=n_llama, n_ubatch=args.ubatch))
+            tests.append(parse_source(s, n_ctx=n_ctx, n_threads=n_llama, n_ubatch=args.ubatch, kv=source_kv(args)))
             opened.append(tests[-1])
             check_source_ctx(tests[-1], n_ctx)
         for t in tests:

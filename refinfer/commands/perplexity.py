@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from .. import threads
+from .kv_args import add_kv_arguments, source_kv
 
 HELP = "perplexity over a text file with llama-perplexity's chunking (same numbers for the same --ctx)"
 
@@ -22,6 +23,7 @@ def add_arguments(p):
     p.add_argument("--backend", default=None,
                    help="refinfer backend for a plain model path (default: numba in ideal mode, numpy in ggml mode)")
     add_ubatch_argument(p)
+    add_kv_arguments(p)
     threads.add_argument(p, default_help="all cores for refinfer, 1 for llama.cpp sources")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -68,7 +70,8 @@ def run(args) -> int:
         spec = str(default_model_path())
     if SOURCE_SPEC.match(spec) is None and not spec.startswith(("http://", "https://")):  # a plain path: refinfer
         spec = f"refinfer[mode={args.mode}" + (f",backend={args.backend}" if args.backend else "") + f"]:{spec}"
-    src = parse_source(spec, n_ctx=args.ctx, n_threads=threads.llama_cpp_threads(args.threads), n_ubatch=args.ubatch)
+    src = parse_source(spec, n_ctx=args.ctx, n_threads=threads.llama_cpp_threads(args.threads), n_ubatch=args.ubatch,
+                       kv=source_kv(args))
     try:
         if isinstance(src, LogitsFileSource):
             raise RefinferError(f"-m {spec}: perplexity runs a model, not saved logits",

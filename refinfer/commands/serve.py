@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from .. import threads
+from .kv_args import add_kv_arguments, check_kv, kv_kwargs
 
 HELP = "serve a model over an OpenAI-compatible HTTP API, with a chat page (default: loopback, port 8080)"
 
@@ -34,6 +35,7 @@ def add_arguments(p):
     p.add_argument("--dequant", default="deployed", metavar="deployed|exact",
                    help="GPTQ/AWQ/compressed-tensors checkpoints: deployed (default) or exact dequantization")
     p.add_argument("--a16", action="store_true", help="GPTQ/AWQ/compressed-tensors checkpoints: fp16 activations")
+    add_kv_arguments(p)
     threads.add_argument(p)
 
 
@@ -59,6 +61,7 @@ def check_args(args):
         raise RefinferError("--api-key is empty", hint="give a key, or leave out --api-key for no authentication")
     check_backend_name(args.backend, args.mode)
     check_dequant(args.dequant, "--dequant")
+    check_kv(args)
     threads.check(args.threads)
 
 
@@ -87,7 +90,8 @@ def run(args) -> int:
     threads.set_threads(args.threads)
 
     def loader():
-        return load(args.model, backend=args.backend, mode=args.mode, dequant=args.dequant, a16=args.a16)
+        return load(args.model, backend=args.backend, mode=args.mode, dequant=args.dequant, a16=args.a16,
+                    **kv_kwargs(args))
 
     app = create_app(loader=loader, parallel=args.parallel, max_queue=args.max_queue, api_key=args.api_key,
                      model_alias=args.model_alias, kv_cache_mib=args.kv_cache_mib, ctx=args.ctx,
