@@ -58,14 +58,18 @@ def main():
             kernels.append((f"matmul_float {name} tile {tile}", mk.matmul_float(kind, tile), (f32_2d, f32_2d, u8_2d)))
             if kind in bd.LEGACY:
                 kernels.append((f"matmul_q8 {name} tile {tile}", mk.matmul_q8(kind, tile), (f32_2d, i8_2d, f32_2d, f32_2d, u8_2d)))
-    for k_type in kv.ROW_DTYPE:
-        for v_type in kv.ROW_DTYPE:
-            kr, vr = rows[k_type], rows[v_type]
-            kernels += [
-                (f"store_kv {k_type}/{v_type}", kv.store_kv(k_type, v_type), (kr, vr, i64_1d, i64, f32_3d, f32_3d)),
-                (f"attention {k_type}/{v_type}", kv.attention(k_type, v_type),
-                 (f32_3d, f32_3d, kr, vr, i64_1d, i32_1d, i32_2d, i64, f64, f64_3d, b)),
-            ]
+    for k_type in kv.STORE:
+        for v_type in kv.STORE:
+            kernels.append((f"store_kv {k_type}/{v_type}", kv.store_kv(k_type, v_type),
+                            (rows[k_type], rows[v_type], i64_1d, i64, f32_3d, f32_3d)))
+    # attention: every pair of the device-stored types, and every other type with K = V (each
+    # type's decoder compiles once; a mixed pair is the same two decoders)
+    pairs = [(k, v) for k in kv.STORE for v in kv.STORE] + [(t, t) for t in kv.LOAD if t not in kv.STORE]
+    for k_type, v_type in pairs:
+        kernels.append((f"attention {k_type}/{v_type}", kv.attention(k_type, v_type),
+                        (f32_3d, f32_3d, rows[k_type], rows[v_type], i64_1d, i32_1d, i32_2d, i64, f64, f64_3d, b,
+                         f32_2d, f32_2d)))
+    kernels.append(("scatter_rows", kv.scatter_rows, (rows["q8_0"], i64_1d, i64, u8_3d)))
     kernels += [
         ("quantize_act_q8", mk.quantize_act_q8, (f32_2d, i8_2d, f32_2d, f32_2d)),
         ("rmsnorm", ok.rmsnorm, (f32_2d, f32_2d, f32_1d, f64, b)),

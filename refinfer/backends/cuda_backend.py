@@ -7,6 +7,9 @@ GPU memory holds
   the KV pool   CudaBlockPool, from new_kv_pool: kv_cache.BlockPool's blocks and bytes, in GPU
                 memory; store_kv and attention read and write it through the block tables
                 (cuda_kernels/kv.py), and BlockManager's copy-on-write copies blocks there.
+                f32 and f16 rows are encoded on the device; the quantized cache types (q8_0,
+                q4_0, ..., lmdeploy-int8, int8-calibrated) are quantized on the host by their
+                store and their bytes uploaded, and attention decodes them on the device.
 Activations live on the host, as forward() allocates them: each op copies its inputs in and its
 output back (the logits are the output of the last matmul, copied back once per step).
 
@@ -21,8 +24,9 @@ head) in position order (kv.py), rope and swiglu are elementwise.
 
 Without a GPU the kernels run in numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1): every
 thread in Python, very slowly, for tests. Whatever has no kernel here (float64 ideal mode, a
-matrix whose width is not a multiple of the block group, a KV cache type other than f32/f16, a
-KV pool in host memory) runs the NumPy reference, with one warning per (op, type).
+matrix whose width is not a multiple of the block group, a KV cache type outside DEVICE_KV_TYPES
+or, in ggml mode, other than f32/f16, a KV pool in host memory) runs the NumPy reference, with
+one warning per (op, type).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import numpy as np
 
 from .. import quant
 from ..errors import UnsupportedError
+from .. import kv_cache
 from ..kv_cache import BlockPool, get_cache_type
 from . import blockdecode as bd
 from .numpy_backend import VEC_DOT_TYPE, NumpyBackend, round_f16
@@ -47,7 +52,12 @@ SHARED_OPS = ("rope_cos_sin",)      # once per forward pass: every backend uses 
 THREADS = 128                       # threads per block (at most device.MAX_THREADS)
 SIMULATOR_THREADS = 4               # the simulator runs each thread as a Python thread
 TOKEN_TILE = 8                      # tokens per thread block of a matmul
-DEVICE_KV_TYPES = ("f32", "f16")     # cache types with device kernels (cuda_kernels/kv.py)
+# cache types with device kernels (cuda_kernels/kv.py): f32 and f16 stored on the device, the
+# others quantized on the host by their store and uploaded; ggml mode runs f32 / f16 only
+DEVICE_KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
+                   "lmdeploy-int8", "lmdeploy-int4", "lmdeploy-pt-int8", "lmdeploy-pt-int4", "int8-calibrated")
+DEVICE_STORED_KV_TYPES = ("f32", "f16")
+GGML_KV_TYPES = ("f32", "f16")      # ggml mode's kernel is llama.cpp's F16-cache attention
 
 
 class CudaFallbackWarning(UserWarning):
@@ -96,6 +106,10 @@ def coverage(mode="ideal", dtype=np.float32):
     cov.update({(op, "f32"): "shared" for op in SHARED_OPS})
     # integer-group weights (GPTQ, AWQ, compressed-tensors): cuda_kernels/matmul.matmul_table
     cov.update({(op, "intg"): "native" if np.dtype(dtype) == np.float32 else "fallback" for op in WEIGHT_OPS})
+    for name in kv_cache.cache_type_names():     # attention over a cache whose K and V are of that type
+        if name != "f32":
+            ok = np.dtype(dtype) == np.float32 and name in (DEVICE_KV_TYPES if mode == "ideal" else GGML_KV_TYPES)
+            cov[("attention", name)] = "native" if ok else "fallback"
     return cov
 
 
@@ -105,6 +119,15 @@ def _blocks(n, threads):  # thread blocks of `threads` covering n elements
 
 def _grid_stride_blocks(n, threads):  # a grid-stride kernel: enough blocks, not one per element
     return min(_blocks(n, threads), 1 if simulated() else 4096)
+
+
+def device_kv_type(ct, mode="ideal") -> bool:
+    """A cache type the device pool holds: a name in DEVICE_KV_TYPES (GGML_KV_TYPES in ggml mode),
+    and the registered type itself, not an LMDeploy type's exact (fp16-arithmetic) variant, whose
+    load the device decoders do not give."""
+    if ct.name not in (DEVICE_KV_TYPES if mode == "ideal" else GGML_KV_TYPES):
+        return False
+    return ct.kind == "calibrated" or kv_cache.CACHE_TYPES.get(ct.name) is ct
 
 
 class CudaBlockPool(BlockPool):
@@ -118,7 +141,7 @@ class CudaBlockPool(BlockPool):
 
     def check_types(self):
         for t in (self.k_type, self.v_type):
-            if t.name not in DEVICE_KV_TYPES:
+            if not device_kv_type(t):
                 raise UnsupportedError(f"KV cache type {t.name!r} has no cuda kernels (the device pool holds "
                                        f"{', '.join(DEVICE_KV_TYPES)})",
                                        hint="CudaBackend.new_kv_pool gives a host pool for it, which the "
@@ -177,11 +200,14 @@ class CudaBackend(NumpyBackend):
     def new_kv_pool(self, **shape) -> BlockPool:
         """The KV pool in GPU memory (CudaBlockPool); a host kv_cache.BlockPool where the kernels
         do not apply (float64, or a cache type without device kernels), for the reference ops."""
-        k_type, v_type = (get_cache_type(shape.get(f, "f32")).name for f in ("k_type", "v_type"))
+        k_ct, v_ct = (get_cache_type(shape.get(f, "f32")) for f in ("k_type", "v_type"))
+        types = f"{k_ct.name}/{v_ct.name}"
         if not self._native:
-            self._fallback("new_kv_pool", f"{k_type}/{v_type}", f"dtype {self.dtype}: a host pool")
-        elif k_type not in DEVICE_KV_TYPES or v_type not in DEVICE_KV_TYPES:
-            self._fallback("new_kv_pool", f"{k_type}/{v_type}", "no device kernels for this cache type: a host pool")
+            self._fallback("new_kv_pool", types, f"dtype {self.dtype}: a host pool")
+        elif not (device_kv_type(k_ct, self.mode) and device_kv_type(v_ct, self.mode)):
+            self._fallback("new_kv_pool", types, f"no device kernels for this cache type in {self.mode} mode: a host pool")
+        elif self.mode == "ggml" and self.flash_attn:
+            self._fallback("new_kv_pool", types, "no device kernel for llama.cpp's flash attention: a host pool")
         else:
             return CudaBlockPool(**shape)
         return BlockPool(**shape)
@@ -354,10 +380,27 @@ class CudaBackend(NumpyBackend):
             return super().store_kv(pool, layer, meta, k, v)
         N, H, D = k.shape
         d = self._device_meta(meta)
+        if pool.k_type.name not in DEVICE_STORED_KV_TYPES or pool.v_type.name not in DEVICE_STORED_KV_TYPES:
+            return self._store_kv_host_quantized(pool, layer, d, k, v)
         kernel = self.kk.store_kv(pool.k_type.name, pool.v_type.name)
         kernel[_blocks(N * H * D, self.threads), self.threads](
             self._rows(pool.k[layer], pool.k_type), self._rows(pool.v[layer], pool.v_type), d["slots"],
             pool.block_size, self._put(k), self._put(v))
+
+    def _store_kv_host_quantized(self, pool, layer, d, k, v):
+        """The rows quantized on the host by each cache type's store (the reference's bytes),
+        uploaded, and scattered into the pool at the step's slots."""
+        for arr, ct, rows in ((pool.k, pool.k_type, k), (pool.v, pool.v_type, v)):
+            buf = np.empty((len(rows), pool.n_kv_heads, arr.shape[4]), np.uint8)
+            ct.for_layer(layer).store(buf, rows)
+            n = len(rows) * pool.n_kv_heads
+            self.kk.scatter_rows[_blocks(n, self.threads), self.threads](arr[layer], d["slots"], pool.block_size,
+                                                                        self.cuda.to_device(buf))
+
+    def _row_params(self, pool, layer):  # -> device (k_par, v_par) float32[2, n_kv]: calibrated scales
+        from .numba_backend import row_params
+        return tuple(self.cuda.to_device(row_params(ct.for_layer(layer), pool.n_kv_heads))
+                     for ct in (pool.k_type, pool.v_type))
 
     def attention(self, out, q, pool, layer, meta):
         """Causal GQA attention of q float32[N, n_heads, hd] over each token's own sequence in the
@@ -365,6 +408,10 @@ class CudaBackend(NumpyBackend):
         N, n_heads, hd = q.shape
         if not self._on_device_pool("attention", pool):
             return super().attention(out, q, pool, layer, meta)
+        if self.mode == "ggml" and self.flash_attn:
+            raise UnsupportedError("attention: a KV pool in GPU memory, but flash attention (ggml mode) has no cuda kernel",
+                                   hint="make the pool with this backend's new_kv_pool after setting flash_attn "
+                                        "(refinfer.load does): it gives a host pool for the reference")
         d = self._device_meta(meta)
         if n_heads not in d["scores"]:
             S = int(np.max(meta.positions)) + 1
@@ -374,7 +421,7 @@ class CudaBackend(NumpyBackend):
         kernel[N * n_heads, self.threads](
             d_out, self._put(q), self._rows(pool.k[layer], pool.k_type), self._rows(pool.v[layer], pool.v_type),
             d["positions"], d["seg_of_token"], d["tables"], pool.block_size, 1.0 / math.sqrt(hd),
-            d["scores"][n_heads], self.mode == "ggml")
+            d["scores"][n_heads], self.mode == "ggml", *self._row_params(pool, layer))
         out[...] = d_out.copy_to_host()
 
     def swiglu(self, out, gate, up):

@@ -22,8 +22,8 @@ F16 cache as llama.cpp's non-flash attention, with the batch kernels' lane order
 segment of several tokens and the vec_dot order for one (numba_kernels/ggml.py).
 
 Whatever has no kernel here (float64 ideal mode, a matrix whose width is not a whole number
-of the kernels' blocks, a KV cache type without a row decoder, a quantized cache in ggml
-mode) runs the inherited NumPy reference, with one warning per (op, type).
+of the kernels' blocks, a KV cache type without a row decoder, a quantized cache or flash
+attention in ggml mode) runs the inherited NumPy reference, with one warning per (op, type).
 """
 
 from __future__ import annotations
@@ -324,8 +324,10 @@ class NumbaBackend(NumpyBackend):
         if not self._native:
             self._fallback("attention", types, f"dtype {self.dtype}")
             return super().attention(out, q, pool, layer, meta)
-        kinds = attention_kinds(self.mode, pool.k_type.name, pool.v_type.name)
-        if kinds is None:
+        kinds = attention_kinds(self.mode, pool.k_type.name, pool.v_type.name, self.flash_attn)
+        k_ct, v_ct = pool.k_type.for_layer(layer), pool.v_type.for_layer(layer)
+        par = (row_params(k_ct, pool.n_kv_heads), row_params(v_ct, pool.n_kv_heads)) if kinds != "typed" else ()
+        if kinds is None or any(p is None for p in par):
             self._fallback("attention", types, f"no {self.mode}-mode kernel for a {types} cache")
             return super().attention(out, q, pool, layer, meta)
         n_kv, hd = pool.n_kv_heads, pool.head_dim
@@ -335,7 +337,7 @@ class NumbaBackend(NumpyBackend):
         if kinds != "typed":            # rows of bytes: [n_blocks * block_size, n_kv, row_bytes]
             kb = pool.k[layer].reshape(-1, n_kv, pool.k.shape[-1])
             vb = pool.v[layer].reshape(-1, n_kv, pool.v.shape[-1])
-            ok.attention_rows(res, qc, kb, vb, *tail, *kinds)
+            ok.attention_rows(res, qc, kb, vb, *tail, *kinds, *par)
         else:
             view = np.float32 if self.mode == "ideal" else np.uint16
             kf = pool.k[layer].view(view).reshape(-1, n_kv, hd)   # [n_blocks * block_size, n_kv, hd]
@@ -371,16 +373,27 @@ class _ReadOnly:
         self.qtensor, self.raw, self.qtype, self.shape = w, readonly(w.raw), w.qtype, w.shape
 
 
-def attention_kinds(mode, k_name, v_name):
+def attention_kinds(mode, k_name, v_name, flash_attn=False):
     """How attention runs on a (K, V) cache-type pair: "typed" (the f32 ideal / f16 ggml kernels
-    over the rows' values), (k_kind, v_kind) for ok.attention_rows (ideal mode, both types with
-    a row decoder), or None (the reference)."""
+    over the rows' values; ggml's is llama.cpp's non-flash attention), (k_kind, v_kind) for
+    ok.attention_rows (ideal mode, both types with a row decoder), or None (the reference)."""
     default = "f32" if mode == "ideal" else "f16"
-    if k_name == v_name == default:
+    if k_name == v_name == default and not (mode == "ggml" and flash_attn):
         return "typed"
     if mode == "ideal" and k_name in ok.KV_KINDS and v_name in ok.KV_KINDS:
         return ok.KV_KINDS[k_name], ok.KV_KINDS[v_name]
     return None
+
+
+def row_params(ct, n_kv):
+    """A layer's cache type -> float32[2, n_kv]: the (scale, zp) per KV head of a calibrated type,
+    zeros for types whose rows carry their own parameters; None for the exact (ggml-mode) variant
+    of an LMDeploy type, whose load rounds to fp16 (the row decoders give the ideal load)."""
+    if ct.kind == "calibrated":
+        return np.array([ct.scale, ct.zp], np.float32).reshape(2, n_kv)
+    if kv_cache.CACHE_TYPES.get(ct.name) is not ct:
+        return None
+    return np.zeros((2, n_kv), np.float32)
 
 
 def mk_group(tname):

@@ -9,10 +9,17 @@ little-endian, as the host's CacheType.store writes them), [n_blocks, block_size
 head_dim] of
     f32   float32 values: the row's bytes are the floats;
     f16   uint16 IEEE binary16 bits, encoded by f16_bits and decoded by blockdecode's
-          fp16_to_f32 (the decoder the f16 weights use).
-A cache type is an entry of ROW_DTYPE, LOAD and STORE; the kernels are built per (K type,
-V type), so each compiled kernel contains its own types' code only. A position p of a sequence
-lives at slot table[p // block_size] * block_size + p % block_size.
+          fp16_to_f32 (the decoder the f16 weights use);
+or as the bytes themselves, uint8[n_blocks, block_size, n_kv_heads, row_bytes], for every other
+type with a row decoder: the ggml block types (bf16, q8_0, q4_0, q4_1, q5_0, q5_1: each element
+through blockdecode.value on its block, as the weights) and the LMDeploy / calibrated types
+(kvdecode's per-element functions; int8-calibrated takes its layer's scale and zp per KV head
+from `par`, float32[2, n_kv]). Those rows are quantized on the host by the type's own store
+(the bytes the reference writes) and scattered into the pool by scatter_rows.
+A cache type is an entry of ROW_DTYPE and LOAD (and STORE for the two written on the device);
+the kernels are built per (K type, V type), so each compiled kernel contains its own types'
+code only. A position p of a sequence lives at slot table[p // block_size] * block_size +
+p % block_size.
 
 Batch invariance of attention: one thread block per (token, head), and every number it
 produces is a fixed sequence of float operations over that token's query and the rows of
@@ -27,13 +34,39 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 
 import numpy as np
 from numba import cuda
 
+from .. import blockdecode as _bd_cpu
+from .. import kvdecode as _kd_cpu
+from ... import quant
 from .device import SCRATCH, bd, block_max
 
-ROW_DTYPE = {"f32": np.float32, "f16": np.uint16}   # the typed view of a row's bytes
+
+def _device_kvdecode():
+    """kvdecode's functions as device functions (device.py's scheme: the same source, its calls
+    to blockdecode helpers bound to their device versions)."""
+    mod = types.ModuleType(__name__ + ".kd")
+    ns = mod.__dict__
+    ns.update({k: v for k, v in vars(_kd_cpu).items() if not k.startswith("__")})
+    for name, obj in vars(_kd_cpu).items():
+        py = getattr(obj, "py_func", None)
+        if py is None:
+            continue
+        if py.__module__ == _bd_cpu.__name__:
+            ns[name] = getattr(bd, name)
+        elif py.__module__ == _kd_cpu.__name__:
+            ns[name] = cuda.jit(device=True)(types.FunctionType(py.__code__, ns, name, py.__defaults__, py.__closure__))
+    return mod
+
+
+kd = _device_kvdecode()
+
+GGML_ROWS = ("bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")     # rows of ggml blocks
+ROW_DTYPE = {"f32": np.float32, "f16": np.uint16,                  # the typed view of a row's bytes
+             **{name: np.uint8 for name in (*GGML_ROWS, *_kd_cpu.KINDS)}}
 
 
 @cuda.jit(device=True)
@@ -55,13 +88,39 @@ def f16_bits(x):
 
 
 @cuda.jit(device=True)
-def load_f32(rows, b, o, h, d):
+def load_f32(rows, b, o, h, d, par):
     return rows[b, o, h, d]
 
 
 @cuda.jit(device=True)
-def load_f16(rows, b, o, h, d):
+def load_f16(rows, b, o, h, d, par):
     return bd.fp16_to_f32(rows[b, o, h, d])
+
+
+def _ggml_loader(name):
+    """Element d of a row of ggml blocks: blockdecode.value on block d // block_size."""
+    t = quant.get_type(name)
+    kind, bs, ts = bd.KINDS[name], t.block_size, t.type_size
+
+    @cuda.jit(device=True)
+    def load(rows, b, o, h, d, par):
+        g = d // bs
+        return bd.value(kind, rows[b, o, h, g * ts:(g + 1) * ts], d - g * bs)
+    return load
+
+
+def _lmdeploy_loader(elem, nibbles):
+    """Element d of an LMDeploy row: codes (hd bytes, or hd / 2 for int4), then scale and zero."""
+    @cuda.jit(device=True)
+    def load(rows, b, o, h, d, par):
+        nc = rows.shape[3] - 4
+        return elem(rows[b, o, h], d, 2 * nc if nibbles else nc)
+    return load
+
+
+@cuda.jit(device=True)
+def load_int8_calibrated(rows, b, o, h, d, par):
+    return kd.int8_calibrated_elem(rows[b, o, h], d, par[0, h], par[1, h])
 
 
 @cuda.jit(device=True)
@@ -74,7 +133,12 @@ def store_f16(rows, b, o, h, d, x):
     rows[b, o, h, d] = f16_bits(x)
 
 
-LOAD = {"f32": load_f32, "f16": load_f16}
+LOAD = {"f32": load_f32, "f16": load_f16, **{name: _ggml_loader(name) for name in GGML_ROWS},
+        "lmdeploy-int8": _lmdeploy_loader(kd.lmdeploy_int8_elem, False),
+        "lmdeploy-int4": _lmdeploy_loader(kd.lmdeploy_int4_elem, True),
+        "lmdeploy-pt-int8": _lmdeploy_loader(kd.lmdeploy_pt_int8_elem, False),
+        "lmdeploy-pt-int4": _lmdeploy_loader(kd.lmdeploy_pt_int4_elem, True),
+        "int8-calibrated": load_int8_calibrated}
 STORE = {"f32": store_f32, "f16": store_f16}
 
 
@@ -98,15 +162,30 @@ def store_kv(k_type, v_type):
     return kernel
 
 
+@cuda.jit
+def scatter_rows(rows, slots, block_size, src):
+    """rows uint8[n_blocks, block_size, n_kv, row_bytes] at slots[t] = src[t] (uint8[N, n_kv,
+    row_bytes], rows the host quantized with the cache type's store). One thread per row."""
+    N, H, R = src.shape
+    i = cuda.grid(1)
+    if i >= N * H:
+        return
+    t, h = i // H, i % H
+    b, o = slots[t] // block_size, slots[t] % block_size
+    for r in range(R):
+        rows[b, o, h, r] = src[t, h, r]
+
+
 @functools.cache
 def attention(k_type, v_type):
     load_k, load_v = LOAD[k_type], LOAD[v_type]
 
     @cuda.jit
-    def kernel(out, q, k_rows, v_rows, positions, seg_of_token, tables, block_size, scale, scores, ggml):
+    def kernel(out, q, k_rows, v_rows, positions, seg_of_token, tables, block_size, scale, scores, ggml, k_par, v_par):
         """Causal GQA attention over the paged cache. out, q float32[N, n_heads, hd]; token t
         attends to positions 0..positions[t] of its sequence, whose block table is
-        tables[seg_of_token[t]]; scores float64[N, n_heads, >= max(positions) + 1] is scratch.
+        tables[seg_of_token[t]]; scores float64[N, n_heads, >= max(positions) + 1] is scratch;
+        k_par, v_par float32[2, n_kv]: a calibrated type's (scale, zp) per KV head (unused otherwise).
         One thread block per (token, head): grid N * n_heads.
         ideal (the reference's order): scores q.k * scale in float64, e = exp(s - max), out =
         (sum of e * v) / (sum of e) in float64, rounded once. ggml (llama.cpp's F16 cache, build_attn_mha): Q rounded
@@ -126,7 +205,7 @@ def attention(k_type, v_type):
             acc = 0.0
             for d in range(hd):
                 qd = bd.round_f16(q[t, h, d]) if ggml else q[t, h, d]
-                acc += np.float64(qd) * np.float64(load_k(k_rows, b, o, kv, d))
+                acc += np.float64(qd) * np.float64(load_k(k_rows, b, o, kv, d, k_par))
             sc = np.float64(np.float32(acc) * np.float32(scale)) if ggml else acc * scale
             scores[t, h, s] = sc
             mx = max(mx, sc)
@@ -154,7 +233,7 @@ def attention(k_type, v_type):
                     p = np.float64(bd.round_f16(np.float32(scores[t, h, s]) * inv))
                 else:
                     p = scores[t, h, s]
-                acc += p * np.float64(load_v(v_rows, b, o, kv, d))
+                acc += p * np.float64(load_v(v_rows, b, o, kv, d, v_par))
             out[t, h, d] = acc if ggml else acc / tot
 
     return kernel

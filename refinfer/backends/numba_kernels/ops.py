@@ -11,6 +11,7 @@ from numba import prange
 from .jit import njit
 
 from .. import blockdecode as bd
+from .. import kvdecode as kd
 from .prefetch import prefetch
 from .simd import fma, vfma, vload, vload_f64, vsplat, vstore, vsum
 
@@ -271,11 +272,12 @@ def attend_heads(o, qs, kf, vf, slots, n, kv, scale):
 # ---- attention over quantized rows (any cache type with a kind in KV_KINDS) -----------------------
 # kb, vb are the pool's bytes of one layer, uint8[n_blocks * block_size, n_kv, row_bytes]; a row is
 # decoded once per task into a float32 scratch row (every supported type decodes to float32
-# values: ggml's dequantize_row_* and the reference's load), and then goes through exactly the
-# arithmetic of attend_heads (scores4, score1, add_rows4, add_row): an f32 pool through this path
-# gives attend_heads' bits.
+# values: ggml's dequantize_row_*, LMDeploy's loads rounded once, as the reference's load), and
+# then goes through exactly the arithmetic of attend_heads (scores4, score1, add_rows4, add_row):
+# an f32 pool through this path gives attend_heads' bits. A type with per-layer parameters
+# (int8-calibrated) gets them as par float32[2, n_kv] (scale, zp per KV head); others ignore par.
 KV_KINDS = {"f32": bd.F32, "f16": bd.F16, "bf16": bd.BF16, "q8_0": bd.Q8_0, "q4_0": bd.Q4_0,
-            "q4_1": bd.Q4_1, "q5_0": bd.Q5_0, "q5_1": bd.Q5_1}
+            "q4_1": bd.Q4_1, "q5_0": bd.Q5_0, "q5_1": bd.Q5_1, **kd.KINDS}
 
 
 @njit(cache=True, inline="always")
@@ -299,13 +301,37 @@ def f16_bits_to_f32_bits(h):
 
 
 @njit(cache=True)
-def decode_row(kind, row, out, bits):
+def decode_row_lmdeploy(kind, row, out, scale, zp):
+    hd = out.shape[0]
+    if kind == kd.LMDEPLOY_INT8:
+        for d in range(hd):
+            out[d] = kd.lmdeploy_int8_elem(row, d, hd)
+    elif kind == kd.LMDEPLOY_INT4:
+        for d in range(hd):
+            out[d] = kd.lmdeploy_int4_elem(row, d, hd)
+    elif kind == kd.LMDEPLOY_PT_INT8:
+        for d in range(hd):
+            out[d] = kd.lmdeploy_pt_int8_elem(row, d, hd)
+    elif kind == kd.LMDEPLOY_PT_INT4:
+        for d in range(hd):
+            out[d] = kd.lmdeploy_pt_int4_elem(row, d, hd)
+    else:
+        for d in range(hd):
+            out[d] = kd.int8_calibrated_elem(row, d, scale, zp)
+
+
+@njit(cache=True)
+def decode_row(kind, row, out, bits, scale, zp):
     """out float32[hd] = the values of one cache row (its bytes row uint8[row_bytes]), as the
     cache type's load gives them; bits is out viewed as uint32. Quantized rows: hd // 32
     blocks, each through blockdecode's per-element code functions with its scales read once
     (dequantize_row_*: code * d, or code * d + m, in float32); float rows by their bit
-    patterns."""
+    patterns; LMDeploy and calibrated rows element by element through kvdecode (scale, zp: the
+    calibrated type's, for this row's layer and KV head)."""
     hd = out.shape[0]
+    if kind >= kd.LMDEPLOY_INT8:
+        decode_row_lmdeploy(kind, row, out, scale, zp)
+        return
     if kind == bd.F32:
         for d in range(hd):
             bits[d] = (np.uint32(row[4 * d]) | (np.uint32(row[4 * d + 1]) << 8) | (np.uint32(row[4 * d + 2]) << 16)
@@ -344,7 +370,7 @@ def decode_row(kind, row, out, bits):
 
 
 @njit(cache=True)
-def attend_heads_rows(o, qs, kb, vb, slots, n, kv, scale, k_kind, v_kind):
+def attend_heads_rows(o, qs, kb, vb, slots, n, kv, scale, k_kind, v_kind, k_par, v_par):
     """attend_heads over K and V rows of any kind (kb, vb: bytes), each row decoded once."""
     G, hd = qs.shape
     hd8 = hd // 8 * 8
@@ -356,11 +382,11 @@ def attend_heads_rows(o, qs, kb, vb, slots, n, kv, scale, k_kind, v_kind):
     while s < n:
         if s + 4 <= n:
             for i in range(4):
-                decode_row(k_kind, kb[slots[s + i], kv], buf[i], bits[i])
+                decode_row(k_kind, kb[slots[s + i], kv], buf[i], bits[i], k_par[0, kv], k_par[1, kv])
             scores4(p, q64, s, buf[0], buf[1], buf[2], buf[3], hd8, scale)
             s += 4
         else:
-            decode_row(k_kind, kb[slots[s], kv], buf[0], bits[0])
+            decode_row(k_kind, kb[slots[s], kv], buf[0], bits[0], k_par[0, kv], k_par[1, kv])
             score1(p, q64, s, buf[0], hd8, scale)
             s += 1
     tot = softmax_rows(p)
@@ -369,11 +395,11 @@ def attend_heads_rows(o, qs, kb, vb, slots, n, kv, scale, k_kind, v_kind):
     while s < n:
         if s + 4 <= n:
             for i in range(4):
-                decode_row(v_kind, vb[slots[s + i], kv], buf[i], bits[i])
+                decode_row(v_kind, vb[slots[s + i], kv], buf[i], bits[i], v_par[0, kv], v_par[1, kv])
             add_rows4(acc, p, s, buf[0], buf[1], buf[2], buf[3], hd8)
             s += 4
         else:
-            decode_row(v_kind, vb[slots[s], kv], buf[0], bits[0])
+            decode_row(v_kind, vb[slots[s], kv], buf[0], bits[0], v_par[0, kv], v_par[1, kv])
             for g in range(G):
                 add_row(acc[g], p[g, s], buf[0], hd8)
             s += 1
@@ -438,7 +464,7 @@ def attention(out, q, kf, vf, slots, positions, seg_of_token):
 
 
 @njit(cache=True, parallel=True)
-def attention_rows(out, q, kb, vb, slots, positions, seg_of_token, k_kind, v_kind):
+def attention_rows(out, q, kb, vb, slots, positions, seg_of_token, k_kind, v_kind, k_par, v_par):
     """attention (same tasks, same pairing of token i with N - 1 - i) over rows of any kind:
     kb, vb uint8[n_blocks * block_size, n_kv, row_bytes], decoded by attend_heads_rows."""
     N, n_heads, hd = q.shape
@@ -449,11 +475,11 @@ def attention_rows(out, q, kb, vb, slots, positions, seg_of_token, k_kind, v_kin
         i, kv = task // n_kv, task % n_kv
         h = kv * G
         attend_heads_rows(out[i, h: h + G], q[i, h: h + G], kb, vb, slots[seg_of_token[i]], positions[i] + 1, kv,
-                          scale, k_kind, v_kind)
+                          scale, k_kind, v_kind, k_par, v_par)
         t = N - 1 - i
         if t != i:
             attend_heads_rows(out[t, h: h + G], q[t, h: h + G], kb, vb, slots[seg_of_token[t]], positions[t] + 1,
-                              kv, scale, k_kind, v_kind)
+                              kv, scale, k_kind, v_kind, k_par, v_par)
 
 
 @njit(cache=True, parallel=True)
