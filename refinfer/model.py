@@ -283,7 +283,7 @@ def check_ubatch(n, option="n_ubatch"):
 DEQUANT = ("deployed", "exact")
 
 
-def configure_kv(be, cache_type_k=None, cache_type_v=None, flash_attn=False, kv_params=None, head_dim=None,
+def configure_kv(be, cache_type_k=None, cache_type_v=None, flash_attn=False, kv_params=None, cfg=None,
                  kv_rotation=True):
     """Set the backend's KV cache types (names as llama.cpp's --cache-type-k/-v, or LMDeploy's
     and refinfer's: kv_cache.CACHE_TYPES) and flash attention; None keeps the mode's default
@@ -305,8 +305,10 @@ def configure_kv(be, cache_type_k=None, cache_type_v=None, flash_attn=False, kv_
             t = get_cache_type(name, kv_params=kv_params, which=which)
         except RefinferError as e:
             raise type(e)(f"{opt}: {e}", hint=e.hint) from None
-        if head_dim is not None:
-            t.row_bytes(head_dim)                      # a block that does not divide head_dim: refused now
+        if cfg is not None:
+            t.row_bytes(cfg.head_dim)                  # a block that does not divide head_dim: refused now
+            if getattr(t, "params", None) is not None:  # calibrated parameters: made for this model's shape
+                t.params.check_model(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
         types.append(t.in_mode(be.mode))
     if flash_attn and be.mode != "ggml":
         raise RefinferError("--flash-attn selects llama.cpp's flash-attention arithmetic, a ggml-mode option",
@@ -341,7 +343,7 @@ def load(path=None, backend=None, mode="ideal", dtype=np.float32, n_ubatch=None,
     be.a16 = bool(a16)
     configure_kv(be, cache_type_k, cache_type_v, flash_attn, kv_params, kv_rotation=kv_rotation)
     cfg, weights, meta = load_checkpoint(path)
-    configure_kv(be, cache_type_k, cache_type_v, flash_attn, kv_params, head_dim=cfg.head_dim, kv_rotation=kv_rotation)
+    configure_kv(be, cache_type_k, cache_type_v, flash_attn, kv_params, cfg=cfg, kv_rotation=kv_rotation)
     if dequant == "exact":
         exact_intg_weights(weights)
     return Model(cfg, weights, meta, _tokenizer_for(meta, path), be, str(path), n_ubatch=n_ubatch)

@@ -362,12 +362,13 @@ def expf_libm(x) -> np.ndarray:
     and nan pass through, overflow to inf above 0x1.62e42ep6, 0 below -0x1.9fe368p6)."""
     x = np.asarray(x, np.float32)
     xd = x.astype(np.float64)
-    z = _EXP2F_INVLN2N * xd
-    kd = z + _EXP2F_SHIFT
-    ki = kd.view(np.uint64)
-    kd = kd - _EXP2F_SHIFT
-    r = z - kd
-    with np.errstate(over="ignore"):
+    with np.errstate(invalid="ignore"):                  # inf and nan inputs: replaced below
+        z = _EXP2F_INVLN2N * xd
+        kd = z + _EXP2F_SHIFT
+        ki = kd.view(np.uint64)
+        kd = kd - _EXP2F_SHIFT
+        r = z - kd
+    with np.errstate(over="ignore", invalid="ignore"):
         t = _EXP2F_TAB[ki % np.uint64(_EXP2F_N)] + (ki << np.uint64(52 - 5))   # 2^(k/N): wraps as the C uint64
     s = t.view(np.float64)
     c0, c1, c2 = _EXP2F_C
