@@ -318,6 +318,12 @@ class BlockPool:
         """--kv-cache-tokens: as many whole blocks as fit in that many positions."""
         return cls(n_blocks=cls.n_blocks_for(tokens=tokens, **shape), **shape)
 
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one position takes in every layer, K and V: the pool's real bytes over its positions
+        (n_layers * n_kv_heads * (K row_bytes + V row_bytes))."""
+        return (self.k.nbytes + self.v.nbytes) // (self.n_blocks * self.block_size)
+
     def copy_block(self, src: int, dst: int, n_positions: int):
         """The first n_positions of block src, every layer, K and V, into block dst."""
         self.k[:, dst, :n_positions] = self.k[:, src, :n_positions]
@@ -613,6 +619,10 @@ class BlockManager:
 
     def num_computed_tokens(self, seq: Hashable) -> int:
         return self.tables[seq].num_computed
+
+    def max_sequences(self, n_positions: int) -> int:
+        """How many sequences of n_positions positions the pool holds at once (no shared prefix)."""
+        return len(self.blocks) // self.blocks_needed(n_positions)
 
     def stats(self) -> KVCacheStats:
         used = sum(b.ref_cnt > 0 for b in self.blocks)

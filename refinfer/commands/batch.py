@@ -132,7 +132,9 @@ def run(args) -> int:
     s = engine.stats()
     print(f"[{len(results)} requests ({failed} failed), {n} generated tokens in {wall:.2f} s = {n / wall if wall else 0:.1f} "
           f"tokens/s; {engine.steps} steps, {s.preemptions} preemptions, prefix-cache hits {s.prefix_cache_hits} of "
-          f"{s.prefix_cache_queries} prompt tokens; backend {model.backend.name}, mode {args.mode}]", file=sys.stderr)
+          f"{s.prefix_cache_queries} prompt tokens; backend {model.backend.name}, mode {args.mode}; KV {s.kv_types}, "
+          f"{s.kv_bytes_per_token} bytes/token, {s.kv_pool_bytes / 2**20:.1f} MiB pool = {s.kv_max_seqs_2k} "
+          f"sequences of 2048 tokens]", file=sys.stderr)
     if args.stats:
         print(json.dumps(s.__dict__), file=sys.stderr)
     return 1 if failed else 0

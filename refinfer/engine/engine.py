@@ -57,6 +57,10 @@ class EngineStats:
     blocks_free: int            # unreferenced and empty
     prefix_cache_queries: int   # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int      # of those, tokens found (whole blocks)
+    kv_types: str = ""          # "K/V" cache types
+    kv_bytes_per_token: int = 0  # pool bytes of one position, every layer, K and V (the types' real sizes)
+    kv_pool_bytes: int = 0
+    kv_max_seqs_2k: int = 0     # sequences of 2048 positions the pool holds at once
 
 
 def _positive_int(name, value) -> int:
@@ -211,9 +215,11 @@ class Engine:
         with self._step_lock:
             self._take_inbox()
             kv = self.kv.stats()
+            pool = self.kv.pool
             return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.scheduler.preemptions,
                                self.steps, self.finished, kv.n_blocks, kv.used, kv.cached, kv.free,
-                               kv.prefix_queries, kv.prefix_hits)
+                               kv.prefix_queries, kv.prefix_hits, f"{pool.k_type.name}/{pool.v_type.name}",
+                               pool.bytes_per_token, pool.k.nbytes + pool.v.nbytes, self.kv.max_sequences(2048))
 
     def check_accounting(self):
         """BlockManager.check_accounting, with the engine's own view: the tables are exactly the
