@@ -302,22 +302,29 @@ def f16_bits_to_f32_bits(h):
 
 @njit(cache=True)
 def decode_row_lmdeploy(kind, row, out, scale, zp):
+    """An LMDeploy or int8-calibrated row -> out float32[hd]: kvdecode's codes, and its formulas
+    (kvdecode._tm, _pt, int8_calibrated_elem: float64, rounded once) with the row's fp16 scale
+    and zero decoded once instead of per element (ldexp per element made a row 10x slower)."""
     hd = out.shape[0]
-    if kind == kd.LMDEPLOY_INT8:
-        for d in range(hd):
-            out[d] = kd.lmdeploy_int8_elem(row, d, hd)
-    elif kind == kd.LMDEPLOY_INT4:
-        for d in range(hd):
-            out[d] = kd.lmdeploy_int4_elem(row, d, hd)
-    elif kind == kd.LMDEPLOY_PT_INT8:
-        for d in range(hd):
-            out[d] = kd.lmdeploy_pt_int8_elem(row, d, hd)
-    elif kind == kd.LMDEPLOY_PT_INT4:
-        for d in range(hd):
-            out[d] = kd.lmdeploy_pt_int4_elem(row, d, hd)
-    else:
+    if kind == kd.INT8_CALIBRATED:
         for d in range(hd):
             out[d] = kd.int8_calibrated_elem(row, d, scale, zp)
+        return
+    nc = row.shape[0] - 4                        # codes, then scale and zero (zeros) fp16
+    s = np.float64(bd.f16_at(row, nc))
+    z = np.float64(bd.f16_at(row, nc + 2))
+    if kind == kd.LMDEPLOY_INT8:                 # q * scale + zero
+        for d in range(hd):
+            out[d] = np.float32(np.float64(kd.by(row, d)) * s + z)
+    elif kind == kd.LMDEPLOY_INT4:
+        for d in range(hd):
+            out[d] = np.float32(np.float64(kd.tm_int4_code(row, d)) * s + z)
+    elif kind == kd.LMDEPLOY_PT_INT8:            # (q - zeros) * scale
+        for d in range(hd):
+            out[d] = np.float32((np.float64(kd.by(row, d)) - z) * s)
+    else:
+        for d in range(hd):
+            out[d] = np.float32((np.float64(kd.pt_int4_code(row, d, hd)) - z) * s)
 
 
 @njit(cache=True)
