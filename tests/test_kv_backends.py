@@ -247,24 +247,29 @@ def test_numba_attention_is_batch_invariant(name):
         check_invariance(NumbaBackend(), name)
 
 
+def float32_batch_attention(be, out, q, pool, layer, meta):
+    """Scores q K^T and the V product as float32 matrix products over the loaded rows."""
+    group = q.shape[1] // pool.n_kv_heads
+    for j in range(len(meta.seg_starts) - 1):
+        t0, t1 = int(meta.seg_starts[j]), int(meta.seg_starts[j + 1])
+        pos = meta.positions[t0:t1]
+        k, v = be.gather_kv(pool, layer, meta, j, int(pos.max()) + 1)
+        kh, vh = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)      # [S, n_heads, hd]
+        s = np.einsum("thd,shd->hts", q[t0:t1], kh) / np.float32(np.sqrt(q.shape[2]))
+        s[:, np.arange(len(k))[None, :] > pos[:, None]] = -np.inf
+        p = np.exp(s - s.max(-1, keepdims=True))
+        out[t0:t1] = (np.einsum("hts,shd->thd", p, vh) / p.sum(-1).T[..., None]).astype(np.float32)
+
+
 class Float32Prefill(NumbaBackend):
     """A deliberately batch-dependent variant: a step of several tokens takes a float32 BLAS path
-    (scores q K^T and the V product as float32 matrix products over the loaded rows), a single
-    token the invariant kernel, as a 'fast prefill' shortcut would."""
+    (float32_batch_attention), a single token the invariant kernel, as a 'fast prefill' shortcut
+    would."""
 
     def attention(self, out, q, pool, layer, meta):
         if len(q) == 1:
             return super().attention(out, q, pool, layer, meta)
-        group = q.shape[1] // pool.n_kv_heads
-        for j in range(len(meta.seg_starts) - 1):
-            t0, t1 = int(meta.seg_starts[j]), int(meta.seg_starts[j + 1])
-            pos = meta.positions[t0:t1]
-            k, v = self.gather_kv(pool, layer, meta, j, int(pos.max()) + 1)
-            kh, vh = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)      # [S, n_heads, hd]
-            s = np.einsum("thd,shd->hts", q[t0:t1], kh) / np.float32(np.sqrt(q.shape[2]))
-            s[:, np.arange(len(k))[None, :] > pos[:, None]] = -np.inf
-            p = np.exp(s - s.max(-1, keepdims=True))
-            out[t0:t1] = (np.einsum("hts,shd->thd", p, vh) / p.sum(-1).T[..., None]).astype(np.float32)
+        float32_batch_attention(self, out, q, pool, layer, meta)
 
 
 def test_negative_control_batch_dependent_attention_is_caught():
