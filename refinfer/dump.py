@@ -40,8 +40,13 @@ from .output_files import publish, temp_beside
 
 FORMAT = "refinfer-dump"
 FORMAT_VERSION = 1
+# cache_k / cache_v: what the KV cache stores for the pass (refinfer's dumps), after Vcur: the
+# dequantized values attention reads, and for a quantized type its stored fields (codes, scale,
+# min or zero), so that the first cache store where two engines part can be found
+CACHE_OPS = tuple(f"cache_{kv}{f}" for kv in "kv" for f in ("", "_codes", "_scale", "_min", "_zero"))
 LAYER_OPS = ("attn_norm", "Qcur", "Kcur", "Vcur", "kq", "kqv_out", "attn_out", "ffn_inp", "ffn_norm",
-             "ffn_swiglu", "ffn_out", "l_out")
+             "ffn_swiglu", "ffn_out", "l_out")                    # llama.cpp's names
+_ORDER = LAYER_OPS[:4] + CACHE_OPS + LAYER_OPS[4:]
 _LAYER_NAME = re.compile(r"^([A-Za-z_]+)-(\d+)$")
 MAX_HEADER = 100 * 1024 * 1024
 
@@ -52,8 +57,8 @@ def forward_key(name: str) -> tuple:
     if name == "inp_embd":
         return (0, 0, 0, name)
     m = _LAYER_NAME.match(name)
-    if m and m.group(1) in LAYER_OPS:
-        return (1, int(m.group(2)), LAYER_OPS.index(m.group(1)), name)
+    if m and m.group(1) in _ORDER:
+        return (1, int(m.group(2)), _ORDER.index(m.group(1)), name)
     if name == "result_norm":
         return (2, 0, 0, name)
     if name == "result_output":
@@ -114,13 +119,30 @@ def capture_refinfer(model, tokens, progress=False, skip=()) -> dict:
 
     # one forward step over the whole prompt, as capture_llama_cpp decodes it in one call: in
     # ggml mode a longer prompt would otherwise arrive in n_ubatch micro-batches
-    saved = model.n_ubatch
-    model.n_ubatch = max(1, T)
+    from .forward import KVCache, forward
+    cache = KVCache(cfg, T, be=model.backend)
     try:
-        model.logits(tokens, tap=tap)
+        forward(cfg, model.weights, model.backend, list(tokens), cache, all_logits=True, tap=tap)
     finally:
-        model.n_ubatch = saved
         bar.close()
+    out.update((k, v) for k, v in cache_tensors(cache.kv, T).items() if wanted(k))
+    return out
+
+
+def cache_tensors(kv, n_positions, seq=0) -> dict:
+    """{cache_k-N, cache_v-N: float32[T, kv, hd] as attention reads them (the type's load), and for a
+    quantized type cache_k_codes-N (I32 [T, kv, hd]), cache_k_scale-N, cache_k_min-N or
+    cache_k_zero-N (F32 [T, kv, groups]); the same for V} of sequence seq's stored K/V. With
+    llama.cpp's rotation (kv_cache.attn_rotation) these are the rotated rows the cache holds."""
+    pool, out = kv.pool, {}
+    ids = kv.block_table(seq)[: kv.blocks_needed(n_positions)]
+    for layer in range(pool.n_layers):
+        for name, arr, ctype in (("k", pool.k, pool.k_type), ("v", pool.v, pool.v_type)):
+            raw = np.asarray(arr[layer][ids]).reshape(-1, *arr.shape[-2:])[:n_positions]
+            t = ctype.for_layer(layer)
+            out[f"cache_{name}-{layer}"] = np.ascontiguousarray(t.load(raw), dtype=np.float32)
+            for field, a in ((t.parts(raw) if t.parts else None) or {}).items():
+                out[f"cache_{name}_{field}-{layer}"] = np.ascontiguousarray(a, np.int32 if field == "codes" else np.float32)
     return out
 
 
@@ -278,14 +300,20 @@ def write_dump(path, tensors: dict, tokens, header: dict):
     write_safetensors(path, arrays, meta)
 
 
+def _is_codes(name):
+    m = _LAYER_NAME.match(name)
+    return bool(m) and m.group(1) in ("cache_k_codes", "cache_v_codes")
+
+
 def read_dump(path) -> Dump:
     meta, arrays = read_safetensors(path, FORMAT)
     if "tokens" not in arrays or arrays["tokens"].dtype.kind != "i" or arrays["tokens"].ndim != 1:
         raise FormatError("no 1-D I32 `tokens` tensor", file=str(path), hint="write the dump again with `dump`")
     tokens = np.array(arrays.pop("tokens"))
-    bad = next((k for k, a in arrays.items() if a.dtype.kind != "f"), None)
+    bad = next((k for k, a in arrays.items() if a.dtype.kind != "f" and not _is_codes(k)), None)
     if bad is not None:
-        raise FormatError("activations must be F32", file=str(path), tensor=bad, hint="see formats/dump-format.md")
+        raise FormatError("activations must be F32 (I32 only for tokens and cache_*_codes-N)", file=str(path),
+                          tensor=bad, hint="see formats/dump-format.md")
     tensors = {k: arrays[k] for k in sorted(arrays, key=forward_key)}
     return Dump(meta, tokens, tensors, str(path))
 
@@ -425,4 +453,15 @@ def compare_dumps(ref: Dump, test: Dump, table=None):
     diffs = [diff_tensor(n, ref.tensors[n], test.tensors[n], limit_for(n, table)) for n in names]
     only_ref = sorted(set(ref.tensors) - set(test.tensors), key=forward_key)
     only_test = sorted(set(test.tensors) - set(ref.tensors), key=forward_key)
+    # the stored K/V are refinfer's addition: against a dump without any (llama.cpp's) they are
+    # not news, so they are not listed as missing from it
+    if not any(_is_cache(n) for n in test.tensors):
+        only_ref = [n for n in only_ref if not _is_cache(n)]
+    if not any(_is_cache(n) for n in ref.tensors):
+        only_test = [n for n in only_test if not _is_cache(n)]
     return diffs, only_ref, only_test
+
+
+def _is_cache(name):
+    m = _LAYER_NAME.match(name)
+    return bool(m) and m.group(1) in CACHE_OPS

@@ -110,6 +110,9 @@ class CacheType:
     doc: str
     kind: str = "float"                 # family: float, ggml, lmdeploy, calibrated, fp8
     exact: CacheType | None = None      # the variant ggml mode stores and loads with (None: this one)
+    # parts(src uint8[..., row_bytes]) -> {"codes": int32[..., head_dim], "scale": float32[..., groups], ...}:
+    # the stored fields of quantized rows, for dumps (None: a float type, whose values are its fields)
+    parts: Callable[[np.ndarray], dict] | None = None
 
     def for_layer(self, layer: int) -> CacheType:
         """The type as layer `layer` uses it: itself, or a calibrated type bound to that layer's parameters."""
@@ -171,7 +174,21 @@ def _ggml_type(name: str, doc: str, quantize_blocks=None) -> CacheType:
         n = src.shape[-1] // bt.type_size * bt.block_size
         return bt.dequantize_blocks(src.reshape(-1, bt.type_size)).reshape(src.shape[:-1] + (n,))
 
-    return CacheType(name, row_bytes, store, load, doc, kind="ggml")
+    def parts(src):
+        """w = scale * codes + min per block of 32 (q4_0: codes = nibble - 8, q5_0: 5-bit code - 16)."""
+        if not bt.name.startswith("q"):
+            return None
+        from .backends.numpy_backend import q8_decomposition
+        src = np.ascontiguousarray(src)
+        lead = src.shape[:-1]
+        rows = int(np.prod(lead, dtype=np.int64))
+        q, d, m = q8_decomposition(src.reshape(rows, -1), bt, rows)
+        out = {"codes": q.reshape(lead + (-1,)).astype(np.int32), "scale": d.reshape(lead + (-1,))}
+        if "m" in bt.layout.names:
+            out["min"] = m.reshape(lead + (-1,))
+        return out
+
+    return CacheType(name, row_bytes, store, load, doc, kind="ggml", parts=None if name == "bf16" else parts)
 
 
 def _q8_0_x86(x):

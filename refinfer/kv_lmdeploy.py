@@ -194,10 +194,17 @@ def _turbomind_type(bits, exact):
         q = codes if bits == 8 else _unpack_tm_int4(codes)
         return _fma_load(q, *_get_params(src, nc), exact)
 
+    def parts(src):                                   # w = codes * scale + zero
+        nc = src.shape[-1] - 4
+        codes = np.ascontiguousarray(src[..., :nc])
+        scale, zero = _get_params(src, nc)
+        return {"codes": (codes if bits == 8 else _unpack_tm_int4(codes)).astype(np.int32),
+                "scale": scale.astype(F32)[..., None], "zero": zero.astype(F32)[..., None]}
+
     how = "fp16 arithmetic emulated (ggml mode)" if exact else "TurboMind's formula in float32"
     doc = (f"LMDeploy TurboMind quant_policy {bits}: per token and head, asymmetric, scale and zero fp16, "
            f"half-even codes{'' if bits == 8 else ' in its nibble order'}; {how}")
-    return CacheType(name, row_bytes, store, load, doc, kind="lmdeploy")
+    return CacheType(name, row_bytes, store, load, doc, kind="lmdeploy", parts=parts)
 
 
 # ---- PyTorch engine -----------------------------------------------------------------------------
@@ -241,10 +248,17 @@ def _pytorch_type(bits, exact):
         q = codes if bits == 8 else _unpack_pt_int4(codes)
         return _pt_load(q, *_get_params(src, nc), exact)
 
+    def parts(src):                                   # w = (codes - zero) * scale, zero in code units
+        nc = src.shape[-1] - 4
+        codes = np.ascontiguousarray(src[..., :nc])
+        s, zeros = _get_params(src, nc)
+        return {"codes": (codes if bits == 8 else _unpack_pt_int4(codes)).astype(np.int32),
+                "scale": s.astype(F32)[..., None], "zero": zeros.astype(F32)[..., None]}
+
     how = "fp16 arithmetic emulated (ggml mode)" if exact else "float32 arithmetic"
     doc = (f"LMDeploy PyTorch engine quant_policy {bits}: per token and head, zeros = -min/scale in code units, "
            f"half-up codes (x/s + zeros + 0.5, truncated); {how}")
-    return CacheType(name, row_bytes, store, load, doc, kind="lmdeploy")
+    return CacheType(name, row_bytes, store, load, doc, kind="lmdeploy", parts=parts)
 
 
 def _quiet(f):
@@ -257,9 +271,10 @@ def _quiet(f):
 
 def _with_exact(make, bits):
     ideal, exact = make(bits, False), make(bits, True)
-    exact = CacheType(exact.name, exact.row_bytes, _quiet(exact.store), _quiet(exact.load), exact.doc, kind="lmdeploy")
+    exact = CacheType(exact.name, exact.row_bytes, _quiet(exact.store), _quiet(exact.load), exact.doc, kind="lmdeploy",
+                      parts=exact.parts)
     return CacheType(ideal.name, ideal.row_bytes, _quiet(ideal.store), _quiet(ideal.load), ideal.doc,
-                     kind="lmdeploy", exact=exact)
+                     kind="lmdeploy", exact=exact, parts=ideal.parts)
 
 
 LMDEPLOY_INT8 = _with_exact(_turbomind_type, 8)
@@ -404,8 +419,15 @@ class CalibratedType(CacheType):
                 self._check_heads(src.shape[-2])
                 return calibrated_dequantize(np.ascontiguousarray(src).view(np.int8), scale, zp)
 
+            def parts(src):                           # w = codes * scale + zp, per layer (and head)
+                codes = np.ascontiguousarray(src).view(np.int8).astype(np.int32)
+                shape = codes.shape[:-1] + (1,)
+                return {"codes": codes,
+                        "scale": np.broadcast_to(np.asarray(scale, F32)[:, None], shape).copy(),
+                        "zero": np.broadcast_to(np.asarray(zp, F32)[:, None], shape).copy()}
+
             self.params._bound[key] = CalibratedLayerType(
-                name, self.row_bytes, store, load, self.doc, kind="calibrated",
+                name, self.row_bytes, store, load, self.doc, kind="calibrated", parts=parts,
                 scale=tuple(float(s) for s in scale), zp=tuple(float(z) for z in zp))
         return self.params._bound[key]
 

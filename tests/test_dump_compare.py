@@ -47,6 +47,12 @@ FORWARD_ORDER = (["inp_embd"]
                                                              "attn_out", "ffn_inp", "ffn_norm", "ffn_swiglu",
                                                              "ffn_out", "l_out")]
                  + ["result_norm", "result_output"])
+# refinfer's dumps add the stored K and V after Vcur (an f32 cache: the values alone)
+REFINFER_ORDER = (["inp_embd"]
+                  + [f"{op}-{i}" for i in range(2) for op in ("attn_norm", "Qcur", "Kcur", "Vcur", "cache_k", "cache_v",
+                                                              "kq", "kqv_out", "attn_out", "ffn_inp", "ffn_norm",
+                                                              "ffn_swiglu", "ffn_out", "l_out")]
+                  + ["result_norm", "result_output"])
 
 
 def file_order(path):
@@ -65,7 +71,7 @@ def check_dump_file_order(tmp_path):
     assert main(["dump", "-m", str(FIXTURES / "tiny-llama-q4_0.gguf"), "-p", PROMPT, "-o", str(path),
                  "--no-progress"]) == 0
     by_offset, by_header = file_order(path)
-    assert by_offset == ["tokens"] + FORWARD_ORDER
+    assert by_offset == ["tokens"] + REFINFER_ORDER
     assert by_header == by_offset
 
 
@@ -125,7 +131,8 @@ def dumps(tiny_q4_0, tmp_path_factory):
 def test_dump_names_shapes_and_header(dumps, tiny_q4_0):
     a, b = read_dump(dumps["ideal"]), read_dump(dumps["llama.cpp"])
     names = expected_names(2)
-    assert set(a.tensors) == names
+    cache = {f"cache_{kv}-{i}" for kv in "kv" for i in range(2)}    # refinfer's stored K/V (an f32 cache: values, no codes)
+    assert set(a.tensors) == names | cache
     assert set(b.tensors) == names, "llama.cpp's eval callback names differ from the dump format's"
     T = len(a.tokens)
     assert a.tensors["kq-0"].shape == (2, T, T)                    # [heads, T, T]
@@ -133,9 +140,10 @@ def test_dump_names_shapes_and_header(dumps, tiny_q4_0):
     assert a.tensors["kqv_out-0"].shape == (T, 32) and a.tensors["result_output"].shape == (T, 32000)
     for name in names:
         assert a.tensors[name].shape == b.tensors[name].shape, name
-    assert list(a.tensors) == FORWARD_ORDER                       # read_dump gives forward order
-    for path in (dumps["ideal"], dumps["llama.cpp"]):
-        assert file_order(path) == (["tokens"] + FORWARD_ORDER,) * 2  # and the file holds it
+    assert list(a.tensors) == REFINFER_ORDER                      # read_dump gives forward order
+    assert list(b.tensors) == FORWARD_ORDER
+    for path, order in ((dumps["ideal"], REFINFER_ORDER), (dumps["llama.cpp"], FORWARD_ORDER)):
+        assert file_order(path) == (["tokens"] + order,) * 2      # and the file holds it
     h = a.header
     assert h["format"] == "refinfer-dump" and h["format_version"] == "1" and h["mode"] == "ideal"
     assert h["backend"] == "numpy" and h["prompt"] == PROMPT and h["engine"] == "refinfer"
@@ -271,7 +279,8 @@ def test_skip_leaves_tensors_out_and_compare_reports_them(dumps, tiny_q4_0, tmp_
     assert main(["dump", "-m", str(tiny_q4_0), "-p", PROMPT, "-o", str(path), "--mode", "ggml", "--no-progress",
                  "--skip", "kq-*", "--skip", "ffn_swiglu-1"]) == 0
     d = read_dump(path)
-    assert set(d.tensors) == expected_names(2) - {"kq-0", "kq-1", "ffn_swiglu-1"}
+    cache = {f"cache_{kv}-{i}" for kv in "kv" for i in range(2)}
+    assert set(d.tensors) == (expected_names(2) | cache) - {"kq-0", "kq-1", "ffn_swiglu-1"}
     rc, out, _ = run_cli(capsys, "compare", dumps["llama.cpp"], path)
     lines = out.splitlines()
     assert rc == 0 and lines[-2] == "only in the reference, not compared (3): kq-* (2 tensors), ffn_swiglu-1"
@@ -293,4 +302,5 @@ def test_ggml_dump_of_a_prompt_longer_than_the_ubatch(tiny_q4_0):
     theirs = capture_llama_cpp(tiny_q4_0, toks)
     assert model.n_ubatch == 16
     for name, a in ours.items():
-        assert np.array_equal(a, theirs[name].reshape(a.shape)), name
+        if not name.startswith("cache_"):          # refinfer's stored K/V: llama.cpp's callback has no such tensor
+            assert np.array_equal(a, theirs[name].reshape(a.shape)), name

@@ -335,6 +335,12 @@ class NumpyBackend:
             return 0, 0
         return attn_rotation(pool.k_type, pool.v_type, pool.head_dim)
 
+    def kv_rotation_sizes_for(self, head_dim) -> tuple[int, int]:
+        """kv_rotation_sizes of a pool of this backend's cache types for head_dim."""
+        if not self.kv_rotation:
+            return 0, 0
+        return attn_rotation(*self.kv_types(), head_dim)
+
     def hadamard(self, x, n):
         """x[..., hd] = each run of n values multiplied by the orthonormal n x n Walsh-Hadamard
         matrix, in place (llama_mul_mat_hadamard). ggml mode as ggml_compute_forward_fwht:

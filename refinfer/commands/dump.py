@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from .. import threads
+from .kv_args import add_kv_arguments, check_kv, kv_kwargs
 
 HELP = "write every intermediate activation of one forward pass (llama.cpp's tensor names) to a safetensors file"
 
@@ -23,6 +24,7 @@ def add_arguments(p):
     p.add_argument("--floor", metavar="FILE", default=None,
                    help="also measure llama.cpp's noise floor on the same tokens and write it to FILE "
                         "(what `compare --floor` reads; GGUF only)")
+    add_kv_arguments(p)
     threads.add_argument(p, default_help="all cores for refinfer, 1 for llama.cpp")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -51,10 +53,12 @@ def run(args) -> int:
                             hint='e.g. -p "The capital of France is"')
     ids = parse_tokens(args.tokens) if args.tokens is not None else None
     threads.check(args.threads)
+    check_kv(args)
     check_output_path(args.output, "-o")
     check_output_path(args.floor, "--floor")
     threads.set_threads(args.threads)
-    model = load(args.model, mode=args.mode, backend="numpy" if args.backend == "llama.cpp" else args.backend)
+    model = load(args.model, mode=args.mode, backend="numpy" if args.backend == "llama.cpp" else args.backend,
+                 **kv_kwargs(args))
     ids = ids if ids is not None else model.tokenize(args.prompt)
     if not ids:
         raise RefinferError("the prompt is empty after tokenization", hint='give some text, e.g. -p "Hello"')
@@ -85,6 +89,10 @@ def run(args) -> int:
     header = {"engine": engine, "refinfer_version": __version__, "mode": mode, "backend": args.backend,
               "model_file": mp.name, "model_sha256": sha256_file(mp) if mp.is_file() else "",
               "prompt": args.prompt if args.prompt is not None else "", "n_tokens": len(ids)}
+    if engine == "refinfer":
+        kt, vt = model.backend.kv_types()
+        header.update(cache_type_k=kt.name, cache_type_v=vt.name, flash_attn=str(int(model.backend.flash_attn)),
+                      kv_rotation="x".join(str(n) for n in model.backend.kv_rotation_sizes_for(model.config.head_dim)))
     write_dump(args.output, tensors, ids, header)
     print(f"wrote {len(tensors)} tensors for {len(ids)} tokens to {args.output} "
           f"({engine}, mode {mode}, backend {args.backend})", file=sys.stderr)
