@@ -67,6 +67,15 @@ class Shape:
     budget: int = 512              # refinfer's prefill tokens per step (llama.cpp's n_ubatch)
     sampled: bool = True           # the sampled test at max(seqs)
     engine: bool = True            # the tg tests again through refinfer.Engine (refinfer only)
+    cache_type_k: str | None = None  # KV cache types of both engines (None: refinfer f32, llama.cpp f16)
+    cache_type_v: str | None = None
+
+    def llama_kv(self) -> dict:
+        """llama.cpp's cache types for the same run: refinfer's names where llama.cpp has them (f16
+        otherwise), flash attention on when V is quantized, as llama.cpp requires."""
+        from .llama_oracle import GGML_CACHE_TYPE_IDS
+        k, v = (t if t in GGML_CACHE_TYPE_IDS else "f16" for t in (self.cache_type_k or "f16", self.cache_type_v or "f16"))
+        return {"type_k": k, "type_v": v, "flash_attn": v not in ("f16", "f32", "bf16")}
 
     def tests(self) -> list:
         names = [f"tg x{S}" for S in self.seqs] + ([f"tg x{max(self.seqs)} sampled"] if self.sampled else [])
@@ -264,18 +273,18 @@ def worker_refinfer(model, backend, threads, shape: Shape, out_dir):
     t_start = time.perf_counter()
     from .forward import Segment, forward
     from .model import load
-    m = load(model, backend=backend, mode="ideal")
+    m = load(model, backend=backend, mode="ideal", cache_type_k=shape.cache_type_k, cache_type_v=shape.cache_type_v)
     cfg, w, be = m.config, m.weights, m.backend
     V = cfg.vocab_size
     prompts = prompts_for(shape, V)
     serial_generate(m, prompts[0][:2], 1, greedy)                   # warm-up: compiles or loads the kernels
-    res = {"startup_s": time.perf_counter() - t_start, "kv_types": list(be.kv_types())}
     k_type, v_type = be.kv_types()
-    from .kv_cache import BlockPool, get_cache_type
+    res = {"startup_s": time.perf_counter() - t_start, "kv_types": [k_type.name, v_type.name]}
+    from .kv_cache import BlockPool
     res["kv_block_bytes"] = BlockPool.bytes_per_block(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, shape.block_size,
                                                       k_type, v_type)
-    res["kv_contiguous_bytes"] = cfg.max_seq_len * cfg.n_layers * cfg.n_kv_heads * (
-        get_cache_type(k_type).row_bytes(cfg.head_dim) + get_cache_type(v_type).row_bytes(cfg.head_dim))
+    res["kv_bytes_per_token"] = res["kv_block_bytes"] // shape.block_size
+    res["kv_contiguous_bytes"] = cfg.max_seq_len * res["kv_bytes_per_token"]
     res["context"] = cfg.max_seq_len
     S_max = max(shape.seqs)
 
@@ -350,7 +359,8 @@ def worker_llama_cpp(model, threads, shape: Shape, out_dir):
     S_max = max(shape.seqs)
     res, tests = {}, {}
     per_seq = shape.n_prompt + shape.n_gen + 1
-    with LlamaBatched(model, n_seq_max=1, n_ctx=shape.positions() + 8, n_threads=threads) as L:
+    kv = shape.llama_kv()
+    with LlamaBatched(model, n_seq_max=1, n_ctx=shape.positions() + 8, n_threads=threads, **kv) as L:
         V = L.n_vocab
         prompts = prompts_for(shape, V)
         L.generate([prompts[0][:2]], 1, greedy)                        # warm-up
@@ -365,7 +375,7 @@ def worker_llama_cpp(model, threads, shape: Shape, out_dir):
             tests["pp"] = {"seqs": 1, "tokens_per_s": shape.n_prefill / dt, "error": None}
     if shape.n_system:
         a, b = ttft_prompts(shape, V)
-        with LlamaBatched(model, n_seq_max=3, n_ctx=3 * len(b) + 8, n_threads=threads) as L:
+        with LlamaBatched(model, n_seq_max=3, n_ctx=3 * len(b) + 8, n_threads=threads, **kv) as L:
             L.clear()
             t0 = time.perf_counter()
             z_miss = L.prefill([b])[0]
@@ -388,7 +398,7 @@ def worker_llama_cpp(model, threads, shape: Shape, out_dir):
     for name, S, sampled in runs:
         # llama-batched-bench's context: every sequence's cells in one unified cache
         with LlamaBatched(model, n_seq_max=S, n_ctx=S * per_seq + 8, n_threads=threads,
-                          n_batch=max(2048, S * shape.n_prompt)) as L:
+                          n_batch=max(2048, S * shape.n_prompt), **kv) as L:
             chains = [L.sampler_chain(SEED0 + j, **SAMPLING) for j in range(S)] if sampled else []
             # llama_sampler_sample(ctx, -k) reads output row n_outputs - k of the last llama_decode
             # call: sequence j's row, in prefill (one call, n_batch >= S * n_prompt) and in decode
@@ -402,7 +412,7 @@ def worker_llama_cpp(model, threads, shape: Shape, out_dir):
         tests[name] = {"seqs": S, "tokens_per_s": S * shape.n_gen / t_tg, "prefill_tokens_per_s": S * shape.n_prompt / t_pp,
                        "kv_bytes_per_seq": kv_bytes, "error": None}
     # sequence 0's logits at every step, alone, for the check against the NumPy reference
-    with LlamaBatched(model, n_seq_max=1, n_ctx=per_seq + 8, n_threads=threads) as L:
+    with LlamaBatched(model, n_seq_max=1, n_ctx=per_seq + 8, n_threads=threads, **kv) as L:
         L.clear()
         rows = [L.prefill([prompts[0]])[0]]
         toks = [greedy(0, rows[0], 0)]
@@ -455,7 +465,7 @@ def run_worker(engine, model, threads, shape: Shape, timeout=3600):
     return res, files
 
 
-def _close(engine, what, got, want) -> str | None:
+def _close_to(engine, what, got, want, quantized_kv=False) -> str | None:
     """None when got matches the reference want within engine's bound, else the numbers."""
     from .metrics import compare_logits
     if got is None or np.size(got) != np.size(want):
@@ -467,14 +477,26 @@ def _close(engine, what, got, want) -> str | None:
     if engine == LLAMA:
         over = [f"{k} {r[k]:.3g} > {lim:.3g}" for k, lim in LLAMA_CPP_LIMITS.items() if r[k] > lim]
     else:
-        over = [f"nmse {r['nmse']:.3g} > {REFINFER_NMSE:.3g}"] if r["nmse"] > REFINFER_NMSE else []
+        bound = REFINFER_NMSE_QUANTIZED_KV if quantized_kv else REFINFER_NMSE
+        over = [f"nmse {r['nmse']:.3g} > {bound:.3g}"] if r["nmse"] > bound else []
     return f"{what} differ from the reference: {', '.join(over)}" if over else None
+
+
+# refinfer against the NumPy reference with a quantized KV cache: the backends' ~1e-13 matmul
+# differences move a few K/V values across a rounding boundary of the cache type, which then
+# store another code (the attention over the same bytes is bitwise the reference's). Measured
+# on SmolLM2 (64 tokens): q8_0 NMSE 1.4e-6, q4_0/q8_0 1.2e-4, lmdeploy-int4/int8 3.4e-4.
+REFINFER_NMSE_QUANTIZED_KV = 3e-3
 
 
 def reference_checks(engine, res, files, ref, serial_first) -> dict:
     """{test: reason} for the tests whose logits do not match the references (ref: the NumPy
     model's seq0 function and pp / TTFT logits; serial_first: refinfer's prompt-last rows)."""
     bad = {}
+    qkv = any(t not in ("f32", "f16", "f64") for t in res.get("kv_types") or ())
+
+    def _close(engine, what, got, want):
+        return _close_to(engine, what, got, want, qkv)
     # sequence 0's serial steps against NumPy, teacher-forced on the engine's own tokens
     toks, rows = files.get("serial0_tokens"), files.get("serial0_logits")
     if toks is None or rows is None:
@@ -516,7 +538,7 @@ def numpy_reference(model, shape: Shape):
     checked on the rows where its tokens agree with them (row i depends on tokens[:i] only)."""
     from .forward import Segment, forward
     from .model import load
-    m = load(model, backend="numpy", mode="ideal")
+    m = load(model, backend="numpy", mode="ideal", cache_type_k=shape.cache_type_k, cache_type_v=shape.cache_type_v)
     cfg, V = m.config, m.config.vocab_size
     prompt0 = prompts_for(shape, V)[0]
     kept = {}
@@ -625,6 +647,7 @@ def _rows(checked, threads, shape):
             row["peak_rss_bytes"] = res.get("peak_rss_bytes")
             if engine != LLAMA:
                 row["kv_types"] = res.get("kv_types")
+                row["kv_bytes_per_token"] = res.get("kv_bytes_per_token")
             if error:
                 row["error"] = error
             out.append(row)
@@ -649,10 +672,12 @@ def settings_line(model, threads_list, shape: Shape, rows) -> str:
         return t.qtype.name if hasattr(t, "qtype") else str(getattr(t, "dtype", "?"))
     qtypes = sorted({qtype(getattr(L, n)) for L in weights.layers for n in ("attn_q", "ffn_down")})
     kv = next((r.get("kv_types") for r in rows if r.get("kv_types")), None)
+    kv_bpt = next((r.get("kv_bytes_per_token") for r in rows if r.get("kv_bytes_per_token")), None)
     return (f"model {os.path.basename(model)} ({', '.join(map(str, qtypes))}, {cfg.n_layers} layers, dim {cfg.dim}); "
             f"threads {','.join(map(str, threads_list))}; refinfer: ideal mode, paged KV blocks of {shape.block_size} "
-            f"({'/'.join(kv) if kv else '?'}), prefix cache on, prefill budget {shape.budget} tokens/step; "
-            f"llama.cpp: flash attention {SETTINGS['flash_attn']}, unified KV ({SETTINGS['kv_type']}), "
+            f"({'/'.join(kv) if kv else '?'}, {kv_bpt or '?'} bytes/token), prefix cache on, prefill budget {shape.budget} tokens/step; "
+            f"llama.cpp: flash attention {'on' if shape.llama_kv()['flash_attn'] else SETTINGS['flash_attn']}, "
+            f"unified KV ({shape.llama_kv()['type_k']}/{shape.llama_kv()['type_v']}), "
             f"extra buffer types {SETTINGS['extra_bufts']}, n_ubatch 512. "
             f"tg: aggregate decode tokens/s over the sequences (llama-batched-bench's S_TG), pp: their prefill; "
             f"engine: the same sequences through refinfer.Engine (continuous batching), decode rate after the last "

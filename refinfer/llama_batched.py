@@ -28,7 +28,8 @@ SETTINGS = {"flash_attn": "off", "kv_unified": True, "extra_bufts": "off", "kv_t
 
 
 class LlamaBatched:
-    def __init__(self, model_path, *, n_seq_max, n_ctx, n_threads, n_batch=2048, n_ubatch=512):
+    def __init__(self, model_path, *, n_seq_max, n_ctx, n_threads, n_batch=2048, n_ubatch=512, type_k="f16",
+                 type_v="f16", flash_attn=False):
         llama_cpp = self._lib = _llama_cpp()
         _quiet(llama_cpp)
         self.path = os.fspath(model_path)
@@ -49,7 +50,11 @@ class LlamaBatched:
         cparams.n_batch, cparams.n_ubatch = self.n_batch, min(int(n_ubatch), self.n_batch)
         cparams.n_seq_max = self.n_seq_max
         cparams.n_threads = cparams.n_threads_batch = int(n_threads)
-        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        from .llama_oracle import GGML_CACHE_TYPE_IDS
+        cparams.type_k, cparams.type_v = GGML_CACHE_TYPE_IDS[type_k], GGML_CACHE_TYPE_IDS[type_v]
+        self.type_k, self.type_v = type_k, type_v
         cparams.kv_unified = True
         cparams.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
@@ -123,10 +128,13 @@ class LlamaBatched:
         return toks, z0, z.copy(), t1 - t0, t2 - t1
 
     def kv_bytes(self) -> int:
-        """Bytes of the unified F16 KV cache: n_ctx cells x layers x KV heads x head_dim x 2 (K, V) x 2."""
+        """Bytes of the unified KV cache: n_ctx cells x layers x KV heads x (a K row + a V row of
+        head_dim values in their ggml types: 2 * head_dim bytes each for F16)."""
+        from .kv_cache import get_cache_type
         lib = self._lib
         head_dim = lib.llama_model_n_embd(self._model) // lib.llama_model_n_head(self._model)
-        return self.n_ctx * lib.llama_model_n_layer(self._model) * lib.llama_model_n_head_kv(self._model) * head_dim * 2 * 2
+        row = get_cache_type(self.type_k).row_bytes(head_dim) + get_cache_type(self.type_v).row_bytes(head_dim)
+        return self.n_ctx * lib.llama_model_n_layer(self._model) * lib.llama_model_n_head_kv(self._model) * row
 
     def sampler_chain(self, seed, top_k=40, top_p=0.95, min_p=0.05, temperature=0.8):
         """llama.cpp's default chain (common/sampling.cpp's order, penalties off) with its own

@@ -158,8 +158,8 @@ def test_bench_batched_rows_settings_and_json(tmp_path, capsys):
     assert by["numpy", "p8+tg4 x3"]["kv_bytes_per_seq"] == 3 * 4 * 2 * 16 * 4 * 2
     assert by["numpy", "p8+tg4 x3"]["kv_contiguous_bytes_per_seq"] == 128 * 2 * 16 * 4 * 2
     settings = stdout.splitlines()[0]
-    for s in ("tiny-llama-q4_0.gguf (q4_0", "threads 1", "flash attention off", "unified KV (f16)",
-              "extra buffer types off", "paged KV blocks of 4 (f32/f32)"):
+    for s in ("tiny-llama-q4_0.gguf (q4_0", "threads 1", "flash attention off", "unified KV (f16/f16)",
+              "extra buffer types off", "paged KV blocks of 4 (f32/f32, 256 bytes/token)"):
         assert s in settings, settings
 
 

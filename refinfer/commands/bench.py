@@ -51,6 +51,10 @@ def add_arguments(p):
     g.add_argument("--user", type=int, default=32, help="tokens of the user turn after it (default 32)")
     g.add_argument("--kv-block-size", type=int, default=16, help="refinfer's KV block size in positions (default 16)")
     g.add_argument("--no-sampled", action="store_true", help="skip the seeded-sampling run")
+    g.add_argument("-ctk", "--cache-type-k", default=None, metavar="TYPE",
+                   help="KV cache K type of both engines (refinfer's names; llama.cpp runs f16 for a type it lacks)")
+    g.add_argument("-ctv", "--cache-type-v", default=None, metavar="TYPE",
+                   help="KV cache V type (llama.cpp turns flash attention on for a quantized V, as it must)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as a JSON array to FILE")
 
 
@@ -168,8 +172,16 @@ def _run_batched(args, threads, engines) -> int:
         if need > n_ctx:
             raise RefinferError(f"{option}: a sequence of {need} positions exceeds {model}'s context length {n_ctx}",
                                 hint=f"keep -p + -n + 1, --prefill and --system + --user within {n_ctx}")
+    from ..kv_cache import get_cache_type
+    for option, name in (("--cache-type-k", args.cache_type_k), ("--cache-type-v", args.cache_type_v)):
+        if name is not None:
+            try:
+                get_cache_type(name)
+            except RefinferError as e:
+                raise type(e)(f"{option}: {e}", hint=e.hint) from None
     shape = Shape(seqs=seqs, n_prompt=n_prompt, n_gen=n_gen, n_prefill=args.prefill, n_system=args.system,
-                  n_user=args.user, block_size=args.kv_block_size, sampled=not args.no_sampled)
+                  n_user=args.user, block_size=args.kv_block_size, sampled=not args.no_sampled,
+                  cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
     rows = run_batched_bench(model, threads, engines, shape, reps=args.reps, log=_log)
     sys.stdout.write(format_table(rows, model, threads, shape))
     return _finish(args, rows)
