@@ -32,19 +32,34 @@ KV_TYPES = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 PROMPT = [1] + list(range(300, 339))          # 40 tokens
 
 
+_MODELS: dict = {}
+
+
+def make_kv_models(tmp_path_factory, vocab_dir) -> dict:
+    """Generated Llamas by head_dim: 32 (q4_1 weights), 64 (q8_0 weights, GQA 2), 128 (f16
+    weights); made once per session (the mutant checks reuse them)."""
+    if not _MODELS:
+        oracle_import("llama_cpp")
+        from models import llama_quantize, make_tiny_llama_gguf
+        d = tmp_path_factory.mktemp("kv_models")
+        voc = vocab_dir / "ggml-vocab-llama-spm.gguf"
+        for hd, dim, heads, kv, wtype in ((32, 128, 4, 2, "q4_1"), (64, 128, 2, 1, "q8_0"), (128, 256, 2, 2, "f16")):
+            f32 = make_tiny_llama_gguf(d / f"hd{hd}-f32.gguf", vocab_gguf=voc, dim=dim, n_heads=heads, n_kv_heads=kv,
+                                       ctx=256, dtype="f32", seed=hd, n_vocab=2000)
+            _MODELS[hd] = llama_quantize(f32, d / f"hd{hd}-{wtype}.gguf", wtype)
+    return _MODELS
+
+
 @pytest.fixture(scope="module")
 def kv_models(tmp_path_factory, vocab_dir):
-    """Generated Llamas by head_dim: 32 (q4_1 weights), 64 (q8_0 weights, GQA 2), 128 (f16 weights)."""
-    oracle_import("llama_cpp")
-    from models import llama_quantize, make_tiny_llama_gguf
-    d = tmp_path_factory.mktemp("kv_models")
-    voc = vocab_dir / "ggml-vocab-llama-spm.gguf"
-    out = {}
-    for hd, dim, heads, kv, wtype in ((32, 128, 4, 2, "q4_1"), (64, 128, 2, 1, "q8_0"), (128, 256, 2, 2, "f16")):
-        f32 = make_tiny_llama_gguf(d / f"hd{hd}-f32.gguf", vocab_gguf=voc, dim=dim, n_heads=heads, n_kv_heads=kv,
-                                   ctx=256, dtype="f32", seed=hd, n_vocab=2000)
-        out[hd] = llama_quantize(f32, d / f"hd{hd}-{wtype}.gguf", wtype)
-    return out
+    return make_kv_models(tmp_path_factory, vocab_dir)
+
+
+def check_prefill(models, hd, path, kv_type):
+    k, v, fa = paths(kv_type)[path]
+    p = models[hd]
+    assert_bits_equal(refinfer_logits(p, PROMPT, k, v, fa), llama_logits(p, PROMPT, k, v, fa),
+                      f"head_dim {hd}, K {k} V {v} flash_attn {fa}")
 
 
 def llama_logits(path, ids, k, v, fa, n_batch=None, rotation=True):
@@ -84,10 +99,7 @@ def paths(t):
 @pytest.mark.parametrize("path", ["fa", "mulmat"])
 @pytest.mark.parametrize("kv_type", KV_TYPES)
 def test_prefill_logits_equal_llama_cpp(kv_models, hd, path, kv_type):
-    k, v, fa = paths(kv_type)[path]
-    p = kv_models[hd]
-    assert_bits_equal(refinfer_logits(p, PROMPT, k, v, fa), llama_logits(p, PROMPT, k, v, fa),
-                      f"head_dim {hd}, K {k} V {v} flash_attn {fa}")
+    check_prefill(kv_models, hd, path, kv_type)
 
 
 @pytest.mark.parametrize("path", ["fa", "mulmat"])
@@ -129,8 +141,13 @@ def test_smollm2_logits_equal_llama_cpp(smollm2_path, k, v, fa):
 # ---- the pieces against their C definitions ---------------------------------------------------
 
 def test_expf_equals_the_c_library():
+    check_expf()
+
+
+def check_expf():
     """ge.expf_libm against the C library's expf (the one the flash-attention kernel calls),
-    on the arguments it gets (<= 0) and the special cases."""
+    on the arguments it gets (<= 0) and the special cases (a correctly rounded exp differs from
+    it in 10 of these 30,000)."""
     libm = ctypes.CDLL(ctypes.util.find_library("m"))
     fn = libm.expf
     fn.restype, fn.argtypes = ctypes.c_float, [ctypes.c_float]
@@ -142,6 +159,35 @@ def test_expf_equals_the_c_library():
     got = ge.expf_libm(x)
     same = (got.view(np.uint32) == ref.view(np.uint32)) | (np.isnan(got) & np.isnan(ref))
     assert same.all(), f"{int((~same).sum())} of {len(x)} differ, e.g. x = {x[~same][:3]}"
+
+
+def check_rotations_equal_llama_cpp(models):
+    """Each rotation llama.cpp's graph computes (llama_mul_mat_hadamard: the unnamed node after
+    Qcur-N / Kcur-N / Vcur-N (reshaped), and after kqv_out-N (reshaped) the output rotated back)
+    equals ggml mode's hadamard of llama.cpp's own input, bit for bit: K and Q in 128-point
+    blocks, V and the output in 64-point ones (head_dim 128)."""
+    from refinfer.llama_oracle import LlamaCpp
+    p = models[128]
+    with LlamaCpp(p, n_ctx=64, type_k="q8_0", type_v="q8_0", flash_attn=True, capture=True) as llm:
+        llm.logits(PROMPT)
+        cap = llm.captured
+    names = list(cap)
+    be = refinfer.load(p, mode="ggml", backend="numpy", cache_type_k="q8_0", cache_type_v="q8_0",
+                       flash_attn=True).backend
+    checked = 0
+    for i in range(2):
+        for src, n in ((f"Qcur-{i} (reshaped)", 128), (f"Kcur-{i} (reshaped)", 128), (f"Vcur-{i} (reshaped)", 64),
+                       (f"kqv_out-{i} (reshaped)", 64)):
+            rotated = cap[names[names.index(src) + 1]]
+            x = np.array(cap[src], np.float32).reshape(-1, 128)
+            be.hadamard(x, n)
+            np.testing.assert_array_equal(x.view(np.uint32), rotated.reshape(x.shape).view(np.uint32), err_msg=src)
+            checked += 1
+    assert checked == 8
+
+
+def test_rotations_equal_llama_cpp(kv_models):
+    check_rotations_equal_llama_cpp(kv_models)
 
 
 @pytest.mark.parametrize("n", [64, 128])
