@@ -141,8 +141,8 @@ def cache_tensors(kv, n_positions, seq=0) -> dict:
             raw = np.asarray(arr[layer][ids]).reshape(-1, *arr.shape[-2:])[:n_positions]
             t = ctype.for_layer(layer)
             out[f"cache_{name}-{layer}"] = np.ascontiguousarray(t.load(raw), dtype=np.float32)
-            for field, a in ((t.parts(raw) if t.parts else None) or {}).items():
-                out[f"cache_{name}_{field}-{layer}"] = np.ascontiguousarray(a, np.int32 if field == "codes" else np.float32)
+            for part, a in ((t.parts(raw) if t.parts else None) or {}).items():
+                out[f"cache_{name}_{part}-{layer}"] = np.ascontiguousarray(a, np.int32 if part == "codes" else np.float32)
     return out
 
 

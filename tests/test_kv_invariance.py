@@ -13,7 +13,7 @@ import pytest
 
 import refinfer
 from invariance_workloads import SHAPES, first_difference, run_batched
-from refinfer.kv_cache import CACHE_TYPES, PARAMETRIC_TYPES, CacheType, register_cache_type
+from refinfer.kv_cache import CACHE_TYPES, PARAMETRIC_TYPES, CacheType
 
 TYPES = sorted(set(CACHE_TYPES) - {"f64"}) + sorted(PARAMETRIC_TYPES)   # every registered type, from the registry
 
