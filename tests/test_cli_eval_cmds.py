@@ -262,7 +262,7 @@ def test_compare_summarises_names_and_ends_with_the_verdict(two_models, tmp_path
     assert rc == 0
     assert lines[-2] == ("only in the reference, not compared (11): kq-* (2 tensors), ffn_inp-* (2 tensors), "
                          "ffn_norm-* (2 tensors), ffn_swiglu-* (2 tensors), ffn_out-* (2 tensors), result_norm")
-    assert lines[-1].startswith("OK: 16 tensors, nothing systematic")
+    assert lines[-1].startswith("OK: 20 tensors, nothing systematic")   # 16 activations + cache_k/cache_v of 2 layers
     assert not any("only in" in line for line in lines[:-2])
 
 

@@ -75,6 +75,19 @@ def _short(spec):
     return f"{m.group(1)}{opts}:{os.path.basename(m.group(3))}"
 
 
+def _label(spec, src):
+    """A table row's name: the spec, short, with its KV cache as kv=K/V (also where the command's
+    -ctk/-ctv set it: the source's name has it then)."""
+    import re
+    short = _short(spec)
+    k = re.search(r"cache_type_k=([^,\]]+)", src.name)
+    v = re.search(r"cache_type_v=([^,\]]+)", src.name)
+    short = re.sub(r"cache_type_k=[^,\]]+,?|cache_type_v=[^,\]]+,?", "", short).replace(",]", "]").replace("[]", "")
+    if k or v:
+        short += f" kv={k.group(1) if k else 'f16'}/{v.group(1) if v else 'f16'}"
+    return short
+
+
 def _row(name, r):
     return (f"{name:<46} {r['ppl_ratio']:9.5f} {r['ln_ppl_ratio']:+11.2e} {r['kld_mean']:10.3e} {r['kld_max']:10.3e} "
             f"{100 * r['rms_dp']:8.4f}% {100 * r['same_top']:8.3f}% {r['nmse']:10.3e}")
@@ -154,14 +167,14 @@ def run(args) -> int:
     scored = "second half of each chunk" if first == n_ctx // 2 else "every position of the prompt"
     n_scored = results[0]["n"] if results else next(iter(floor.values()))["n"]
     print(f"base: {base.name}\n{len(tokens)} tokens, chunks of {n_ctx}, {n_scored} scored positions ({scored})")
-    for t, r in zip(args.test, results):
-        print(f"\n### test: {t}")
+    for t, r in zip(tests, results):
+        print(f"\n### test: {t.name}")
         print(format_kld(r))
     if floor or len(results) > 1:
         print(f"\n{'source':<46} {'PPL ratio':>9} {'ln ratio':>11} {'mean KLD':>10} {'max KLD':>10} "
               f"{'RMS dp':>9} {'same top':>9} {'NMSE':>10}")
-        for t, r in zip(args.test, results):
-            print(_row(_short(t)[:46], r))
+        for spec, t, r in zip(args.test, tests, results):
+            print(_row(_label(spec, t)[:46], r))
         if floor:
             print("llama.cpp's noise floor (each variant against llama.cpp's default):")
             for name, r in floor.items():
