@@ -83,3 +83,22 @@ def test_serve_refuses_a_quantized_v_without_flash_attention():
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "needs flash attention" in p.stderr and "hint:" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_the_server_answers_from_a_quantized_cache_as_generate_alone(hd32):
+    """A model loaded with cache types serves them: the completion equals Model.generate of the
+    request alone on the same quantized cache (and differs from the f32 cache's logprobs)."""
+    import httpx
+
+    import refinfer
+    from server_harness import serve_model
+    m = refinfer.load(hd32, backend="numpy", cache_type_k="q4_0", cache_type_v="lmdeploy-int4")
+    alone = m.generate([1, 20, 30, 40], max_tokens=4, temperature=0, top_logprobs=1, details=True)
+    with serve_model(m, parallel=2) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": [1, 20, 30, 40], "max_tokens": 4, "temperature": 0,
+                                                      "logprobs": 1}, timeout=60).json()
+    got = r["choices"][0]["logprobs"]["token_logprobs"]
+    assert got == [t.logprob for t in alone.logprobs]
+    f32 = refinfer.load(hd32, backend="numpy").generate([1, 20, 30, 40], max_tokens=4, temperature=0,
+                                                        top_logprobs=1, details=True)
+    assert got != [t.logprob for t in f32.logprobs]
