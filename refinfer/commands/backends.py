@@ -51,7 +51,7 @@ def run(args) -> int:
         json.dump({"mode": args.mode, "rows": rows}, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
-    w = [8, 14] + [max(10, len(b) + 2) for b in backends]
+    w = [max(8, max(len(t) for _, t in keys) + 2), 14] + [max(10, len(b) + 2) for b in backends]
     print(f"coverage in {args.mode} mode (native: own kernel; fallback: the NumPy reference, warned once)")
     print("".join(h.ljust(n) for h, n in zip(["type", "op", *backends], w)))
     for op, t in sorted(keys, key=lambda k: (k[1], k[0])):
