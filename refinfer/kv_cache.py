@@ -681,4 +681,4 @@ class BlockManager:
                 b, used = self.blocks[block_id], t.token_ids[i * bs:(i + 1) * bs]
                 _expect(b.block_hash is None or list(b.token_ids[:len(used)]) == used,
                         f"4: {seq!r} block {i} (id {block_id}) is registered under other tokens")
-from . import kv_lmdeploy  # noqa: E402,F401  registers the LMDeploy and calibrated types
+from . import kv_lmdeploy, kv_vllm  # noqa: E402,F401  register the LMDeploy, calibrated and fp8 types

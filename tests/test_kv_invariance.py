@@ -96,10 +96,10 @@ def test_negative_control_a_batch_scaled_cache_is_caught(hd32_model, monkeypatch
 def test_pool_bytes_per_token_are_each_types_formula(hd32_model, kv_params):
     """The pool's real bytes per position equal n_layers x n_kv_heads x (K row + V row) by each
     type's own layout: ggml blocks (head_dim / 32 blocks of 2 + 16, 2 + 2 + 16, 2 + 4 + 16,
-    2 + 2 + 4 + 16, 2 + 32 bytes), LMDeploy rows (codes + fp16 scale and zero), calibrated codes."""
+    2 + 2 + 4 + 16, 2 + 32 bytes), LMDeploy rows (codes + fp16 scale and zero), calibrated and fp8 codes."""
     formula = {"f32": 4 * 32, "f16": 2 * 32, "bf16": 2 * 32, "q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24,
                "q8_0": 34, "lmdeploy-int8": 32 + 4, "lmdeploy-int4": 16 + 4, "lmdeploy-pt-int8": 32 + 4,
-               "lmdeploy-pt-int4": 16 + 4, "int8-calibrated": 32}
+               "lmdeploy-pt-int4": 16 + 4, "int8-calibrated": 32, "fp8": 32, "fp8_e5m2": 32}
     assert set(formula) == set(TYPES), "a new cache type needs its row size here"
     for t in TYPES:
         m = load(hd32_model, "numpy", t, kv_params)

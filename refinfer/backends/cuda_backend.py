@@ -55,7 +55,8 @@ TOKEN_TILE = 8                      # tokens per thread block of a matmul
 # cache types with device kernels (cuda_kernels/kv.py): f32 and f16 stored on the device, the
 # others quantized on the host by their store and uploaded; ggml mode runs f32 / f16 only
 DEVICE_KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
-                   "lmdeploy-int8", "lmdeploy-int4", "lmdeploy-pt-int8", "lmdeploy-pt-int4", "int8-calibrated")
+                   "lmdeploy-int8", "lmdeploy-int4", "lmdeploy-pt-int8", "lmdeploy-pt-int4", "int8-calibrated",
+                   "fp8", "fp8_e5m2")
 DEVICE_STORED_KV_TYPES = ("f32", "f16")
 GGML_KV_TYPES = ("f32", "f16")      # ggml mode's kernel is llama.cpp's F16-cache attention
 

@@ -14,9 +14,12 @@ compiler that contracts the multiply-add into an fma (NVVM does by default) gets
     lmdeploy-pt-int4  q = low nibble of row[j] (j < hd/2), else the high nibble of row[j - hd/2]
     int8-calibrated   q = int8(row[j])                              x = q * scale + zp
                       (scale, zp: the layer's and head's, CalibratedLayerType.scale / .zp)
+    fp8, fp8_e5m2     the e4m3 / e5m2 value of row[j] (vLLM's per-tensor cache, scale 1.0)
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -26,9 +29,10 @@ from .numba_kernels.jit import njit
 _jit = njit(cache=True)
 
 # kinds for the kernels' dispatch, after blockdecode's
-LMDEPLOY_INT8, LMDEPLOY_INT4, LMDEPLOY_PT_INT8, LMDEPLOY_PT_INT4, INT8_CALIBRATED = range(100, 105)
+LMDEPLOY_INT8, LMDEPLOY_INT4, LMDEPLOY_PT_INT8, LMDEPLOY_PT_INT4, INT8_CALIBRATED, FP8_E4M3, FP8_E5M2 = range(100, 107)
 KINDS = {"lmdeploy-int8": LMDEPLOY_INT8, "lmdeploy-int4": LMDEPLOY_INT4, "lmdeploy-pt-int8": LMDEPLOY_PT_INT8,
-         "lmdeploy-pt-int4": LMDEPLOY_PT_INT4, "int8-calibrated": INT8_CALIBRATED}
+         "lmdeploy-pt-int4": LMDEPLOY_PT_INT4, "int8-calibrated": INT8_CALIBRATED, "fp8": FP8_E4M3,
+         "fp8_e5m2": FP8_E5M2}
 
 
 # ---- codes ----------------------------------------------------------------------------------
@@ -131,3 +135,32 @@ def lmdeploy_elem(kind, row, j, hd):
     if kind == LMDEPLOY_PT_INT8:
         return lmdeploy_pt_int8_elem(row, j, hd)
     return lmdeploy_pt_int4_elem(row, j, hd)
+
+
+# ---- vLLM fp8 (refinfer/kv_vllm.py): one code per element, scale 1.0 ------------------------------
+@_jit
+def fp8_value(b, man_bits, bias, e4m3):
+    """The value of fp8 code b (e4m3fn: no infinities, 0x7F NaN; e5m2: exponent 31 inf / NaN)."""
+    b = np.int32(b)
+    e_bits = 7 - man_bits
+    e = (b >> man_bits) & ((1 << e_bits) - 1)
+    m = b & ((1 << man_bits) - 1)
+    if e4m3 and e == 15 and m == 7:
+        v = np.float64(np.nan)
+    elif not e4m3 and e == 31:
+        v = np.float64(np.inf) if m == 0 else np.float64(np.nan)
+    elif e == 0:
+        v = math.ldexp(np.float64(m), int(1 - bias - man_bits))
+    else:
+        v = math.ldexp(np.float64((1 << man_bits) + m), int(e - bias - man_bits))
+    return np.float32(-v if (b >> 7) & 1 else v)
+
+
+@_jit
+def fp8_e4m3_elem(row, j, hd):
+    return fp8_value(by(row, j), 3, 7, True)
+
+
+@_jit
+def fp8_e5m2_elem(row, j, hd):
+    return fp8_value(by(row, j), 2, 15, False)

@@ -400,12 +400,11 @@ class NumpyBackend:
         ggml   llama.cpp's single-sequence batch of each segment's tokens: mul_mat + soft_max +
                mul_mat (_attention_ggml; F16 or quantized K, F16 V), or with flash_attn its CPU
                flash-attention kernel (_attention_ggml_fa; quantized K, any V). Cache types
-               llama.cpp does not have (LMDeploy's, calibrated int8) store and load with their
-               exact variant and run the ideal attention: their engines' attention is not
-               llama.cpp's."""
+               llama.cpp does not have (LMDeploy's, calibrated int8, vLLM's fp8) store and load
+               with their exact variant and run the ideal attention: their engines' attention
+               is not llama.cpp's."""
         k_type, v_type = pool.k_type, pool.v_type
-        ggml_kv = self.mode == "ggml" and k_type.kind != "lmdeploy" and k_type.kind != "calibrated" \
-            and v_type.kind not in ("lmdeploy", "calibrated")
+        ggml_kv = self.mode == "ggml" and k_type.kind in ("float", "ggml") and v_type.kind in ("float", "ggml")
         if ggml_kv:
             check_ggml_kv(k_type.name, v_type.name, self.flash_attn)
         for j in range(len(meta.seg_starts) - 1):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 KV_HELP = ("KV cache type: f32, f16 (ggml mode's default), bf16, llama.cpp's q8_0 q4_0 q4_1 q5_0 q5_1, "
            "LMDeploy's lmdeploy-int8 lmdeploy-int4 lmdeploy-pt-int8 lmdeploy-pt-int4, int8-calibrated "
-           "(with --kv-params); default: f32 in ideal mode, f16 in ggml mode")
+           "(with --kv-params), vLLM's fp8 fp8_e5m2; default: f32 in ideal mode, f16 in ggml mode")
 
 
 def add_kv_arguments(p):

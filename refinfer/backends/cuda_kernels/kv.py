@@ -118,6 +118,14 @@ def _lmdeploy_loader(elem, nibbles):
     return load
 
 
+def _fp8_loader(elem):
+    """Element d of a vLLM fp8 row: one code per element."""
+    @cuda.jit(device=True)
+    def load(rows, b, o, h, d, par):
+        return elem(rows[b, o, h], d, 0)
+    return load
+
+
 @cuda.jit(device=True)
 def load_int8_calibrated(rows, b, o, h, d, par):
     return kd.int8_calibrated_elem(rows[b, o, h], d, par[0, h], par[1, h])
@@ -138,7 +146,8 @@ LOAD = {"f32": load_f32, "f16": load_f16, **{name: _ggml_loader(name) for name i
         "lmdeploy-int4": _lmdeploy_loader(kd.lmdeploy_int4_elem, True),
         "lmdeploy-pt-int8": _lmdeploy_loader(kd.lmdeploy_pt_int8_elem, False),
         "lmdeploy-pt-int4": _lmdeploy_loader(kd.lmdeploy_pt_int4_elem, True),
-        "int8-calibrated": load_int8_calibrated}
+        "int8-calibrated": load_int8_calibrated,
+        "fp8": _fp8_loader(kd.fp8_e4m3_elem), "fp8_e5m2": _fp8_loader(kd.fp8_e5m2_elem)}
 STORE = {"f32": store_f32, "f16": store_f16}
 
 

@@ -310,6 +310,14 @@ def decode_row_lmdeploy(kind, row, out, scale, zp):
         for d in range(hd):
             out[d] = kd.int8_calibrated_elem(row, d, scale, zp)
         return
+    if kind == kd.FP8_E4M3:
+        for d in range(hd):
+            out[d] = kd.fp8_e4m3_elem(row, d, hd)
+        return
+    if kind == kd.FP8_E5M2:
+        for d in range(hd):
+            out[d] = kd.fp8_e5m2_elem(row, d, hd)
+        return
     nc = row.shape[0] - 4                        # codes, then scale and zero (zeros) fp16
     s = np.float64(bd.f16_at(row, nc))
     z = np.float64(bd.f16_at(row, nc + 2))
