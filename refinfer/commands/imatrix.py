@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
+from .kv_args import add_kv_arguments, check_kv, kv_kwargs
+
 HELP = "compute an importance matrix for `quantize --imatrix` (what llama-imatrix computes and writes)"
 
 
@@ -16,6 +18,7 @@ def add_arguments(p):
     p.add_argument("--chunks", type=int, default=-1, help="at most this many chunks (default: all)")
     p.add_argument("--process-output", action="store_true", help="collect output.weight too")
     p.add_argument("--backend", default=None, help="backend (default: the fastest available)")
+    add_kv_arguments(p)                   # llama-imatrix's -ctk/-ctv/-fa: the cache its activations pass through
 
 
 def run(args) -> int:
@@ -24,12 +27,14 @@ def run(args) -> int:
     from ..imatrix import compute_imatrix, write_imatrix
     from ..output_files import check_output_path
     check_output_path(args.output, "-o")
+    args.mode = "ggml"
+    check_kv(args)
     try:
         with open(args.file, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
         raise RefinferError(f"-f {args.file!r}: {e.strerror}", hint="give a readable UTF-8 text file") from None
-    m = model_mod.load(args.model, backend=args.backend, mode="ggml")
+    m = model_mod.load(args.model, backend=args.backend, mode="ggml", **kv_kwargs(args))
     start = time.perf_counter()
 
     def progress(i, n):
