@@ -485,7 +485,7 @@ def _close_to(engine, what, got, want, quantized_kv=False) -> str | None:
 # refinfer against the NumPy reference with a quantized KV cache: the backends' ~1e-13 matmul
 # differences move a few K/V values across a rounding boundary of the cache type, which then
 # store another code (the attention over the same bytes is bitwise the reference's). Measured
-# on SmolLM2 (64 tokens): q8_0 NMSE 1.4e-6, q4_0/q8_0 1.2e-4, lmdeploy-int4/int8 3.4e-4.
+# on SmolLM2 (64 tokens): f16 NMSE 5.6e-9, q8_0 1.4e-6, q4_0/q8_0 1.2e-4, lmdeploy-int4/int8 3.4e-4.
 REFINFER_NMSE_QUANTIZED_KV = 3e-3
 
 
@@ -493,7 +493,7 @@ def reference_checks(engine, res, files, ref, serial_first) -> dict:
     """{test: reason} for the tests whose logits do not match the references (ref: the NumPy
     model's seq0 function and pp / TTFT logits; serial_first: refinfer's prompt-last rows)."""
     bad = {}
-    qkv = any(t not in ("f32", "f16", "f64") for t in res.get("kv_types") or ())
+    qkv = any(t not in ("f32", "f64") for t in res.get("kv_types") or ())      # f16 rounds too
 
     def _close(engine, what, got, want):
         return _close_to(engine, what, got, want, qkv)
