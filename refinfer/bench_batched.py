@@ -484,9 +484,12 @@ def _close_to(engine, what, got, want, bound=REFINFER_NMSE) -> str | None:
 # refinfer against the NumPy reference with a quantized KV cache: the backends' ~1e-13 matmul
 # differences move a few K/V values across a rounding boundary of the cache type, which then
 # store another code (the attention over the same bytes is bitwise the reference's). Measured
-# on SmolLM2 (64 tokens): q8_0 1.4e-6, q4_0/q8_0 1.2e-4, lmdeploy-int4/int8 3.4e-4; an f16 cache
-# rounds the same way at its last bit: NMSE 5.6e-9 (q4_0 weights, 64 + 32 tokens).
-REFINFER_NMSE_QUANTIZED_KV = 3e-3
+# on SmolLM2 (64 tokens): q8_0 1.4e-6, q4_0/q8_0 1.2e-4, lmdeploy-int4/int8 3.4e-4; over 32 decode
+# steps more (a flipped code moves later layers' values across other boundaries): lmdeploy-int4
+# 1.1e-2 (q4_0 weights, 64 + 32 tokens). A wrong cache or kernel is at NMSE of order 0.1 to 1, so
+# this bound guards against gross errors only; tests/test_kv_backends.py proves the kernels
+# bitwise on the same bytes. An f16 cache rounds the same way at its last bit: NMSE 5.6e-9.
+REFINFER_NMSE_QUANTIZED_KV = 5e-2
 REFINFER_NMSE_F16_KV = 1e-7
 
 
@@ -574,7 +577,7 @@ def run_batched_bench(model, threads_list, engines=("numba", LLAMA), shape: Shap
     """-> rows: backend, threads, test, seqs, tokens_per_s (TTFT: ttft_ms), ratio_vs_llama_cpp,
     and error for a failed engine or check (then the rate is None). With reps > 1 the engines
     run in turn reps times and each row keeps its best (a failed check in any run fails it)."""
-    best, ref = {}, None
+    best, ref, ref_llama = {}, None, None
     for threads in threads_list:
         for rep in range(reps):
             results = {}
@@ -586,9 +589,17 @@ def run_batched_bench(model, threads_list, engines=("numba", LLAMA), shape: Shap
                 if log:
                     log("reference logits (numpy, ideal mode) ...")
                 ref = numpy_reference(model, shape)
+                # llama.cpp's rows against the reference of the cache it runs: f16 for a type it lacks
+                # (the f32 reference then, as without -ctk/-ctv), its own quantized type otherwise
+                lk = shape.llama_kv()
+                quantized = {t for t in (lk["type_k"], lk["type_v"]) if t not in ("f16", "f32", "bf16")}
+                llama_shape = dataclasses.replace(shape, cache_type_k=lk["type_k"] if quantized else None,
+                                                  cache_type_v=lk["type_v"] if quantized else None)
+                ref_llama = ref if llama_shape == shape else numpy_reference(model, llama_shape)
             serial_first = next((f.get("serial_first") for e, (r, f) in results.items() if e != LLAMA and "error" not in r),
                                 None)
-            checked = {e: (res, {} if "error" in res else reference_checks(e, res, files, ref, serial_first))
+            checked = {e: (res, {} if "error" in res else
+                           reference_checks(e, res, files, ref_llama if e == LLAMA else ref, serial_first))
                        for e, (res, files) in results.items()}
             for row in _rows(checked, threads, shape):
                 key = (row["backend"], row["threads"], row["test"])
