@@ -599,7 +599,8 @@ def run_batched_bench(model, threads_list, engines=("numba", LLAMA), shape: Shap
             serial_first = next((f.get("serial_first") for e, (r, f) in results.items() if e != LLAMA and "error" not in r),
                                 None)
             checked = {e: (res, {} if "error" in res else
-                           reference_checks(e, res, files, ref_llama if e == LLAMA else ref, serial_first))
+                           reference_checks(e, res, files, ref, serial_first) if e != LLAMA or ref_llama is ref else
+                           reference_checks(e, res, files, ref_llama, None))   # refinfer's serial rows: another cache
                        for e, (res, files) in results.items()}
             for row in _rows(checked, threads, shape):
                 key = (row["backend"], row["threads"], row["test"])
