@@ -85,11 +85,13 @@ def kld(base, tests, chunks, out, log):
     return json.loads(out.read_text())
 
 
-def bytes_per_token(model, kv, params):
+def bytes_per_token(model, kv, params, mib=256):
+    """(the pool's bytes per token, the 2048-token sequences an Engine's pool of mib MiB holds)."""
     import refinfer
     m = refinfer.load(model, backend="numpy", cache_type_k=None if kv == "f32" else kv,
                       cache_type_v=None if kv == "f32" else kv, kv_params=params if kv == "int8-calibrated" else None)
-    return m.new_kv(tokens=16).pool.bytes_per_token
+    s = refinfer.Engine(m, kv_cache_mib=mib).stats()
+    return s.kv_bytes_per_token, s.kv_max_seqs_2k
 
 
 def speed(model, kv, work, log):
