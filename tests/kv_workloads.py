@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from refinfer.forward import AttnMeta
-from refinfer.kv_cache import BlockManager, BlockPool
+from refinfer.kv_cache import BlockManager
 
 
 def kv_rows(lengths, n_kv, hd, seed=0, scale=1.0):
@@ -55,3 +55,21 @@ def queries(steps, n_heads, hd, seed=1, scale=1.0):
             rng = np.random.default_rng([seed, q, p])
             out.append((rng.standard_normal((n_heads, hd)) * scale).astype(np.float32))
     return np.stack(out)
+
+
+def target_rows(be, pool, kv, layouts, targets, n_heads, hd, seed, scale):
+    """{(layout, sequence, position): bits} of attention's output rows at the target positions,
+    for each layout (a name -> list of steps, each a list of (sequence, start, T)), on layer 0."""
+    got = {}
+    for layout, batches in layouts.items():
+        for steps in batches:
+            q = queries(steps, n_heads, hd, seed=seed, scale=scale)
+            out = np.empty_like(q)
+            be.attention(out, q, pool, 0, meta(kv, steps))
+            i = 0
+            for seq, start, T in steps:
+                for p in range(start, start + T):
+                    if (seq, p) in targets:
+                        got[layout, seq, p] = out[i].view(np.uint32).copy()
+                    i += 1
+    return got

@@ -217,19 +217,7 @@ def invariance_rows(be, kt, vt, block_size, hd=32):
     """{(layout, sequence, position): bits} of the target rows on a pool of that block size."""
     rows = kv_workloads.kv_rows(INV_LENGTHS, N_KV, hd, seed=8, scale=2.0)
     pool, kv = kv_workloads.filled_pool(be, rows, block_size, kt, vt)
-    got = {}
-    for layout, batches in INV_STEPS.items():
-        for steps in batches:
-            q = kv_workloads.queries(steps, N_HEADS, hd, seed=8, scale=2.0)
-            out = np.empty_like(q)
-            be.attention(out, q, pool, 0, kv_workloads.meta(kv, steps))
-            i = 0
-            for seq, start, T in steps:
-                for p in range(start, start + T):
-                    if (seq, p) in INV_TARGETS:
-                        got[layout, seq, p] = out[i].view(np.uint32).copy()
-                    i += 1
-    return got
+    return kv_workloads.target_rows(be, pool, kv, INV_STEPS, INV_TARGETS, N_HEADS, hd, seed=8, scale=2.0)
 
 
 def check_invariance(be, name):

@@ -74,19 +74,7 @@ def attention_rows(be, block_size):
     """{(layout, sequence, position): bits} of the target rows, on a pool of that block size."""
     rows = kv_workloads.kv_rows(LENGTHS, N_KV, HD, seed=4, scale=3.0)
     pool, kv = kv_workloads.filled_pool(be, rows, block_size, *be.kv_types())
-    got = {}
-    for layout, batches in STEPS.items():
-        for steps in batches:
-            q = kv_workloads.queries(steps, N_HEADS, HD, seed=4, scale=3.0)
-            out = np.empty_like(q)
-            be.attention(out, q, pool, 0, kv_workloads.meta(kv, steps))
-            i = 0
-            for seq, start, T in steps:
-                for p in range(start, start + T):
-                    if (seq, p) in TARGETS:
-                        got[layout, seq, p] = out[i].view(np.uint32).copy()
-                    i += 1
-    return got
+    return kv_workloads.target_rows(be, pool, kv, STEPS, TARGETS, N_HEADS, HD, seed=4, scale=3.0)
 
 
 def check_attention_rows(be, block_sizes=(1, 3, 16)):
