@@ -102,3 +102,15 @@ def test_the_server_answers_from_a_quantized_cache_as_generate_alone(hd32):
     f32 = refinfer.load(hd32, backend="numpy").generate([1, 20, 30, 40], max_tokens=4, temperature=0,
                                                         top_logprobs=1, details=True)
     assert got != [t.logprob for t in f32.logprobs]
+
+
+def test_the_fingerprint_names_the_cache(hd32, tmp_path):
+    """Two servers with equal fingerprints give equal answers: the KV cache is part of it."""
+    import refinfer
+    from refinfer.server.app import fingerprint
+    plain = fingerprint(refinfer.load(hd32, backend="numpy"))
+    q = fingerprint(refinfer.load(hd32, backend="numpy", cache_type_k="q4_0", cache_type_v="q8_0"))
+    assert "-kv" not in plain and "-kvq4_0.q8_0-" in q and q.rsplit("-", 1)[1] == plain.rsplit("-", 1)[1]
+    g = fingerprint(refinfer.load(hd32, mode="ggml", backend="numpy", cache_type_k="q8_0", cache_type_v="q8_0",
+                                  flash_attn=True))
+    assert "-kvq8_0.q8_0-fa-" in g

@@ -127,7 +127,25 @@ def fingerprint(model) -> str:
                 h.update(chunk)
     extra = "".join(f"-{k}" for k, on in (("exact", getattr(model.backend, "dequant", "deployed") == "exact"),
                                           ("a16", getattr(model.backend, "a16", False))) if on)
-    return f"refinfer-{__version__}-{model.mode}-{model.backend.name}{extra}-{h.hexdigest()[:12]}"
+    return f"refinfer-{__version__}-{model.mode}-{model.backend.name}{extra}{kv_fingerprint(model)}-{h.hexdigest()[:12]}"
+
+
+def kv_fingerprint(model) -> str:
+    """The KV cache's part of the fingerprint: "" for the mode's default cache, else -kvK.V, then
+    -fa (flash attention), -norot (llama.cpp's rotation off) and the calibrated parameters' hash."""
+    from ..kv_cache import attn_rotation
+    be = model.backend
+    if be.kv_cache_types is None:
+        return ""
+    k, v = be.kv_cache_types
+    default = ("f16", "f16") if be.mode == "ggml" else ("f32", "f32")
+    out = "" if (k.name, v.name) == default else f"-kv{k.name}.{v.name}"
+    out += "-fa" if be.flash_attn else ""
+    out += "-norot" if not be.kv_rotation and any(attn_rotation(k, v, model.config.head_dim)) else ""
+    params = [t.params.data for t in (k, v) if getattr(t, "params", None) is not None]
+    if params:
+        out += "-" + hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
