@@ -91,9 +91,11 @@ def _kq(q, k, ggml_mode):  # q[T, heads, hd], k[T, n_kv, hd] -> [heads, T, T]
     return np.einsum("thd,shd->hts", q.astype(np.float64), kh).astype(np.float32)
 
 
-def capture_refinfer(model, tokens, progress=False, skip=()) -> dict:
+def capture_refinfer(model, tokens, progress=False, skip=(), cache=False) -> dict:
     """{name: float32 array} of one teacher-forced forward pass of a refinfer Model, leaving out
-    names that match a glob in skip (kq-N is T x T per head: skip it for long prompts)."""
+    names that match a glob in skip (kq-N is T x T per head: skip it for long prompts). cache:
+    also what the KV cache stored (cache_tensors; what `dump` writes), after the activations,
+    which are llama.cpp's names alone otherwise."""
     from tqdm import tqdm
     cfg = model.config
     T = len(tokens)
@@ -120,12 +122,13 @@ def capture_refinfer(model, tokens, progress=False, skip=()) -> dict:
     # one forward step over the whole prompt, as capture_llama_cpp decodes it in one call: in
     # ggml mode a longer prompt would otherwise arrive in n_ubatch micro-batches
     from .forward import KVCache, forward
-    cache = KVCache(cfg, T, be=model.backend)
+    kv = KVCache(cfg, T, be=model.backend)
     try:
-        forward(cfg, model.weights, model.backend, list(tokens), cache, all_logits=True, tap=tap)
+        forward(cfg, model.weights, model.backend, list(tokens), kv, all_logits=True, tap=tap)
     finally:
         bar.close()
-    out.update((k, v) for k, v in cache_tensors(cache.kv, T).items() if wanted(k))
+    if cache:
+        out.update((k, v) for k, v in cache_tensors(kv.kv, T).items() if wanted(k))
     return out
 
 

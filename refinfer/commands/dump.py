@@ -82,7 +82,7 @@ def run(args) -> int:
         tensors = capture_llama_cpp(model.path, ids, skip=args.skip, n_threads=threads.llama_cpp_threads(args.threads))
         engine, mode = "llama.cpp", "llama.cpp-default"
     else:
-        tensors = capture_refinfer(model, ids, progress=not args.no_progress, skip=args.skip)
+        tensors = capture_refinfer(model, ids, progress=not args.no_progress, skip=args.skip, cache=True)
         engine, mode = "refinfer", args.mode
     import pathlib
     mp = pathlib.Path(model.path)
