@@ -175,36 +175,45 @@ def _fma_load(q, scale, zero, exact):
     return v.astype(F16).astype(F32) if exact else v.astype(F32)
 
 
-def _turbomind_type(bits, exact):
-    name = f"lmdeploy-int{bits}"
-    nc_of = (lambda hd: _code_bytes(name, hd, 8, 1)) if bits == 8 else (lambda hd: _code_bytes(name, hd, 4, 8))
-
-    def row_bytes(hd):
-        return nc_of(hd) + 2 + 2
-
+def _coded_row_type(name, row_bytes, quantize, dequantize, pack, unpack, doc) -> CacheType:
+    """A row of codes (pack / unpack: the codes' bytes) followed by two fp16 parameters (scale,
+    zero), the layout both LMDeploy engines' rows share here: quantize(rows) -> (codes, scale,
+    zero), dequantize(codes, scale, zero) -> float32 values. The callers pass functions that look
+    their helpers up when called, so that a test may patch one."""
     def store(dst, rows):
-        q, scale, zero = _tm_quantize(rows, bits, exact)
+        q, scale, zero = quantize(rows)
         nc = dst.shape[-1] - 4
-        dst[..., :nc] = q if bits == 8 else _pack_tm_int4(q)
+        dst[..., :nc] = pack(q)
         _put_params(dst, nc, scale, zero)
 
+    def codes_params(src):
+        nc = src.shape[-1] - 4
+        return (unpack(np.ascontiguousarray(src[..., :nc])), *_get_params(src, nc))
+
     def load(src):
-        nc = src.shape[-1] - 4
-        codes = np.ascontiguousarray(src[..., :nc])
-        q = codes if bits == 8 else _unpack_tm_int4(codes)
-        return _fma_load(q, *_get_params(src, nc), exact)
+        return dequantize(*codes_params(src))
 
-    def parts(src):                                   # w = codes * scale + zero
-        nc = src.shape[-1] - 4
-        codes = np.ascontiguousarray(src[..., :nc])
-        scale, zero = _get_params(src, nc)
-        return {"codes": (codes if bits == 8 else _unpack_tm_int4(codes)).astype(np.int32),
-                "scale": scale.astype(F32)[..., None], "zero": zero.astype(F32)[..., None]}
+    def parts(src):
+        q, scale, zero = codes_params(src)
+        return {"codes": q.astype(np.int32), "scale": scale.astype(F32)[..., None], "zero": zero.astype(F32)[..., None]}
 
+    return CacheType(name, row_bytes, store, load, doc, kind="lmdeploy", parts=parts)
+
+
+def _same(q):
+    return q
+
+
+def _turbomind_type(bits, exact):                     # w = codes * scale + zero
+    name = f"lmdeploy-int{bits}"
+    nc_of = (lambda hd: _code_bytes(name, hd, 8, 1)) if bits == 8 else (lambda hd: _code_bytes(name, hd, 4, 8))
     how = "fp16 arithmetic emulated (ggml mode)" if exact else "TurboMind's formula in float32"
     doc = (f"LMDeploy TurboMind quant_policy {bits}: per token and head, asymmetric, scale and zero fp16, "
            f"half-even codes{'' if bits == 8 else ' in its nibble order'}; {how}")
-    return CacheType(name, row_bytes, store, load, doc, kind="lmdeploy", parts=parts)
+    return _coded_row_type(name, lambda hd: nc_of(hd) + 2 + 2, lambda x: _tm_quantize(x, bits, exact),
+                           lambda q, scale, zero: _fma_load(q, scale, zero, exact),
+                           _same if bits == 8 else lambda q: _pack_tm_int4(q),
+                           _same if bits == 8 else lambda b: _unpack_tm_int4(b), doc)
 
 
 # ---- PyTorch engine -----------------------------------------------------------------------------
@@ -230,35 +239,15 @@ def _pt_load(q, s, zeros, exact):
         return ((q.astype(F64) - zeros.astype(F64)[..., None]) * s.astype(F64)[..., None]).astype(F32)
 
 
-def _pytorch_type(bits, exact):
+def _pytorch_type(bits, exact):                       # w = (codes - zero) * scale, zero in code units
     name = f"lmdeploy-pt-int{bits}"
-
-    def row_bytes(hd):
-        return (_code_bytes(name, hd, 8, 1) if bits == 8 else _code_bytes(name, hd, 4, 2)) + 2 + 2
-
-    def store(dst, rows):
-        q, s, zeros = _pt_quantize(rows, bits, exact)
-        nc = dst.shape[-1] - 4
-        dst[..., :nc] = q if bits == 8 else _pack_pt_int4(q)
-        _put_params(dst, nc, s, zeros)
-
-    def load(src):
-        nc = src.shape[-1] - 4
-        codes = np.ascontiguousarray(src[..., :nc])
-        q = codes if bits == 8 else _unpack_pt_int4(codes)
-        return _pt_load(q, *_get_params(src, nc), exact)
-
-    def parts(src):                                   # w = (codes - zero) * scale, zero in code units
-        nc = src.shape[-1] - 4
-        codes = np.ascontiguousarray(src[..., :nc])
-        s, zeros = _get_params(src, nc)
-        return {"codes": (codes if bits == 8 else _unpack_pt_int4(codes)).astype(np.int32),
-                "scale": s.astype(F32)[..., None], "zero": zeros.astype(F32)[..., None]}
-
     how = "fp16 arithmetic emulated (ggml mode)" if exact else "float32 arithmetic"
     doc = (f"LMDeploy PyTorch engine quant_policy {bits}: per token and head, zeros = -min/scale in code units, "
            f"half-up codes (x/s + zeros + 0.5, truncated); {how}")
-    return CacheType(name, row_bytes, store, load, doc, kind="lmdeploy", parts=parts)
+    return _coded_row_type(
+        name, lambda hd: (_code_bytes(name, hd, 8, 1) if bits == 8 else _code_bytes(name, hd, 4, 2)) + 2 + 2,
+        lambda x: _pt_quantize(x, bits, exact), lambda q, s, zeros: _pt_load(q, s, zeros, exact),
+        _same if bits == 8 else lambda q: _pack_pt_int4(q), _same if bits == 8 else lambda b: _unpack_pt_int4(b), doc)
 
 
 def _quiet(f):

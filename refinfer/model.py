@@ -283,8 +283,7 @@ def check_ubatch(n, option="n_ubatch"):
 DEQUANT = ("deployed", "exact")
 
 
-def configure_kv(be, cache_type_k=None, cache_type_v=None, flash_attn=False, kv_params=None, cfg=None,
-                 kv_rotation=True):
+def configure_kv(be, cache_type_k=None, cache_type_v=None, flash_attn=False, kv_params=None, kv_rotation=True):
     """Set the backend's KV cache types (names as llama.cpp's --cache-type-k/-v, or LMDeploy's
     and refinfer's: kv_cache.CACHE_TYPES) and flash attention; None keeps the mode's default
     (ideal f32, ggml f16). Each type is taken in the backend's mode (CacheType.in_mode: ggml mode
@@ -305,10 +304,6 @@ def configure_kv(be, cache_type_k=None, cache_type_v=None, flash_attn=False, kv_
             t = get_cache_type(name, kv_params=kv_params, which=which)
         except RefinferError as e:
             raise type(e)(f"{opt}: {e}", hint=e.hint) from None
-        if cfg is not None:
-            t.row_bytes(cfg.head_dim)                  # a block that does not divide head_dim: refused now
-            if getattr(t, "params", None) is not None:  # calibrated parameters: made for this model's shape
-                t.params.check_model(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
         types.append(t.in_mode(be.mode))
     if flash_attn and be.mode != "ggml":
         raise RefinferError("--flash-attn selects llama.cpp's flash-attention arithmetic, a ggml-mode option",
@@ -319,6 +314,15 @@ def configure_kv(be, cache_type_k=None, cache_type_v=None, flash_attn=False, kv_
     be.flash_attn = bool(flash_attn)
     be.kv_rotation = bool(kv_rotation)
     return be
+
+
+def check_kv_model(be, cfg):
+    """The backend's cache types against the model's shape, before any KV is allocated: a block
+    that does not divide head_dim, calibrated parameters made for another model."""
+    for t in be.kv_types():
+        t.row_bytes(cfg.head_dim)
+        if getattr(t, "params", None) is not None:
+            t.params.check_model(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
 
 
 def load(path=None, backend=None, mode="ideal", dtype=np.float32, n_ubatch=None, dequant="deployed",
@@ -341,9 +345,9 @@ def load(path=None, backend=None, mode="ideal", dtype=np.float32, n_ubatch=None,
         path = default_model_path()
     be = get_backend(backend, mode, dtype=dtype)
     be.a16 = bool(a16)
-    configure_kv(be, cache_type_k, cache_type_v, flash_attn, kv_params, kv_rotation=kv_rotation)
+    configure_kv(be, cache_type_k, cache_type_v, flash_attn, kv_params, kv_rotation)   # before any weight is read
     cfg, weights, meta = load_checkpoint(path)
-    configure_kv(be, cache_type_k, cache_type_v, flash_attn, kv_params, cfg=cfg, kv_rotation=kv_rotation)
+    check_kv_model(be, cfg)
     if dequant == "exact":
         exact_intg_weights(weights)
     return Model(cfg, weights, meta, _tokenizer_for(meta, path), be, str(path), n_ubatch=n_ubatch)

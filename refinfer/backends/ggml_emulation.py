@@ -19,9 +19,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..quant._common import f32_to_fp16_bits, fp16_to_f32
+
 F32 = np.float32
 LANES = 8                      # floats per __m256
 _CHUNK = 1 << 17               # lane elements per step of the blocked loops: cache-sized
+
+
+def round_f16(x) -> np.ndarray:
+    """float32 -> its nearest binary16 value (round to nearest even: GGML_FP32_TO_FP16, _mm256_cvtps_ph(x, 0))."""
+    return fp16_to_f32(f32_to_fp16_bits(np.asarray(x, np.float32)))
 
 
 def fma_f32(a, b, c, out=None, work=None) -> np.ndarray:
@@ -418,19 +425,14 @@ def flash_attn_one_chunk(scores, v_rows, n_pos, v_f16):
         if new.any():
             acc[new] = acc[new] * ms[new, None]
             if v_f16:
-                acc[new] = _round_f16(acc[new])
+                acc[new] = round_f16(acc[new])
         v = v_rows[:, ic] if v_rows.shape[0] == R else np.broadcast_to(v_rows[0, ic], (R, DV))
         upd = fma_f32(v, vs[:, None], acc, work=work)
         if v_f16:
-            upd = _round_f16(upd)
+            upd = round_f16(upd)
         acc = np.where(act[:, None], upd, acc)
         M = np.where(new, s, M)
         Ssum = np.where(act, fma_f32(Ssum, ms, vs), Ssum)
     with np.errstate(divide="ignore"):
         inv = np.where(Ssum == 0, F32(0), F32(1) / np.where(Ssum == 0, F32(1), Ssum)).astype(np.float32)
     return acc * inv[:, None]
-
-
-def _round_f16(x):
-    # _mm256_cvtps_ph(x, 0): round to nearest even binary16
-    return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)

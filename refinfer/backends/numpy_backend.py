@@ -49,8 +49,7 @@ VEC_DOT_TYPE = {"q4_0": "q8_0", "q5_0": "q8_0", "q8_0": "q8_0", "q4_1": "q8_1", 
                 "f16": "f16", "bf16": "bf16", "f32": "f32"}
 
 
-def round_f16(x: np.ndarray) -> np.ndarray:
-    return fp16_to_f32(f32_to_fp16_bits(x))
+round_f16 = ge.round_f16
 
 
 def quantize_act_q8(x: np.ndarray):
@@ -95,7 +94,7 @@ GGML_FA_K_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")   # K types whose fla
 
 def check_ggml_kv(k_name, v_name, flash_attn):
     """ggml mode reproduces these llama.cpp attention paths; anything else is refused with the reason."""
-    quantized = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+    quantized = GGML_FA_K_TYPES                       # llama.cpp's quantized cache types
     if flash_attn:
         if k_name not in GGML_FA_K_TYPES or v_name not in quantized + ("f16",):
             raise UnsupportedError(
@@ -334,12 +333,6 @@ class NumpyBackend:
         if not self.kv_rotation:
             return 0, 0
         return attn_rotation(pool.k_type, pool.v_type, pool.head_dim)
-
-    def kv_rotation_sizes_for(self, head_dim) -> tuple[int, int]:
-        """kv_rotation_sizes of a pool of this backend's cache types for head_dim."""
-        if not self.kv_rotation:
-            return 0, 0
-        return attn_rotation(*self.kv_types(), head_dim)
 
     def hadamard(self, x, n):
         """x[..., hd] = each run of n values multiplied by the orthonormal n x n Walsh-Hadamard

@@ -90,9 +90,12 @@ def run(args) -> int:
               "model_file": mp.name, "model_sha256": sha256_file(mp) if mp.is_file() else "",
               "prompt": args.prompt if args.prompt is not None else "", "n_tokens": len(ids)}
     if engine == "refinfer":
-        kt, vt = model.backend.kv_types()
-        header.update(cache_type_k=kt.name, cache_type_v=vt.name, flash_attn=str(int(model.backend.flash_attn)),
-                      kv_rotation="x".join(str(n) for n in model.backend.kv_rotation_sizes_for(model.config.head_dim)))
+        from ..kv_cache import attn_rotation
+        be = model.backend
+        kt, vt = be.kv_types()
+        rot = attn_rotation(kt, vt, model.config.head_dim) if be.kv_rotation else (0, 0)
+        header.update(cache_type_k=kt.name, cache_type_v=vt.name, flash_attn=str(int(be.flash_attn)),
+                      kv_rotation="x".join(str(n) for n in rot))
     write_dump(args.output, tensors, ids, header)
     print(f"wrote {len(tensors)} tensors for {len(ids)} tokens to {args.output} "
           f"({engine}, mode {mode}, backend {args.backend})", file=sys.stderr)
