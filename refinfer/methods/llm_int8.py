@@ -50,7 +50,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ShapeError, UnsupportedError
-from ..quant._common import f32_to_fp16_bits, fp16_to_f32
+from ..quant.intgroup import round_to
 
 F32 = np.float32
 DEQUANT_CONST = {"cpu": F32(6.200124e-05), "cuda": F32(6.200012e-05)}
@@ -59,8 +59,8 @@ DEFAULT_THRESHOLD = 6.0          # transformers' llm_int8_threshold (bitsandbyte
 
 
 def round_f16(x) -> np.ndarray:
-    """float32 values rounded to fp16 (nearest even), as float32."""
-    return fp16_to_f32(f32_to_fp16_bits(np.asarray(x, F32)))
+    """float32 values rounded to fp16 (nearest even), as float32: the project's fp16 rounding."""
+    return round_to(np.asarray(x, F32), "f16")
 
 
 def _row_codes(A: np.ndarray, absmax: np.ndarray) -> np.ndarray:
