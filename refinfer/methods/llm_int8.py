@@ -35,9 +35,10 @@ equals bitsandbytes and each sequence is independent of its neighbours in a batc
 
 Exactness (tests/test_llm_int8.py, against bitsandbytes 0.50.2 on CPU): the weight state, the
 activation quantizer and every call without outlier columns are bit-identical. With outlier
-columns the outlier addmm is torch's CPU fp16 addmm, whose summation order is not reproduced yet:
-a float32 sum in column order onto the int8 part is within one fp16 step of it (two with
-hundreds of outlier columns), usually equal.
+columns the outlier addmm is torch's CPU fp16 addmm, whose summation order depends on the host
+(on CPUs with AVX-512 FP16 torch hands it to oneDNN; with oneDNN off it takes ATen's own
+kernels, another order) and is not reproduced: a float32 sum in column order onto the int8 part
+is within one fp16 step of it (two with hundreds of outlier columns), usually equal.
 
 Pitfalls reproduced from the library, not fixed: the bitsandbytes default threshold is 0.0
 (no decomposition) where transformers' BitsAndBytesConfig passes 6.0; in training mode
